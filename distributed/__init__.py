@@ -1,0 +1,1 @@
+"""How noisymix runs on many workers: WebDataset shards, the Ray Train loop, checkpoints."""

@@ -1,0 +1,1 @@
+"""The user's door: config, data preparation, the `noisymix` command, reports."""
