@@ -1,0 +1,194 @@
+"""The one config object of a run: defaults, YAML recipe, `key=value` overrides, validation, saving."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from noisymix.launch.noise import NOISE_TYPES
+from noisymix.launch.sources import SOURCES
+
+METHODS = ("ce", "mixup", "clean")
+MODELS = ("auto", "small_cnn", "preact_resnet18")
+SCHEDULES = ("cosine", "multistep")
+
+
+class ConfigError(ValueError):
+    """A config key that does not exist, or a value it cannot take."""
+
+
+@dataclass
+class Config:
+    """Every knob of a run. `auto` values are resolved by `resolve()` and saved resolved."""
+
+    # data: what `prepare` writes
+    source: str = "digits"
+    source_path: typing.Optional[str] = None
+    dataset: str = ""
+    image_size: int = 32
+    noise_type: str = "symmetric"
+    noise_rate: float = 0.4
+    noise_map: typing.Optional[dict] = None
+    noise_file: typing.Optional[str] = None
+    noise_file_key: typing.Optional[str] = None
+    seed: int = 0
+    val_fraction: float = 0.1
+    num_shards: int = 8
+    data_dir: str = "auto"
+    # method and model
+    method: str = "ce"
+    alpha: float = 1.0
+    model: str = "auto"
+    width: int = 0
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    milestones: list = field(default_factory=list)
+    gamma: float = 0.1
+    crop_padding: int = -1
+    hflip: bool = False
+    amp: bool = False
+    # execution
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.0
+    loader_workers: int = 0
+    shuffle_buffer: int = 2000
+    max_failures: int = 1
+    ray_address: typing.Optional[str] = None
+    ray_logs: bool = False
+    audit_ids: bool = False
+    run_dir: str = "auto"
+
+    def resolve(self) -> "Config":
+        """Fill the `auto` values: data_dir from the data spec, run_dir from method and time."""
+        if not self.dataset:
+            self.dataset = self.source if self.source in ("digits", "cifar") else Path(self.source_path or self.source).name
+        if self.data_dir == "auto":
+            rate = f"{round(self.noise_rate * 100):d}"
+            self.data_dir = str(Path("data") / f"{self.dataset}-{self.noise_type}{rate}-seed{self.seed}")
+        if self.run_dir == "auto":
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            self.run_dir = str(Path("runs") / f"{self.method}-{self.dataset}-{self.noise_type}{round(self.noise_rate * 100)}-{stamp}")
+        return self
+
+    def validate(self) -> "Config":
+        """Check every value; the message names the key."""
+        _choice("source", self.source, SOURCES)
+        _choice("noise_type", self.noise_type, NOISE_TYPES)
+        _choice("method", self.method, METHODS)
+        _choice("model", self.model, MODELS)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _range("noise_rate", self.noise_rate, 0.0, 1.0, hi_open=True)
+        _range("val_fraction", self.val_fraction, 0.0, 0.5, lo_open=True)
+        _range("momentum", self.momentum, 0.0, 1.0, hi_open=True)
+        _range("gamma", self.gamma, 0.0, 1.0, lo_open=True)
+        for key in ("image_size", "num_shards", "epochs", "batch_size", "num_workers"):
+            _range(key, getattr(self, key), 1, None)
+        for key in ("width", "loader_workers", "max_failures", "shuffle_buffer", "cpus_per_worker", "weight_decay"):
+            _range(key, getattr(self, key), 0, None)
+        _range("lr", self.lr, 0.0, None, lo_open=True)
+        _range("alpha", self.alpha, 0.0, None, lo_open=True)
+        if self.crop_padding < -1:
+            raise ConfigError(f"crop_padding must be -1 (auto) or >= 0, got {self.crop_padding}")
+        if self.noise_type == "none" and self.noise_rate != 0:
+            raise ConfigError(f"noise_type=none needs noise_rate=0, got {self.noise_rate}")
+        if self.noise_type == "file" and not self.noise_file:
+            raise ConfigError("noise_type=file needs noise_file")
+        if self.noise_map is not None:
+            try:
+                self.noise_map = {int(k): int(v) for k, v in self.noise_map.items()}
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"noise_map must map class ids to class ids, got {self.noise_map!r}") from exc
+        if not all(isinstance(m, int) and m > 0 for m in self.milestones) or self.milestones != sorted(self.milestones):
+            raise ConfigError(f"milestones must be increasing positive epochs, got {self.milestones!r}")
+        if self.num_shards < self.num_workers * max(1, self.loader_workers):
+            raise ConfigError(f"num_shards={self.num_shards} cannot feed num_workers x loader_workers = "
+                              f"{self.num_workers * max(1, self.loader_workers)} readers; raise num_shards")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _choice(key: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def _range(key: str, value, lo, hi, lo_open: bool = False, hi_open: bool = False) -> None:
+    below = value <= lo if lo_open else value < lo
+    above = hi is not None and (value >= hi if hi_open else value > hi)
+    if below or above:
+        lo_b, hi_b = "(" if lo_open else "[", ")" if hi_open or hi is None else "]"
+        raise ConfigError(f"{key}={value!r} is outside {lo_b}{lo}, {'inf' if hi is None else hi}{hi_b}")
+
+
+_HINTS = typing.get_type_hints(Config)
+
+
+def _coerce(key: str, value):
+    """Check a value against the field's type; ints are accepted where floats are expected."""
+    hint = _HINTS[key]
+    optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key} cannot be null")
+    base = typing.get_args(hint)[0] if optional else hint
+    base = typing.get_origin(base) or base
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if base is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, base) or (base is int and isinstance(value, bool)):
+        raise ConfigError(f"{key} must be {base.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """`key=value` strings to a dict; values parse as YAML (numbers, booleans, lists, maps)."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {pair!r} is not key=value")
+        try:
+            overrides[key.strip()] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {pair!r}: value does not parse: {exc}") from exc
+    return overrides
+
+
+def build_config(path: str | Path | None = None, overrides: dict | None = None) -> Config:
+    """Defaults <- YAML recipe <- overrides, validated. Unknown keys are errors."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must be a mapping of keys to values")
+        values.update(loaded)
+    values.update(overrides or {})
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(unknown)} (known keys: {', '.join(sorted(known))})")
+    config = Config(**{key: _coerce(key, value) for key, value in values.items()})
+    return config.validate().resolve()

@@ -1,0 +1,145 @@
+"""`noisymix prepare`: a source becomes noisy WebDataset shards plus manifest.json, atomically."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from noisymix.distributed import shards
+from noisymix.launch import noise
+from noisymix.launch.config import Config
+from noisymix.launch.sources import SourceData, SourceError, read_source
+
+# The keys of a config that decide what prepare writes; a data_dir prepared with other values is stale.
+DATA_KEYS = ("source", "source_path", "dataset", "image_size", "noise_type", "noise_rate", "noise_map",
+             "noise_file", "noise_file_key", "seed", "val_fraction", "num_shards")
+
+
+def data_spec(config: Config) -> dict:
+    return {key: getattr(config, key) for key in DATA_KEYS}
+
+
+def _inject(source: SourceData, config: Config) -> tuple[np.ndarray, np.ndarray | None]:
+    """(given labels, true labels or None) of the source's train split."""
+    if not source.train_labels_true:
+        if config.noise_type != "none":
+            raise SourceError(
+                f"{source.name} carries real noisy labels with unknown truth; synthetic noise "
+                f"({config.noise_type}) cannot be measured on it: set noise_type=none noise_rate=0"
+            )
+        return source.train_labels.copy(), None
+    given = noise.apply_noise(
+        source.train_labels, source.num_classes, config.noise_type, config.noise_rate, config.seed,
+        images=source.train_images, dataset=source.name, class_map=config.noise_map,
+        noise_file=config.noise_file, noise_file_key=config.noise_file_key,
+    )
+    return given, source.train_labels
+
+
+def _split_val(given: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source indices of (train, val): val is a held-out slice stratified by the GIVEN label."""
+    index = np.arange(len(given))
+    counts = np.bincount(given)
+    stratify = given if counts[counts > 0].min() >= 2 else None
+    train, val = train_test_split(index, test_size=fraction, stratify=stratify, random_state=seed)
+    return np.sort(train), np.sort(val)
+
+
+def _channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    flat = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+    return flat.mean(axis=0).tolist(), np.maximum(flat.std(axis=0), 1e-3).tolist()
+
+
+def prepare(config: Config, force: bool = False, log=print) -> Path:
+    """Write the dataset of `config` to config.data_dir; reuse it when already prepared with the same spec."""
+    target = Path(config.data_dir)
+    spec = data_spec(config)
+    if (target / shards.MANIFEST).is_file():
+        existing = shards.load_manifest(target)
+        if existing.get("spec") == spec and not force:
+            shards.check_shards(target, existing)
+            log(f"data ready: {target} (already prepared with this spec)")
+            return target
+        if not force:
+            changed = sorted(k for k in spec if existing.get("spec", {}).get(k) != spec[k])
+            raise SourceError(f"{target} was prepared with other settings ({', '.join(changed)} differ): "
+                              "choose another data_dir or pass --force to rebuild it")
+    elif target.exists() and any(target.iterdir()):
+        raise SourceError(f"{target} exists and is not a prepared dataset (no {shards.MANIFEST}); refusing to write into it")
+
+    started = time.perf_counter()
+    source = read_source(config.source, config.source_path, config.image_size, config.dataset or None)
+    given, true = _inject(source, config)
+    train_idx, val_idx = _split_val(given, config.val_fraction, config.seed)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        n_train, n_val = len(train_idx), len(val_idx)
+        ids = {"train": np.arange(n_train), "val": n_train + np.arange(n_val),
+               "test": n_train + n_val + np.arange(len(source.test_labels))}
+        splits = {}
+        for split, idx in (("train", train_idx), ("val", val_idx)):
+            info = shards.write_split(staging, split, ids[split], source.train_images[idx], given[idx],
+                                      None if true is None else true[idx], config.num_shards)
+            splits[split] = {"count": int(len(idx)), "shards": info}
+        info = shards.write_split(staging, "test", ids["test"], source.test_images, source.test_labels,
+                                  source.test_labels, config.num_shards)
+        splits["test"] = {"count": int(len(source.test_labels)), "shards": info}
+        _write_sample_index(staging / "samples.csv", ids, train_idx, val_idx, source)
+
+        mean, std = _channel_stats(source.train_images[train_idx])
+        manifest = {
+            "format_version": shards.FORMAT_VERSION,
+            "dataset": source.name,
+            "source": config.source,
+            "num_classes": source.num_classes,
+            "class_names": source.class_names,
+            "image_shape": list(source.train_images.shape[1:]),
+            "mean": mean,
+            "std": std,
+            "has_true_labels": true is not None,
+            "noise": {
+                "type": config.noise_type, "rate": config.noise_rate, "seed": config.seed,
+                "map": config.noise_map, "file": config.noise_file,
+                "realised_rate": None if true is None else noise.realised_rate(given, true),
+                "realised_rate_train": None if true is None else noise.realised_rate(given[train_idx], true[train_idx]),
+                "realised_rate_val": None if true is None else noise.realised_rate(given[val_idx], true[val_idx]),
+            },
+            "splits": splits,
+            "spec": spec,
+            "created_unix": time.time(),
+        }
+        (staging / shards.MANIFEST).write_text(json.dumps(manifest, indent=2))
+        staging.chmod(0o755)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    rate = manifest["noise"]["realised_rate"]
+    log(f"prepared {source.name}: {n_train} train / {n_val} val / {splits['test']['count']} test, "
+        f"{config.noise_type} noise r={config.noise_rate} (realised "
+        f"{'unknown' if rate is None else f'{rate:.3f}'}) -> {target} in {time.perf_counter() - started:.1f}s")
+    return target
+
+
+def _write_sample_index(path: Path, ids: dict, train_idx: np.ndarray, val_idx: np.ndarray, source: SourceData) -> None:
+    """id -> split and where the sample came from (source index, or image path for image lists)."""
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["id", "split", "source_ref"])
+        for split, idx in (("train", train_idx), ("val", val_idx)):
+            for sample_id, k in zip(ids[split], idx):
+                writer.writerow([int(sample_id), split, source.train_refs[k] if source.train_refs else f"train:{k}"])
+        for sample_id, k in zip(ids["test"], range(len(source.test_labels))):
+            writer.writerow([int(sample_id), "test", f"test:{k}"])

@@ -1,0 +1,42 @@
+"""Shared fixtures: a tiny prepared dataset and one local Ray for the whole session."""
+
+from __future__ import annotations
+
+import os
+
+# Before any Ray process starts: no auth token on disk for local tests, and a fast controller
+# poll so the tiny epochs of the tests are not paced by Ray Train's 2 s default.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+
+import pytest  # noqa: E402
+
+from noisymix.launch.config import build_config  # noqa: E402
+from noisymix.launch.prepare import prepare  # noqa: E402
+
+
+def make_config(tmp_path, **overrides):
+    """A config for the digits source whose data and run directories live under tmp_path."""
+    values = {"data_dir": str(tmp_path / "data"), "run_dir": str(tmp_path / "run"), "epochs": 2, "num_shards": 4}
+    values.update(overrides)
+    return build_config(overrides=values)
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory):
+    """digits with 40% symmetric noise in 4 shards per split, prepared once per session."""
+    base = tmp_path_factory.mktemp("digits")
+    config = make_config(base)
+    return prepare(config, log=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for every test that needs it (starting one costs seconds)."""
+    import ray
+
+    from noisymix.distributed.runner import start_ray
+
+    start_ray()
+    yield ray
+    ray.shutdown()

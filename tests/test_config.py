@@ -1,0 +1,80 @@
+import pytest
+import yaml
+
+from noisymix.launch.config import Config, ConfigError, build_config, parse_overrides
+
+
+def test_defaults_resolve_data_and_run_dirs():
+    config = build_config()
+    assert config.method == "ce" and config.noise_type == "symmetric" and config.noise_rate == 0.4
+    assert config.data_dir.endswith("digits-symmetric40-seed0")
+    assert config.run_dir.startswith("runs/ce-digits-symmetric40-")
+
+
+def test_overrides_parse_as_yaml_values():
+    values = parse_overrides(["lr=0.1", "hflip=true", "milestones=[5, 8]", "noise_map={3: 5}", "source_path=/x/y"])
+    assert values == {"lr": 0.1, "hflip": True, "milestones": [5, 8], "noise_map": {3: 5}, "source_path": "/x/y"}
+    config = build_config(overrides=values)
+    assert config.lr == 0.1 and config.hflip is True and config.noise_map == {3: 5}
+
+
+def test_recipe_then_overrides_and_saved_config_round_trips(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"method": "mixup", "epochs": 7, "alpha": 0.5}))
+    config = build_config(recipe, {"epochs": 3})
+    assert (config.method, config.epochs, config.alpha) == ("mixup", 3, 0.5)
+    config.save(tmp_path / "saved.yaml")
+    again = build_config(tmp_path / "saved.yaml")
+    assert again.to_dict() == config.to_dict()
+
+
+def test_ints_are_accepted_for_floats():
+    assert build_config(overrides={"lr": 1}).lr == 1.0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"learning_rate": 0.1}, "unknown config key.*learning_rate"),
+    ({"method": "dividemix"}, "method='dividemix' is not one of"),
+    ({"noise_type": "gaussian"}, "noise_type='gaussian'"),
+    ({"noise_rate": 1.0}, r"noise_rate=1.0 is outside \[0.0, 1.0\)"),
+    ({"noise_rate": -0.1}, "noise_rate"),
+    ({"epochs": 0}, "epochs=0 is outside"),
+    ({"epochs": "ten"}, "epochs must be int"),
+    ({"hflip": "maybe"}, "hflip must be bool"),
+    ({"batch_size": True}, "batch_size must be int"),
+    ({"lr": 0}, "lr=0.0 is outside"),
+    ({"alpha": -1}, "alpha"),
+    ({"val_fraction": 0}, "val_fraction"),
+    ({"milestones": [8, 5]}, "milestones"),
+    ({"noise_type": "none"}, "noise_rate=0"),
+    ({"noise_type": "file", "noise_rate": 0}, "needs noise_file"),
+    ({"num_shards": 2, "num_workers": 4}, "num_shards=2 cannot feed"),
+    ({"noise_map": {"a": "b"}}, "noise_map must map"),
+    ({"seed": None}, "seed cannot be null"),
+])
+def test_bad_values_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(overrides=overrides)
+
+
+def test_bad_override_syntax_and_recipe(tmp_path):
+    with pytest.raises(ConfigError, match="not key=value"):
+        parse_overrides(["epochs"])
+    with pytest.raises(ConfigError, match="not found"):
+        build_config(tmp_path / "absent.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        build_config(tmp_path / "list.yaml")
+
+
+def test_every_field_has_a_default():
+    assert Config().validate()
+
+
+def test_shipped_recipes_validate():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert recipes
+    for recipe in recipes:
+        build_config(recipe)

@@ -1,0 +1,178 @@
+import json
+import tarfile
+
+import numpy as np
+import pytest
+
+from conftest import make_config
+from noisymix.distributed import shards
+from noisymix.launch import prepare as prepare_module
+from noisymix.launch.prepare import prepare
+from noisymix.launch.sources import SourceError, read_digits
+
+quiet = dict(log=lambda *_: None)
+
+
+def read_split(data_dir, split, label_key=shards.GIVEN_LABEL):
+    manifest = shards.load_manifest(data_dir)
+    samples = list(shards.sample_stream(shards.shard_urls(data_dir, manifest, split), label_key=label_key))
+    ids = np.array([s[0] for s in samples])
+    order = np.argsort(ids)
+    return ids[order], np.stack([s[1] for s in samples])[order], np.array([s[2] for s in samples])[order]
+
+
+def test_shards_round_trip_images_labels_and_ids(digits_dir):
+    manifest = shards.load_manifest(digits_dir)
+    source = read_digits()
+    ids, images, given = read_split(digits_dir, "train")
+    _, _, true = read_split(digits_dir, "train", shards.TRUE_LABEL)
+    n_train, n_val = manifest["splits"]["train"]["count"], manifest["splits"]["val"]["count"]
+    assert np.array_equal(ids, np.arange(n_train)), "train ids are 0..N-1, the keys of per-sample state"
+    # every stored image is a source image whose true label is the stored true label
+    lookup = {img.tobytes(): label for img, label in zip(source.train_images, source.train_labels)}
+    assert all(lookup[img.tobytes()] == t for img, t in zip(images, true))
+    val_ids, _, val_given = read_split(digits_dir, "val")
+    _, _, val_true = read_split(digits_dir, "val", shards.TRUE_LABEL)
+    assert np.array_equal(val_ids, n_train + np.arange(n_val))
+    all_given, all_true = np.concatenate([given, val_given]), np.concatenate([true, val_true])
+    assert np.mean(all_given != all_true) == pytest.approx(manifest["noise"]["realised_rate"])
+    test_ids, _, test_labels = read_split(digits_dir, "test")
+    assert np.array_equal(np.sort(test_labels), np.sort(source.test_labels))
+    assert test_ids.min() == n_train + n_val
+
+
+def test_manifest_records_noise_split_and_checksums(digits_dir):
+    manifest = shards.load_manifest(digits_dir)
+    assert manifest["noise"]["type"] == "symmetric" and manifest["noise"]["rate"] == 0.4
+    assert manifest["noise"]["realised_rate"] == pytest.approx(0.4, abs=1e-3)
+    assert manifest["has_true_labels"] and manifest["num_classes"] == 10
+    counts = {split: info["count"] for split, info in manifest["splits"].items()}
+    assert counts["val"] == pytest.approx(0.1 * (counts["train"] + counts["val"]), abs=1)
+    sizes = [s["count"] for s in manifest["splits"]["train"]["shards"]]
+    assert len(sizes) == 4 and max(sizes) - min(sizes) <= 1
+    shards.check_shards(digits_dir, manifest, full=True)
+
+
+def test_val_split_is_stratified_by_given_label(digits_dir):
+    _, _, train_given = read_split(digits_dir, "train")
+    _, _, val_given = read_split(digits_dir, "val")
+    share = np.bincount(val_given, minlength=10) / np.bincount(np.concatenate([train_given, val_given]), minlength=10)
+    assert np.allclose(share, 0.1, atol=0.03)
+
+
+def test_same_seed_gives_byte_identical_shards(tmp_path, digits_dir):
+    again = prepare(make_config(tmp_path), **quiet)
+    first, second = shards.load_manifest(digits_dir), shards.load_manifest(again)
+    assert [s["sha256"] for s in first["splits"]["train"]["shards"]] == \
+           [s["sha256"] for s in second["splits"]["train"]["shards"]]
+    other = prepare(make_config(tmp_path / "other", seed=1), **quiet)
+    assert shards.load_manifest(other)["splits"]["train"]["shards"][0]["sha256"] != \
+           first["splits"]["train"]["shards"][0]["sha256"]
+
+
+def test_prepared_dir_is_reused_and_a_different_spec_refused(tmp_path):
+    config = make_config(tmp_path)
+    target = prepare(config, **quiet)
+    stamp = (target / shards.MANIFEST).stat().st_mtime_ns
+    assert prepare(config, **quiet) == target
+    assert (target / shards.MANIFEST).stat().st_mtime_ns == stamp
+    with pytest.raises(SourceError, match="noise_rate"):
+        prepare(make_config(tmp_path, noise_rate=0.2), **quiet)
+    rebuilt = prepare(make_config(tmp_path, noise_rate=0.2), force=True, **quiet)
+    assert shards.load_manifest(rebuilt)["noise"]["rate"] == 0.2
+
+
+def test_interrupted_prepare_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
+    real_write = shards.write_split
+
+    def failing_write(directory, split, *args, **kwargs):
+        if split == "test":
+            raise KeyboardInterrupt
+        return real_write(directory, split, *args, **kwargs)
+
+    monkeypatch.setattr(prepare_module.shards, "write_split", failing_write)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(make_config(tmp_path), **quiet)
+    assert not (tmp_path / "data").exists()
+    assert list(tmp_path.iterdir()) == [], "the staging directory is removed too"
+
+
+def test_refuses_to_write_into_a_foreign_directory(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "notes.txt").write_text("mine")
+    with pytest.raises(SourceError, match="not a prepared dataset"):
+        prepare(make_config(tmp_path), **quiet)
+
+
+def copy_dataset(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_truncated_shard_is_detected(tmp_path, digits_dir):
+    data = copy_dataset(digits_dir, tmp_path / "d")
+    shard = data / "train-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:5000])
+    with pytest.raises(shards.ShardError, match="train-000001.tar has 5000 bytes"):
+        shards.check_shards(data, shards.load_manifest(data))
+    with pytest.raises(shards.ShardError, match="corrupt or unreadable shard"):
+        list(shards.sample_stream([str(shard)]))
+
+
+def test_missing_and_empty_shards_are_detected(tmp_path, digits_dir):
+    data = copy_dataset(digits_dir, tmp_path / "d")
+    (data / "val-000002.tar").unlink()
+    with pytest.raises(shards.ShardError, match="val-000002.tar is missing"):
+        shards.check_shards(data, shards.load_manifest(data))
+    tarfile.open(data / "val-000002.tar", "w").close()
+    with pytest.raises(shards.ShardError, match="bytes"):
+        shards.check_shards(data, shards.load_manifest(data))
+
+
+def test_sample_missing_a_member_names_the_shard(tmp_path):
+    import webdataset as wds
+
+    path = tmp_path / "bad.tar"
+    with wds.TarWriter(str(path), encoder=False, mtime=0) as sink:
+        sink.write({"__key__": "0000000001", "input.npy": shards.encode_sample(1, np.zeros((2, 2, 1)), 0, None)["input.npy"]})
+    with pytest.raises(shards.ShardError, match=r"bad.tar.*lacks the field"):
+        list(shards.sample_stream([str(path)]))
+
+
+def test_manifest_errors(tmp_path):
+    with pytest.raises(shards.ShardError, match="run `noisymix prepare` first"):
+        shards.load_manifest(tmp_path)
+    (tmp_path / shards.MANIFEST).write_text("{not json")
+    with pytest.raises(shards.ShardError, match="not valid JSON"):
+        shards.load_manifest(tmp_path)
+    (tmp_path / shards.MANIFEST).write_text(json.dumps({"format_version": 99}))
+    with pytest.raises(shards.ShardError, match="format_version"):
+        shards.load_manifest(tmp_path)
+
+
+def test_rank_split_covers_every_shard_once_and_rotates_by_epoch():
+    urls = [f"s{k}" for k in range(8)]
+    for seed in (None, 0, 1):
+        dealt = [list(shards.RankShards(rank, 2, seed)(iter(urls))) for rank in range(2)]
+        assert sorted(dealt[0] + dealt[1]) == sorted(urls)
+    assert list(shards.RankShards(0, 2, 0)(iter(urls))) != list(shards.RankShards(0, 2, 1)(iter(urls)))
+
+
+def test_more_ranks_than_shards_is_refused():
+    with pytest.raises(shards.ShardError, match="3 shards cannot feed 4 ranks"):
+        shards.sample_stream(["a", "b", "c"], world_size=4)
+
+
+def test_npy_decoder_matches_numpy_and_refuses_object_arrays():
+    import io
+
+    decode = shards.NpyDecoder()
+    for k in range(3):
+        image = np.random.default_rng(k).integers(0, 255, (4, 4, 3), dtype=np.uint8)
+        assert np.array_equal(decode(shards.encode_sample(k, image, 0, None)["input.npy"]), image)
+    buf = io.BytesIO()
+    np.save(buf, np.array([None, 1], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError):
+        shards.NpyDecoder()(buf.getvalue())
