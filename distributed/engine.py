@@ -1,0 +1,169 @@
+"""The training step, the epoch over a batch stream, and evaluation: plain torch, no Ray.
+
+The Ray Train worker, the fold tasks and the tests all call these functions; Ray only schedules them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from noisymix.mixing.losses import soft_target_cross_entropy
+
+Batch = tuple[np.ndarray, np.ndarray, np.ndarray]  # ids, uint8 images (N, H, W, C), labels
+
+
+def epoch_rng(seed: int, epoch: int, rank: int) -> np.random.Generator:
+    """The generator of one rank's epoch: a function of (seed, epoch, rank), so a resumed run repeats it."""
+    return np.random.default_rng([seed, epoch, rank])
+
+
+@dataclass(frozen=True)
+class InputTransform:
+    """uint8 NHWC images -> normalised float NCHW on the device, with optional crop/flip augmentation."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    padding: int = 0
+    hflip: bool = False
+
+    def __call__(self, images: np.ndarray, device: torch.device, rng: np.random.Generator | None = None) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        mean = torch.tensor(self.mean, device=device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=device).view(1, -1, 1, 1)
+        x = (x - mean) / std
+        if rng is not None:
+            x = random_crop_flip(x, self.padding, self.hflip, rng)
+        return x
+
+
+def random_crop_flip(x: torch.Tensor, padding: int, hflip: bool, rng: np.random.Generator) -> torch.Tensor:
+    """Per-sample random crop after zero padding (of the normalised image), and a random horizontal flip."""
+    n, _, h, w = x.shape
+    if padding > 0:
+        padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
+        dy = torch.from_numpy(rng.integers(0, 2 * padding + 1, size=n)).to(x.device)
+        dx = torch.from_numpy(rng.integers(0, 2 * padding + 1, size=n)).to(x.device)
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+        batch = torch.arange(n, device=x.device)[:, None, None, None]
+        channel = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+        x = padded[batch, channel, rows, cols]
+    if hflip:
+        flip = torch.from_numpy(rng.random(n) < 0.5).to(x.device)
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    return x
+
+
+def build_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    """SGD with Nesterov-free momentum and weight decay on every parameter, as the papers train."""
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def lr_factor(schedule: str, epochs: int, milestones: list[int], gamma: float) -> Callable[[int], float]:
+    """Multiplier of the base learning rate at an epoch: cosine to zero, or steps of gamma at milestones."""
+    if schedule == "cosine":
+        return lambda epoch: 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+    if schedule == "multistep":
+        return lambda epoch: gamma ** sum(epoch >= m for m in milestones)
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bfloat16 autocast on CUDA when asked; a no-op elsewhere (CPU autocast is slower than fp32 here)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor,
+               amp: bool = False) -> torch.Tensor:
+    """One optimizer step on soft-target cross-entropy; returns the detached mean loss."""
+    model.train()
+    with autocast(inputs.device, amp):
+        logits = model(inputs)
+    loss = soft_target_cross_entropy(logits, targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+@dataclass
+class EpochStats:
+    loss_sum: float = 0.0
+    samples: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / max(self.samples, 1)
+
+
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[Batch], method,
+                transform: InputTransform, device: torch.device, rng: np.random.Generator, *, amp: bool = False,
+                on_batch: Callable[[np.ndarray], None] | None = None, check_every: int = 20) -> EpochStats:
+    """One pass over `batches`: augment, ask the method for (inputs, soft targets), step.
+
+    The loss is summed on the device and checked every `check_every` steps, so a NaN stops the run
+    with the step range that produced it without a host sync per step.
+    """
+    stats, started = EpochStats(), time.perf_counter()
+    loss_sum = torch.zeros((), device=device)
+    checked_to = 0
+    for ids, images, labels in batches:
+        if on_batch is not None:
+            on_batch(ids)
+        x = transform(images, device, rng)
+        y = torch.from_numpy(labels).to(device)
+        x, targets = method.batch(torch.from_numpy(ids), x, y, rng)
+        loss = train_step(model, optimizer, x, targets, amp)
+        loss_sum += loss * len(ids)
+        stats.samples += len(ids)
+        stats.steps += 1
+        if stats.steps % check_every == 0:
+            _check_finite(loss_sum, checked_to, stats.steps)
+            checked_to = stats.steps
+    _check_finite(loss_sum, checked_to, stats.steps)
+    stats.loss_sum = float(loss_sum)
+    stats.seconds = time.perf_counter() - started
+    return stats
+
+
+def _check_finite(loss_sum: torch.Tensor, first: int, last: int) -> None:
+    if not torch.isfinite(loss_sum):
+        raise FloatingPointError(f"training loss became {float(loss_sum)} between steps {first + 1} and {last}: "
+                                 "lower lr, or check the inputs of those batches")
+
+
+@torch.no_grad()
+def predict(model: nn.Module, batches: Iterable[Batch], transform: InputTransform, device: torch.device,
+            amp: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, labels, softmax probabilities) of every sample in `batches`, in eval mode, un-augmented."""
+    model.eval()
+    ids_out, labels_out, probs_out = [], [], []
+    for ids, images, labels in batches:
+        with autocast(device, amp):
+            logits = model(transform(images, device))
+        probs_out.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
+        ids_out.append(ids)
+        labels_out.append(labels)
+    if not ids_out:
+        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty((0, 0), np.float32)
+    return np.concatenate(ids_out), np.concatenate(labels_out), np.concatenate(probs_out)
+
+
+def accuracy_counts(model: nn.Module, batches: Iterable[Batch], transform: InputTransform, device: torch.device,
+                    amp: bool = False) -> tuple[int, int]:
+    """(correct, total) of argmax predictions against the labels the stream carries."""
+    _, labels, probs = predict(model, batches, transform, device, amp)
+    return int((probs.argmax(axis=1) == labels).sum()) if len(labels) else 0, int(len(labels))
