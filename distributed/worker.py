@@ -1,0 +1,145 @@
+"""The Ray Train per-worker loop: an ordinary PyTorch loop plus get_context, prepare_model, report, get_checkpoint."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.join import Join
+from torch.nn.parallel import DistributedDataParallel
+
+from noisymix.distributed import shards
+from noisymix.distributed.engine import (InputTransform, accuracy_counts, build_optimizer, epoch_rng, lr_factor,
+                                         train_epoch)
+from noisymix.distributed.models import create_model
+from noisymix.mixing.methods import MixupTargets, PlainTargets
+
+CHECKPOINT_FILE = "state.pt"
+
+
+def make_method(cfg: SimpleNamespace, num_classes: int):
+    """The batch rule of cfg.method (docs/methods.md C for the baselines)."""
+    if cfg.method in ("ce", "clean"):
+        return PlainTargets(num_classes)
+    if cfg.method == "mixup":
+        return MixupTargets(num_classes, cfg.alpha)
+    raise ValueError(f"method {cfg.method!r} has no batch rule")
+
+
+def training_label_key(cfg: SimpleNamespace) -> str:
+    """Only the clean upper bound trains on true labels; every other method streams the given ones."""
+    return shards.TRUE_LABEL if cfg.method == "clean" else shards.GIVEN_LABEL
+
+
+def save_state(path: Path, model, optimizer, scheduler, epoch: int, seed: int) -> None:
+    """Everything a resumed run needs; the RNG state is a function of (seed, epoch, rank): see epoch_rng."""
+    torch.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch, "seed": seed,
+                "torch_rng": torch.get_rng_state()}, path)
+
+
+def load_state(path: Path) -> dict:
+    """A checkpoint saved by save_state, read with weights_only=True (no arbitrary unpickling)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _unwrap(model):
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _all_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum numbers across ranks (identity without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def train_loop(loop_config: dict) -> None:
+    """Run on every worker by TorchTrainer: train, evaluate, checkpoint and report each epoch."""
+    cfg = SimpleNamespace(**loop_config["config"])
+    manifest, data_dir, channel = loop_config["manifest"], loop_config["data_dir"], loop_config.get("channel")
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(loop_config["threads"])
+    device = ray.train.torch.get_device()
+
+    height, _, channels = manifest["image_shape"]
+    num_classes = manifest["num_classes"]
+    torch.manual_seed(cfg.seed)
+    model = ray.train.torch.prepare_model(create_model(cfg.model, channels, num_classes, height, cfg.width))
+    optimizer = build_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.schedule, cfg.epochs, cfg.milestones, cfg.gamma))
+    start_epoch, resumed_from = 0, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = load_state(Path(directory) / CHECKPOINT_FILE)
+        _unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = resumed_from = state["epoch"] + 1
+
+    padding = cfg.crop_padding if cfg.crop_padding >= 0 else max(1, height // 8)
+    mean, std = tuple(manifest["mean"]), tuple(manifest["std"])
+    train_transform = InputTransform(mean, std, padding, cfg.hflip)
+    eval_transform = InputTransform(mean, std)
+    method = make_method(cfg, num_classes)
+    label_key = training_label_key(cfg)
+    urls = {split: shards.shard_urls(data_dir, manifest, split) for split in ("train", "val", "test")}
+
+    def eval_stream(split: str):
+        stream = shards.sample_stream(urls[split], rank=rank, world_size=world, batch_size=4 * cfg.batch_size)
+        return shards.iterate_batches(stream, cfg.loader_workers)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        started = time.perf_counter()
+        stream = shards.sample_stream(
+            urls["train"], label_key=label_key, rank=rank, world_size=world, shard_seed=cfg.seed * 100_003 + epoch,
+            shuffle_buffer=cfg.shuffle_buffer, shuffle_seed=int(epoch_rng(cfg.seed, epoch, rank).integers(2**31)),
+            batch_size=cfg.batch_size,
+        )
+        seen: list[np.ndarray] = []
+        # Ranks hold different sample counts (whole shards each); Join lets a rank that runs out
+        # first shadow the others' gradient all-reduces instead of hanging DDP.
+        joiner = Join([model]) if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
+        with joiner:
+            stats = train_epoch(model, optimizer, shards.iterate_batches(stream, cfg.loader_workers), method,
+                                train_transform, device, epoch_rng(cfg.seed, epoch, rank), amp=cfg.amp,
+                                on_batch=seen.append if cfg.audit_ids else None)
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        val_correct, val_total = accuracy_counts(_unwrap(model), eval_stream("val"), eval_transform, device, cfg.amp)
+        test_correct, test_total = accuracy_counts(_unwrap(model), eval_stream("test"), eval_transform, device, cfg.amp)
+        totals = _all_sum([stats.loss_sum, stats.samples, stats.samples / max(stats.seconds, 1e-9),
+                           val_correct, val_total, test_correct, test_total], device)
+        loss_sum, samples, rate_sum, val_correct, val_total, test_correct, test_total = totals
+        if int(samples) != manifest["splits"]["train"]["count"]:
+            raise shards.ShardError(f"epoch {epoch}: the ranks read {int(samples)} training samples, the manifest "
+                                    f"lists {manifest['splits']['train']['count']}: a shard is short or unreadable")
+        metrics = {
+            "epoch": epoch, "train_loss": loss_sum / samples, "val_acc": val_correct / max(val_total, 1),
+            "test_acc": test_correct / max(test_total, 1), "lr": lr, "epoch_time_s": time.perf_counter() - started,
+            "train_time_s": stats.seconds, "samples_per_s_per_worker": rate_sum / world, "workers": world,
+            "resumed_from_epoch": resumed_from,
+        }
+        if channel is not None and cfg.audit_ids:
+            channel.put({"kind": "ids", "epoch": epoch, "rank": rank,
+                         "ids": np.concatenate(seen) if seen else np.empty(0, np.int64)})
+        with tempfile.TemporaryDirectory() as directory:
+            ckpt = None
+            if rank == 0:
+                save_state(Path(directory) / CHECKPOINT_FILE, model, optimizer, scheduler, epoch, cfg.seed)
+                ckpt = ray.train.Checkpoint.from_directory(directory)
+            ray.train.report(metrics, checkpoint=ckpt)
+        if channel is not None and rank == 0:
+            channel.put({"kind": "epoch", **metrics})

@@ -1,0 +1,113 @@
+"""End to end through Ray Train, WebDataset and DDP on 2 workers over a tiny prepared dataset."""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from conftest import make_config
+from noisymix.distributed import shards
+from noisymix.launch.cli import main
+from noisymix.launch.train import train
+
+SUMMARY_KEYS = {"method", "dataset", "noise_type", "noise_rate", "seed", "epochs", "test_acc", "test_acc_last",
+                "test_acc_best_test", "wall_time_s"}
+
+
+def poison_true_labels(src, dst):
+    """A copy of a prepared dataset whose train/val `clean.cls` members are not even integers."""
+    shutil.copytree(src, dst)
+    manifest = shards.load_manifest(dst)
+    for split in ("train", "val"):
+        for shard in manifest["splits"][split]["shards"]:
+            path = dst / shard["name"]
+            samples = list(wds.WebDataset(str(path), shardshuffle=False, empty_check=False))
+            with wds.TarWriter(str(path), encoder=False, mtime=0) as sink:
+                for sample in samples:
+                    record = {k: v for k, v in sample.items() if k in ("__key__", "input.npy", "cls")}
+                    record[shards.TRUE_LABEL] = b"poison: the training path read a true label"
+                    sink.write(record)
+            shard["bytes"] = path.stat().st_size
+            shard["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (dst / shards.MANIFEST).write_text(json.dumps(manifest))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def poisoned_dir(digits_dir, tmp_path_factory):
+    return poison_true_labels(digits_dir, tmp_path_factory.mktemp("poisoned") / "data")
+
+
+def test_two_workers_see_every_id_once_per_epoch_without_reading_true_labels(ray_session, poisoned_dir, tmp_path, capsys):
+    code = main(["train", f"data_dir={poisoned_dir}", f"run_dir={tmp_path / 'run'}", "num_workers=2", "epochs=2",
+                 "num_shards=4", "audit_ids=true", "method=mixup"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert out.strip().splitlines()[-1] == f"run_dir: {tmp_path / 'run'}"
+    run = tmp_path / "run"
+    n_train = shards.load_manifest(poisoned_dir)["splits"]["train"]["count"]
+    audit = np.load(run / "audit_ids.npz")
+    for epoch in range(2):
+        rank0, rank1 = audit[f"epoch{epoch}_rank0"], audit[f"epoch{epoch}_rank1"]
+        assert len(rank0) and len(rank1), "both ranks trained"
+        seen = np.concatenate([rank0, rank1])
+        assert len(seen) == n_train and np.array_equal(np.sort(seen), np.arange(n_train)), "each id exactly once"
+    assert set(audit["epoch0_rank0"]) != set(audit["epoch1_rank0"]), "shards are re-dealt to ranks each epoch"
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary) and summary["epochs"] == 2 and summary["workers"] == 2
+    assert summary["method"] == "mixup" and summary["noise_rate"] == 0.4
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert {"train_loss", "val_acc", "test_acc", "lr", "epoch_time_s", "samples_per_s_per_worker"} <= set(records[0])
+    chosen = max(reversed(records), key=lambda r: r["val_acc"])
+    assert summary["test_acc"] == chosen["test_acc"], "headline is picked on noisy validation, not test"
+    state = torch.load(run / "model_last.pt", weights_only=True)
+    assert state["epoch"] == 1 and "model" in state and (run / "model_best.pt").is_file()
+    assert (run / "config.yaml").is_file()
+
+
+def test_the_poison_is_live_clean_method_reads_true_labels_and_fails(ray_session, poisoned_dir, tmp_path, capsys):
+    """The control for the test above: a path that does read true labels trips over the poison."""
+    code = main(["train", f"data_dir={poisoned_dir}", f"run_dir={tmp_path / 'run'}", "epochs=1", "num_shards=4",
+                 "method=clean", "max_failures=0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "does not decode" in err
+    assert not (tmp_path / "run" / "summary.json").exists(), "a failed run never looks complete"
+
+
+def kill_one_worker_after_second_epoch(run_dir, done):
+    """SIGKILL a training worker once epoch 1 is recorded: by then epoch 0's checkpoint is registered
+    (Ray Train's report queue holds one result, so epoch 1's report waited for epoch 0's)."""
+    from ray.util.state import list_actors
+
+    metrics = run_dir / "metrics.jsonl"
+    while not done.is_set():
+        if metrics.is_file() and metrics.read_text().count("\n") >= 2:
+            actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            if actors:
+                os.kill(actors[0]["pid"], signal.SIGKILL)
+                return
+        time.sleep(0.05)
+
+
+def test_a_lost_worker_is_replaced_and_training_resumes_from_the_checkpoint(ray_session, digits_dir, tmp_path):
+    config = make_config(tmp_path, data_dir=str(digits_dir), epochs=8, num_workers=2, max_failures=2)
+    done = threading.Event()
+    killer = threading.Thread(target=kill_one_worker_after_second_epoch, args=(tmp_path / "run", done), daemon=True)
+    killer.start()
+    try:
+        summary = train(config, log=lambda *_: None)
+    finally:
+        done.set()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["epochs"] == 8 and sorted({r["epoch"] for r in records}) == list(range(8))
+    assert any(r["resumed_from_epoch"] for r in records), "the worker group restarted from a checkpoint"
