@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -55,13 +56,18 @@ def _unwrap(model):
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def _all_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum numbers across ranks (identity without a process group)."""
+def _all_reduce(values: list[float], device: torch.device, op=dist.ReduceOp.SUM) -> list[float]:
+    """Reduce numbers across ranks (identity without a process group)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return values
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
+    dist.all_reduce(tensor, op=op)
     return tensor.tolist()
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def train_loop(loop_config: dict) -> None:
@@ -120,9 +126,10 @@ def train_loop(loop_config: dict) -> None:
         scheduler.step()
         val_correct, val_total = accuracy_counts(_unwrap(model), eval_stream("val"), eval_transform, device, cfg.amp)
         test_correct, test_total = accuracy_counts(_unwrap(model), eval_stream("test"), eval_transform, device, cfg.amp)
-        totals = _all_sum([stats.loss_sum, stats.samples, stats.samples / max(stats.seconds, 1e-9),
+        totals = _all_reduce([stats.loss_sum, stats.samples, stats.samples / max(stats.seconds, 1e-9),
                            val_correct, val_total, test_correct, test_total], device)
         loss_sum, samples, rate_sum, val_correct, val_total, test_correct, test_total = totals
+        (peak_rss_mb,) = _all_reduce([_peak_rss_mb()], device, dist.ReduceOp.MAX)
         if int(samples) != manifest["splits"]["train"]["count"]:
             raise shards.ShardError(f"epoch {epoch}: the ranks read {int(samples)} training samples, the manifest "
                                     f"lists {manifest['splits']['train']['count']}: a shard is short or unreadable")
@@ -130,7 +137,7 @@ def train_loop(loop_config: dict) -> None:
             "epoch": epoch, "train_loss": loss_sum / samples, "val_acc": val_correct / max(val_total, 1),
             "test_acc": test_correct / max(test_total, 1), "lr": lr, "epoch_time_s": time.perf_counter() - started,
             "train_time_s": stats.seconds, "samples_per_s_per_worker": rate_sum / world, "workers": world,
-            "resumed_from_epoch": resumed_from,
+            "resumed_from_epoch": resumed_from, "peak_rss_mb_per_worker": peak_rss_mb,
         }
         if channel is not None and cfg.audit_ids:
             channel.put({"kind": "ids", "epoch": epoch, "rank": rank,

@@ -37,6 +37,7 @@ def summarize(history: list[dict], config: dict, manifest: dict, wall_time_s: fl
         "train_time_s": sum(record["train_time_s"] for record in history),
         "samples_per_s_per_worker": _median([record["samples_per_s_per_worker"] for record in history]),
         "workers": last["workers"],
+        "peak_rss_mb_per_worker": max(record["peak_rss_mb_per_worker"] for record in history),
     }
 
 
@@ -78,10 +79,11 @@ def _duration(seconds: float) -> str:
 
 def closing_table(summaries: list[dict]) -> str:
     """The short table a newcomer reads at the end of `noisymix train`."""
-    rows = [("method", "noise", "test acc (val-selected)", "test acc (last)", "run directory")]
+    rows = [("method", "noise", "test acc (val-selected)", "test acc (last)", "noisy-label F1", "run directory")]
     for s in summaries:
+        f1 = s.get("detection", {}).get("f1")
         rows.append((s["method"], f"{s['noise_type']} {s['noise_rate']:.0%}", f"{s['test_acc']:.4f}",
-                     f"{s['test_acc_last']:.4f}", s["run_dir"]))
+                     f"{s['test_acc_last']:.4f}", "-" if f1 is None else f"{f1:.3f}", s["run_dir"]))
     widths = [max(len(row[k]) for row in rows) for k in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
