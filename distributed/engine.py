@@ -45,6 +45,11 @@ class InputTransform:
         return x
 
 
+def resolve_padding(crop_padding: int, image_size: int) -> int:
+    """crop_padding = -1 means one eighth of the image side (4 px at 32, 3 at 28, 1 at 8)."""
+    return crop_padding if crop_padding >= 0 else max(1, image_size // 8)
+
+
 def random_crop_flip(x: torch.Tensor, padding: int, hflip: bool, rng: np.random.Generator) -> torch.Tensor:
     """Per-sample random crop after zero padding (of the normalised image), and a random horizontal flip."""
     n, _, h, w = x.shape

@@ -19,19 +19,36 @@ from torch.nn.parallel import DistributedDataParallel
 
 from noisymix.distributed import shards
 from noisymix.distributed.engine import (InputTransform, accuracy_counts, build_optimizer, epoch_rng, lr_factor,
-                                         train_epoch)
+                                         resolve_padding, train_epoch)
 from noisymix.distributed.models import create_model
 from noisymix.mixing.methods import MixupTargets, PlainTargets
+from noisymix.mixing.selectmix import SelectMixTargets
+from noisymix.selection.mismatch import MixingTable
 
 CHECKPOINT_FILE = "state.pt"
 
 
-def make_method(cfg: SimpleNamespace, num_classes: int):
-    """The batch rule of cfg.method (docs/methods.md C for the baselines)."""
+def make_method(cfg: SimpleNamespace, num_classes: int, loop_config: dict, transform: InputTransform,
+                device: torch.device):
+    """The batch rule of cfg.method (docs/methods.md A3, and C for the baselines)."""
     if cfg.method in ("ce", "clean"):
         return PlainTargets(num_classes)
     if cfg.method == "mixup":
         return MixupTargets(num_classes, cfg.alpha)
+    if cfg.method == "selectmix":
+        refs = loop_config["selectmix"]
+        table = MixingTable.from_arrays(ray.get(refs["table"]))
+        fetch = None
+        if cfg.partner_source == "global":
+            images = ray.get(refs["images"])  # zero-copy from the object store, shared by the node's workers
+
+            def fetch(ids: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+                return transform(images[ids], device, rng)
+
+        return SelectMixTargets(num_classes, table.uncertain, table.predicted, table.probs, table.pools,
+                                alpha=cfg.alpha, partners=cfg.partners, label=cfg.selectmix_label,
+                                partner_source=cfg.partner_source, lambda_per=cfg.lambda_per,
+                                buffer_size=cfg.buffer_size, fetch_inputs=fetch)
     raise ValueError(f"method {cfg.method!r} has no batch rule")
 
 
@@ -95,11 +112,11 @@ def train_loop(loop_config: dict) -> None:
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = resumed_from = state["epoch"] + 1
 
-    padding = cfg.crop_padding if cfg.crop_padding >= 0 else max(1, height // 8)
     mean, std = tuple(manifest["mean"]), tuple(manifest["std"])
-    train_transform = InputTransform(mean, std, padding, cfg.hflip)
+    train_transform = InputTransform(mean, std, resolve_padding(cfg.crop_padding, height), cfg.hflip)
     eval_transform = InputTransform(mean, std)
-    method = make_method(cfg, num_classes)
+    method = make_method(cfg, num_classes, loop_config, train_transform, device)
+    counts = getattr(method, "counts", {})
     label_key = training_label_key(cfg)
     urls = {split: shards.shard_urls(data_dir, manifest, split) for split in ("train", "val", "test")}
 
@@ -115,6 +132,7 @@ def train_loop(loop_config: dict) -> None:
             batch_size=cfg.batch_size,
         )
         seen: list[np.ndarray] = []
+        counts.update(dict.fromkeys(counts, 0))
         # Ranks hold different sample counts (whole shards each); Join lets a rank that runs out
         # first shadow the others' gradient all-reduces instead of hanging DDP.
         joiner = Join([model]) if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
@@ -130,6 +148,7 @@ def train_loop(loop_config: dict) -> None:
                            val_correct, val_total, test_correct, test_total], device)
         loss_sum, samples, rate_sum, val_correct, val_total, test_correct, test_total = totals
         (peak_rss_mb,) = _all_reduce([_peak_rss_mb()], device, dist.ReduceOp.MAX)
+        method_counts = dict(zip(counts, map(int, _all_reduce([float(v) for v in counts.values()], device))))
         if int(samples) != manifest["splits"]["train"]["count"]:
             raise shards.ShardError(f"epoch {epoch}: the ranks read {int(samples)} training samples, the manifest "
                                     f"lists {manifest['splits']['train']['count']}: a shard is short or unreadable")
@@ -138,6 +157,7 @@ def train_loop(loop_config: dict) -> None:
             "test_acc": test_correct / max(test_total, 1), "lr": lr, "epoch_time_s": time.perf_counter() - started,
             "train_time_s": stats.seconds, "samples_per_s_per_worker": rate_sum / world, "workers": world,
             "resumed_from_epoch": resumed_from, "peak_rss_mb_per_worker": peak_rss_mb,
+            **{f"samples_{key}": value for key, value in method_counts.items()},
         }
         if channel is not None and cfg.audit_ids:
             channel.put({"kind": "ids", "epoch": epoch, "rank": rank,

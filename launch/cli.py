@@ -10,7 +10,8 @@ from noisymix.launch.config import ConfigError, build_config, parse_overrides
 USAGE = """noisymix prepare [CONFIG.yaml] [key=value ...] [--force]
        noisymix train   [CONFIG.yaml] [key=value ...]
 
-With no arguments, `noisymix train` prepares scikit-learn's digits with 40% symmetric noise and trains on them."""
+With no arguments, `noisymix train` prepares scikit-learn's digits with 40% symmetric noise, trains
+SelectMix on them, then plain CE with the same settings, and prints both."""
 
 
 def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
@@ -36,8 +37,9 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from noisymix.distributed.shards import ShardError
     from noisymix.launch.noise import NoiseError
     from noisymix.launch.sources import SourceError
+    from noisymix.selection.crossval import SelectionError
 
-    return ConfigError, NoiseError, SourceError, ShardError, FileNotFoundError
+    return ConfigError, NoiseError, SourceError, ShardError, SelectionError, FileNotFoundError
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -62,10 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         from noisymix.launch.report import closing_table
         from noisymix.launch.train import train
 
-        summary = train(config)
+        summaries = [train(config)]
+        if not args.items:
+            # The newcomer's job: SelectMix, then plain CE on the same data, seed and schedule beside it.
+            baseline = build_config(None, {"method": "ce"})
+            summaries.append(train(baseline))
         print()
-        print(closing_table([summary]))
-        print(f"run_dir: {summary['run_dir']}")
+        print(closing_table(summaries))
+        print(f"run_dir: {summaries[0]['run_dir']}")
         return 0
     except Exception as exc:  # noqa: BLE001 - narrowed below: only our input errors become one-line messages
         cause = _root_cause(exc)

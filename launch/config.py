@@ -11,9 +11,10 @@ from pathlib import Path
 import yaml
 
 from noisymix.launch.noise import NOISE_TYPES
+from noisymix.mixing.selectmix import LABEL_MODES, PARTNER_MODES, PARTNER_SOURCES
 from noisymix.launch.sources import SOURCES
 
-METHODS = ("ce", "mixup", "clean")
+METHODS = ("ce", "mixup", "clean", "selectmix")
 MODELS = ("auto", "small_cnn", "preact_resnet18")
 SCHEDULES = ("cosine", "multistep")
 
@@ -41,7 +42,7 @@ class Config:
     num_shards: int = 8
     data_dir: str = "auto"
     # method and model
-    method: str = "ce"
+    method: str = "selectmix"
     alpha: float = 1.0
     model: str = "auto"
     width: int = 0
@@ -56,6 +57,19 @@ class Config:
     crop_padding: int = -1
     hflip: bool = False
     amp: bool = False
+    # SelectMix (docs/methods.md A): the fold stage, the table thresholds, the batch rule
+    folds: int = 5
+    fold_epochs: int = 2
+    fold_cpus: float = 1.0
+    fold_gpus: float = 0.0
+    fold_retries: int = 2
+    tau_low: float = 0.0
+    tau_high: float = 0.0
+    partners: str = "class"
+    partner_source: str = "global"
+    selectmix_label: str = "mixed"
+    lambda_per: str = "sample"
+    buffer_size: int = 256
     # execution
     num_workers: int = 1
     use_gpu: bool = False
@@ -87,7 +101,18 @@ class Config:
         _choice("method", self.method, METHODS)
         _choice("model", self.model, MODELS)
         _choice("schedule", self.schedule, SCHEDULES)
+        _choice("partners", self.partners, PARTNER_MODES)
+        _choice("partner_source", self.partner_source, PARTNER_SOURCES)
+        _choice("selectmix_label", self.selectmix_label, LABEL_MODES)
+        _choice("lambda_per", self.lambda_per, ("sample", "batch"))
         _range("noise_rate", self.noise_rate, 0.0, 1.0, hi_open=True)
+        _range("tau_low", self.tau_low, 0.0, 1.0)
+        _range("tau_high", self.tau_high, 0.0, 1.0)
+        _range("folds", self.folds, 2, None)
+        for key in ("fold_epochs", "buffer_size", "fold_cpus"):
+            _range(key, getattr(self, key), 0, None, lo_open=True)
+        for key in ("fold_gpus", "fold_retries"):
+            _range(key, getattr(self, key), 0, None)
         _range("val_fraction", self.val_fraction, 0.0, 0.5, lo_open=True)
         _range("momentum", self.momentum, 0.0, 1.0, hi_open=True)
         _range("gamma", self.gamma, 0.0, 1.0, lo_open=True)

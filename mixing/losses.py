@@ -14,8 +14,15 @@ def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """-sum_c t_c log p_c(x): cross-entropy against soft targets t (rows in the simplex)."""
+    """-sum_c t_c log p_c(x): cross-entropy against soft targets t (rows in the simplex).
+
+    A row whose target is all zero carries no loss and is left out of the mean: that is how a method
+    drops a sample from a batch without breaking the ranks' lockstep (selection-only training).
+    """
     per_sample = -(targets * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1)
     if reduction == "none":
         return per_sample
-    return per_sample.mean() if reduction == "mean" else per_sample.sum()
+    if reduction == "sum":
+        return per_sample.sum()
+    counted = (targets.sum(dim=-1) > 0).sum().clamp_min(1)
+    return per_sample.sum() / counted

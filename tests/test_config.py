@@ -6,9 +6,9 @@ from noisymix.launch.config import Config, ConfigError, build_config, parse_over
 
 def test_defaults_resolve_data_and_run_dirs():
     config = build_config()
-    assert config.method == "ce" and config.noise_type == "symmetric" and config.noise_rate == 0.4
+    assert config.method == "selectmix" and config.noise_type == "symmetric" and config.noise_rate == 0.4
     assert config.data_dir.endswith("digits-symmetric40-seed0")
-    assert config.run_dir.startswith("runs/ce-digits-symmetric40-")
+    assert config.run_dir.startswith("runs/selectmix-digits-symmetric40-")
 
 
 def test_overrides_parse_as_yaml_values():

@@ -1,0 +1,176 @@
+"""SelectMix's selection stage: K fold trainings as parallel Ray tasks -> out-of-fold probabilities.
+
+Each fold task trains a fresh model with the same `train_epoch` as the main trainer, on arrays that
+the driver puts in the object store once (read zero-copy by every task), then predicts its held-out
+fold. `run_folds_in_process` runs the very same function in sequence, for tests and laptops.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+import torch
+
+from noisymix.distributed import shards
+from noisymix.distributed.engine import (InputTransform, build_optimizer, epoch_rng, lr_factor, predict,
+                                         resolve_padding, train_epoch)
+from noisymix.distributed.models import create_model
+from noisymix.mixing.methods import PlainTargets
+from noisymix.selection.crossval import assemble_out_of_fold, stratified_folds
+from noisymix.selection.mismatch import MixingTable, build_mixing_table
+
+
+@dataclass(frozen=True)
+class FoldSettings:
+    """What a fold training needs; the epochs are the fold schedule (`fold_epochs`), not the main one."""
+
+    model: str
+    width: int
+    num_classes: int
+    image_size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    padding: int
+    hflip: bool
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    seed: int
+    threads: int = 1
+    use_gpu: bool = False
+    amp: bool = False
+
+
+def load_split(data_dir: str, manifest: dict, split: str = "train",
+               label_key: str = shards.GIVEN_LABEL) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, uint8 images, labels) of a whole split in id order: one exact pass over its shards.
+
+    label_key is the given label unless an evaluation asks for the true one.
+    """
+    stream = shards.sample_stream(shards.shard_urls(data_dir, manifest, split), label_key=label_key, batch_size=4096)
+    parts = list(stream)
+    ids = np.concatenate([p[0] for p in parts])
+    order = np.argsort(ids)
+    return ids[order], np.concatenate([p[1] for p in parts])[order], np.concatenate([p[2] for p in parts])[order]
+
+
+def array_batches(images: np.ndarray, labels: np.ndarray, positions: np.ndarray, batch_size: int,
+                  rng: np.random.Generator | None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Batches of (ids, images, labels) over `positions`, shuffled by rng (None: in order)."""
+    order = positions if rng is None else rng.permutation(positions)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        yield chunk, images[chunk], labels[chunk]
+
+
+def train_fold(fold: int, train_pos: np.ndarray, held_pos: np.ndarray, images: np.ndarray, labels: np.ndarray,
+               s: FoldSettings) -> tuple[int, np.ndarray, np.ndarray, float]:
+    """Train a fresh model on K-1 folds with CE on the given labels; predict the held-out fold."""
+    started = time.perf_counter()
+    torch.set_num_threads(s.threads)
+    device = torch.device("cuda" if s.use_gpu and torch.cuda.is_available() else "cpu")
+    torch.manual_seed(s.seed * 1000 + fold)
+    model = create_model(s.model, s.channels, s.num_classes, s.image_size, s.width).to(device)
+    optimizer = build_optimizer(model, s.lr, s.momentum, s.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor("cosine", s.epochs, [], 0.1))
+    transform = InputTransform(s.mean, s.std, s.padding, s.hflip)
+    method = PlainTargets(s.num_classes)
+    for epoch in range(s.epochs):
+        rng = epoch_rng(s.seed, epoch, 1000 + fold)
+        train_epoch(model, optimizer, array_batches(images, labels, train_pos, s.batch_size, rng), method,
+                    transform, device, rng, amp=s.amp)
+        scheduler.step()
+    held_ids, _, probs = predict(model, array_batches(images, labels, held_pos, 4 * s.batch_size, None),
+                                 InputTransform(s.mean, s.std), device, s.amp)
+    return fold, held_ids, probs, time.perf_counter() - started
+
+
+@ray.remote
+def _fold_task(fold, train_pos, held_pos, images, labels, settings):
+    return train_fold(fold, train_pos, held_pos, images, labels, settings)
+
+
+def run_folds_parallel(images_ref: ray.ObjectRef, labels: np.ndarray, k: int, settings: FoldSettings, *,
+                       cpus: float = 1.0, gpus: float = 0.0, retries: int = 2) -> tuple[np.ndarray, np.ndarray, list]:
+    """(out-of-fold P, fold of each id, per-fold seconds): K tasks over images already in the object store.
+
+    A task that dies is retried `retries` times by Ray; after that the error names the fold.
+    """
+    folds = stratified_folds(labels, k, settings.seed)
+    labels_ref = ray.put(labels)
+    task = _fold_task.options(num_cpus=cpus, num_gpus=gpus, max_retries=retries, retry_exceptions=False)
+    pending = {task.remote(f, tr, held, images_ref, labels_ref, settings): f for f, (tr, held) in enumerate(folds)}
+    outputs = []
+    for ref, fold in pending.items():
+        try:
+            outputs.append(ray.get(ref))
+        except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError) as exc:
+            for other in pending:
+                ray.cancel(other, force=True)
+            raise RuntimeError(f"fold {fold} of {k} failed after {retries} retries: {exc}") from exc
+    return _assemble(outputs, folds, len(labels))
+
+
+def run_folds_in_process(images: np.ndarray, labels: np.ndarray, k: int,
+                         settings: FoldSettings) -> tuple[np.ndarray, np.ndarray, list]:
+    """The same folds, trained one after another in this process."""
+    folds = stratified_folds(labels, k, settings.seed)
+    outputs = [train_fold(f, tr, held, images, labels, settings) for f, (tr, held) in enumerate(folds)]
+    return _assemble(outputs, folds, len(labels))
+
+
+def _assemble(outputs: list, folds: list, n: int) -> tuple[np.ndarray, np.ndarray, list]:
+    probs = assemble_out_of_fold(n, ((held_ids, p) for _, held_ids, p, _ in outputs))
+    fold_of = np.empty(n, dtype=np.int64)
+    for f, (_, held) in enumerate(folds):
+        fold_of[held] = f
+    return probs, fold_of, [seconds for *_, seconds in sorted(outputs, key=lambda o: o[0])]
+
+
+@dataclass
+class Selection:
+    """The selection stage's products: the table, the inputs behind it, and what it cost."""
+
+    table: MixingTable
+    given: np.ndarray
+    fold_of: np.ndarray
+    fold_seconds: list
+    seconds: float
+    images_ref: ray.ObjectRef
+    table_ref: ray.ObjectRef
+
+
+def fold_settings(cfg, manifest: dict) -> FoldSettings:
+    height, _, channels = manifest["image_shape"]
+    return FoldSettings(
+        model=cfg.model, width=cfg.width, num_classes=manifest["num_classes"], image_size=height, channels=channels,
+        mean=tuple(manifest["mean"]), std=tuple(manifest["std"]), padding=resolve_padding(cfg.crop_padding, height),
+        hflip=cfg.hflip, epochs=cfg.fold_epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay, seed=cfg.seed, threads=max(1, int(cfg.fold_cpus)),
+        use_gpu=cfg.fold_gpus > 0, amp=cfg.amp,
+    )
+
+
+def selection_stage(cfg, manifest: dict, data_dir: str) -> Selection:
+    """Read the train split once, run the K folds as Ray tasks, build the mixing table (methods.md A1-A2).
+
+    The images and the table go into the object store once: fold tasks and train workers read them
+    zero-copy (the images also serve `partner_source=global`).
+    """
+    started = time.perf_counter()
+    ids, images, given = load_split(data_dir, manifest)
+    if not np.array_equal(ids, np.arange(len(ids))):
+        raise shards.ShardError(f"train ids of {data_dir} are not 0..N-1: re-run prepare")
+    images_ref = ray.put(images)
+    probs, fold_of, fold_seconds = run_folds_parallel(images_ref, given, cfg.folds, fold_settings(cfg, manifest),
+                                                      cpus=cfg.fold_cpus, gpus=cfg.fold_gpus, retries=cfg.fold_retries)
+    table = build_mixing_table(probs, given, cfg.tau_low, cfg.tau_high)
+    return Selection(table, given, fold_of, fold_seconds, time.perf_counter() - started, images_ref,
+                     ray.put(table.to_arrays()))

@@ -1,0 +1,166 @@
+"""A3: SelectMix's batch rule. Flagged samples mix with a trusted partner of their predicted class
+and train on a soft label saying what was mixed; the others train plainly on their given label.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from noisymix.mixing.losses import one_hot
+from noisymix.mixing.mixup import mix, sample_lambda
+
+PARTNER_SOURCES = ("batch", "buffer", "global")
+PARTNER_MODES = ("class", "random", "none")
+LABEL_MODES = ("mixed", "soft", "hard")
+
+
+def selectmix_soft_label(given_part: torch.Tensor, predicted: torch.Tensor, lam: torch.Tensor,
+                         num_classes: int) -> torch.Tensor:
+    """t~ = lambda * onehot(y_i) + (1 - lambda) * onehot(c_i); given_part may be P[i] (the soft variant)."""
+    lam = lam.to(given_part.device, given_part.dtype)[:, None]
+    return lam * given_part + (1 - lam) * one_hot(predicted, num_classes).to(given_part.device)
+
+
+class ClassReservoir:
+    """Per-class reservoir of trusted inputs seen in the stream (reservoir sampling, no extra I/O).
+
+    Holds up to `capacity` transformed inputs per class; each class's slots are a uniform sample of
+    every trusted input of that class added so far.
+    """
+
+    def __init__(self, num_classes: int, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"buffer capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self.slots: list[torch.Tensor | None] = [None] * num_classes
+        self.filled = np.zeros(num_classes, dtype=np.int64)
+        self.seen = np.zeros(num_classes, dtype=np.int64)
+
+    def add(self, inputs: torch.Tensor, classes: np.ndarray, rng: np.random.Generator) -> None:
+        for row, c in enumerate(classes):
+            if self.slots[c] is None:
+                self.slots[c] = inputs.new_empty((self.capacity, *inputs.shape[1:]))
+            self.seen[c] += 1
+            if self.filled[c] < self.capacity:
+                slot = self.filled[c]
+                self.filled[c] += 1
+            else:
+                slot = rng.integers(self.seen[c])
+                if slot >= self.capacity:
+                    continue
+            self.slots[c][slot] = inputs[row].detach()
+
+    def draw(self, classes: np.ndarray, rng: np.random.Generator, like: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        """One uniformly drawn stored input per requested class; found[k] is False where a class is empty."""
+        out = like.new_zeros((len(classes), *like.shape[1:]))
+        found = self.filled[classes] > 0
+        for k in np.flatnonzero(found):
+            c = classes[k]
+            out[k] = self.slots[c][rng.integers(self.filled[c])]
+        return out, found
+
+
+@dataclass
+class SelectMixTargets:
+    """The SelectMix batch rule over a mixing table (methods.md A3), with its ablations.
+
+    partners: `class` (a trusted partner of c_i: SelectMix), `random` (any partner of the batch:
+    Mixup on M only), `none` (no mixing: train on the trusted samples only). label: `mixed`
+    (lambda y_i + (1 - lambda) c_i), `soft` (P[i] in place of onehot(y_i)), `hard` (y_i only).
+    partner_source: `batch`, `buffer` (ClassReservoir) or `global` (any id of T[c_i], whose inputs
+    `fetch_inputs(ids, rng)` returns transformed like the batch).
+    """
+
+    num_classes: int
+    uncertain: np.ndarray
+    predicted: np.ndarray
+    probs: np.ndarray
+    pools: list[np.ndarray]
+    alpha: float = 1.0
+    partners: str = "class"
+    label: str = "mixed"
+    partner_source: str = "global"
+    lambda_per: str = "sample"
+    buffer_size: int = 256
+    fetch_inputs: Callable[[np.ndarray, np.random.Generator], torch.Tensor] | None = None
+    counts: dict = field(default_factory=lambda: {"flagged": 0, "mixed": 0, "no_partner": 0})
+
+    def __post_init__(self):
+        for name, value, allowed in (("partners", self.partners, PARTNER_MODES), ("label", self.label, LABEL_MODES),
+                                     ("partner_source", self.partner_source, PARTNER_SOURCES),
+                                     ("lambda_per", self.lambda_per, ("sample", "batch"))):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+        if self.alpha <= 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        if self.partner_source == "global" and self.partners == "class" and self.fetch_inputs is None:
+            raise ValueError("partner_source=global needs fetch_inputs")
+        self.in_pool = np.zeros(len(self.predicted), dtype=bool)
+        for pool in self.pools:
+            self.in_pool[pool] = True
+        self.reservoir = ClassReservoir(self.num_classes, self.buffer_size) if self.partner_source == "buffer" else None
+
+    def batch(self, ids: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor,
+              rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        ids_np = ids.numpy()
+        targets = one_hot(labels, self.num_classes)
+        if self.partners == "none":
+            # Selection baseline: only trusted samples carry loss (zero targets drop the others).
+            keep = torch.from_numpy(self.in_pool[ids_np]).to(targets.device)
+            return inputs, targets * keep[:, None]
+        trusted_rows = np.flatnonzero(self.in_pool[ids_np])
+        if self.reservoir is not None and trusted_rows.size:
+            self.reservoir.add(inputs[trusted_rows], self.predicted[ids_np[trusted_rows]], rng)
+        rows = np.flatnonzero(self.uncertain[ids_np])
+        self.counts["flagged"] += int(rows.size)
+        if rows.size == 0:
+            return inputs, targets
+        lam = sample_lambda(self.alpha, 1 if self.lambda_per == "batch" else rows.size, rng).expand(rows.size)
+        rows_t = torch.from_numpy(rows).to(inputs.device)
+        if self.partners == "random":
+            partner = torch.from_numpy(rng.integers(0, len(ids_np), size=rows.size)).to(inputs.device)
+            mixed_x = mix(inputs[rows_t], inputs[partner], lam)
+            mixed_t = mix(targets[rows_t], targets[partner], lam)
+            found = np.ones(rows.size, dtype=bool)
+        else:
+            predicted = self.predicted[ids_np[rows]]
+            partner_x, found = self._class_partners(ids_np, inputs, trusted_rows, predicted, rng)
+            found_t = torch.from_numpy(found).to(inputs.device)[:, None, None, None]
+            # No partner of c_i at hand (batch/buffer only): the input stays, the soft label still moves.
+            mixed_x = torch.where(found_t, mix(inputs[rows_t], partner_x, lam), inputs[rows_t])
+            mixed_t = self._soft_label(ids_np[rows], targets[rows_t], predicted, lam)
+        inputs, targets = inputs.clone(), targets.clone()
+        inputs[rows_t], targets[rows_t] = mixed_x, mixed_t
+        self.counts["mixed"] += int(found.sum())
+        self.counts["no_partner"] += int((~found).sum())
+        return inputs, targets
+
+    def _soft_label(self, ids: np.ndarray, given_onehot: torch.Tensor, predicted: np.ndarray,
+                    lam: torch.Tensor) -> torch.Tensor:
+        if self.label == "hard":
+            return given_onehot
+        given_part = given_onehot
+        if self.label == "soft":
+            given_part = torch.from_numpy(self.probs[ids]).to(given_onehot.device, given_onehot.dtype)
+        return selectmix_soft_label(given_part, torch.from_numpy(predicted), lam, self.num_classes)
+
+    def _class_partners(self, ids: np.ndarray, inputs: torch.Tensor, trusted_rows: np.ndarray, predicted: np.ndarray,
+                        rng: np.random.Generator) -> tuple[torch.Tensor, np.ndarray]:
+        if self.partner_source == "global":
+            partner_ids = np.array([pool[rng.integers(len(pool))] for pool in (self.pools[c] for c in predicted)],
+                                   dtype=np.int64)
+            return self.fetch_inputs(partner_ids, rng), np.ones(len(predicted), dtype=bool)
+        if self.partner_source == "buffer":
+            return self.reservoir.draw(predicted, rng, inputs)
+        classes_in_batch = self.predicted[ids[trusted_rows]]
+        choice = np.zeros(len(predicted), dtype=np.int64)
+        found = np.zeros(len(predicted), dtype=bool)
+        for k, c in enumerate(predicted):
+            candidates = trusted_rows[classes_in_batch == c]
+            if candidates.size:
+                choice[k], found[k] = candidates[rng.integers(candidates.size)], True
+        return inputs[torch.from_numpy(choice).to(inputs.device)], found

@@ -1,0 +1,75 @@
+"""A2: mismatch analysis of out-of-fold predictions -> the per-sample mixing table and trusted pools."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from noisymix.selection.crossval import SelectionError
+
+
+def predicted_class_and_confidence(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """c_i = argmax P[i] and q_i = max P[i]."""
+    return probs.argmax(axis=1).astype(np.int64), probs.max(axis=1).astype(np.float32)
+
+
+def uncertain_set(predicted: np.ndarray, given: np.ndarray, confidence: np.ndarray, tau_low: float = 0.0) -> np.ndarray:
+    """M = {i : c_i != y_i}, plus {i : q_i < tau_low} when tau_low > 0."""
+    return (predicted != given) | (confidence < tau_low)
+
+
+def trusted_pools(predicted: np.ndarray, given: np.ndarray, confidence: np.ndarray, tau_high: float,
+                  num_classes: int) -> list[np.ndarray]:
+    """T[c] = {j : c_j = c and y_j = c and q_j >= tau_high}, as sorted id arrays."""
+    trusted = (predicted == given) & (confidence >= tau_high)
+    return [np.flatnonzero(trusted & (predicted == c)) for c in range(num_classes)]
+
+
+@dataclass
+class MixingTable:
+    """What the selection stage hands the training workers, one row per train id (ids are 0..N-1).
+
+    pools[c] are the ids a flagged sample of predicted class c mixes with. A class whose trusted
+    pool is empty falls back to every sample predicted as c (the authors' pool, tau_high = 0), which
+    holds at least each flagged sample of that class itself; `fallback_classes` lists those classes.
+    """
+
+    uncertain: np.ndarray
+    predicted: np.ndarray
+    confidence: np.ndarray
+    probs: np.ndarray
+    pools: list[np.ndarray]
+    fallback_classes: list[int]
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Flat arrays for the object store and for oof.npz: pools as one id array plus offsets."""
+        offsets = np.cumsum([0] + [len(p) for p in self.pools]).astype(np.int64)
+        return {"uncertain": self.uncertain, "predicted": self.predicted, "confidence": self.confidence,
+                "probs": self.probs, "pool_ids": np.concatenate(self.pools).astype(np.int64),
+                "pool_offsets": offsets, "fallback_classes": np.asarray(self.fallback_classes, dtype=np.int64)}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "MixingTable":
+        offsets = arrays["pool_offsets"]
+        pools = [arrays["pool_ids"][offsets[c]:offsets[c + 1]] for c in range(len(offsets) - 1)]
+        return cls(arrays["uncertain"], arrays["predicted"], arrays["confidence"], arrays["probs"], pools,
+                   [int(c) for c in arrays["fallback_classes"]])
+
+
+def build_mixing_table(probs: np.ndarray, given: np.ndarray, tau_low: float = 0.0, tau_high: float = 0.0) -> MixingTable:
+    """The mixing table of methods.md A2 from out-of-fold probabilities and the given labels."""
+    for name, tau in (("tau_low", tau_low), ("tau_high", tau_high)):
+        if not 0.0 <= tau <= 1.0:
+            raise SelectionError(f"{name} must be in [0, 1], got {tau}")
+    if probs.shape[0] != len(given):
+        raise SelectionError(f"{probs.shape[0]} out-of-fold rows for {len(given)} labels")
+    num_classes = probs.shape[1]
+    predicted, confidence = predicted_class_and_confidence(probs)
+    uncertain = uncertain_set(predicted, given, confidence, tau_low)
+    pools = trusted_pools(predicted, given, confidence, tau_high, num_classes)
+    needed = np.unique(predicted[uncertain])
+    fallback = [int(c) for c in needed if len(pools[c]) == 0]
+    for c in fallback:
+        pools[c] = np.flatnonzero(predicted == c)
+    return MixingTable(uncertain, predicted, confidence, probs.astype(np.float32), pools, fallback)
