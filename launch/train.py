@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from noisymix.distributed import shards
-from noisymix.distributed.folds import load_split, selection_stage
+from noisymix.distributed.folds import Selection, load_split, selection_stage
 from noisymix.distributed.runner import run_trainer, start_ray
 from noisymix.distributed.worker import CHECKPOINT_FILE
 from noisymix.launch.config import Config, ConfigError
@@ -47,6 +47,21 @@ def write_label_issues(path: Path, given: np.ndarray, table: MixingTable) -> Non
                              f"{given_prob[i]:.4f}", int(table.uncertain[i])])
 
 
+def _run_selection(config: Config, manifest: dict, data_dir: str, run_dir: Path, log) -> Selection:
+    """SelectMix's fold stage; writes oof.npz and label_issues.csv before the main training starts."""
+    log(f"selection: {config.folds} folds x {config.fold_epochs} epochs as Ray tasks")
+    selection = selection_stage(config, manifest, data_dir)
+    table = selection.table
+    np.savez(run_dir / "oof.npz", probs=table.probs, given=selection.given, fold=selection.fold_of,
+             predicted=table.predicted, confidence=table.confidence, uncertain=table.uncertain)
+    write_label_issues(run_dir / "label_issues.csv", selection.given, table)
+    log(f"selection: {int(table.uncertain.sum())} of {len(table.uncertain)} samples flagged "
+        f"({table.uncertain.mean():.1%}) in {selection.seconds:.1f}s"
+        + (f"; classes with no trusted sample use every sample predicted as them: {table.fallback_classes}"
+           if table.fallback_classes else ""))
+    return selection
+
+
 def train(config: Config, log=print) -> dict:
     """Run one training job end to end and return its summary (also written to summary.json)."""
     started = time.perf_counter()
@@ -71,17 +86,8 @@ def train(config: Config, log=print) -> dict:
     stage_times: dict[str, float] = {}
     selection = None
     if config.method == "selectmix":
-        log(f"selection: {config.folds} folds x {config.fold_epochs} epochs as Ray tasks")
-        selection = selection_stage(config, manifest, loop_config["data_dir"])
+        selection = _run_selection(config, manifest, loop_config["data_dir"], run_dir, log)
         stage_times["folds"] = selection.seconds
-        table = selection.table
-        np.savez(run_dir / "oof.npz", probs=table.probs, given=selection.given, fold=selection.fold_of,
-                 predicted=table.predicted, confidence=table.confidence, uncertain=table.uncertain)
-        write_label_issues(run_dir / "label_issues.csv", selection.given, table)
-        log(f"selection: {int(table.uncertain.sum())} of {len(table.uncertain)} samples flagged "
-            f"({table.uncertain.mean():.1%}) in {selection.seconds:.1f}s"
-            + (f"; classes with no trusted sample use every sample predicted as them: {table.fallback_classes}"
-               if table.fallback_classes else ""))
         loop_config["selectmix"] = {"table": selection.table_ref, "images": selection.images_ref}
     progress = Progress(config.epochs, log)
     history: dict[int, dict] = {}

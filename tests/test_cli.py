@@ -61,24 +61,25 @@ def test_stray_label_is_named(tmp_path, capsys):
     assert not (tmp_path / "d").exists()
 
 
-def test_clean_method_refused_without_true_labels(tmp_path, capsys):
+@pytest.fixture
+def real_noise_list(tmp_path):
+    """An image-list source: its labels are the dataset's own (noisy) ones, the truth unknown."""
     from test_sources import write_image_list
 
     src = tmp_path / "list"
     src.mkdir()
-    write_image_list(src, labels=tuple(k % 3 for k in range(12)))
-    code, out = run_cli(capsys, "train", "method=clean", "source=image_list", f"source_path={src}", "noise_type=none",
-                        "noise_rate=0", "num_shards=1", "val_fraction=0.25", "image_size=8",
+    return write_image_list(src, labels=tuple(k % 3 for k in range(12)))
+
+
+def test_clean_method_refused_without_true_labels(tmp_path, capsys, real_noise_list):
+    code, out = run_cli(capsys, "train", "method=clean", "source=image_list", f"source_path={real_noise_list}",
+                        "noise_type=none", "noise_rate=0", "num_shards=1", "val_fraction=0.25", "image_size=8",
                         f"data_dir={tmp_path / 'd'}", f"run_dir={tmp_path / 'r'}")
     assert code == 2 and "method=clean trains on true labels" in out.err
     assert not (tmp_path / "r").exists()
 
 
-def test_synthetic_noise_refused_on_real_noise_lists(tmp_path, capsys):
-    from test_sources import write_image_list
-
-    src = tmp_path / "list"
-    src.mkdir()
-    write_image_list(src, labels=tuple(k % 3 for k in range(12)))
-    code, out = run_cli(capsys, "prepare", "source=image_list", f"source_path={src}", f"data_dir={tmp_path / 'd'}")
+def test_synthetic_noise_refused_on_real_noise_lists(tmp_path, capsys, real_noise_list):
+    code, out = run_cli(capsys, "prepare", "source=image_list", f"source_path={real_noise_list}",
+                        f"data_dir={tmp_path / 'd'}")
     assert code == 2 and "noise_type=none" in out.err
