@@ -71,13 +71,21 @@ def array_batches(images: np.ndarray, labels: np.ndarray, positions: np.ndarray,
 
 
 def train_fold(fold: int, train_pos: np.ndarray, held_pos: np.ndarray, images: np.ndarray, labels: np.ndarray,
-               s: FoldSettings) -> tuple[int, np.ndarray, np.ndarray, float]:
-    """Train a fresh model on K-1 folds with CE on the given labels; predict the held-out fold."""
+               s: FoldSettings, init_state: dict | None = None) -> tuple[int, np.ndarray, np.ndarray, float]:
+    """Train a model on K-1 folds with CE on the given labels; predict the held-out fold.
+
+    The model is fresh, or starts from `init_state` (the main model's weights, when the selection is
+    re-run mid-training). A warm start is not strictly out-of-fold: the main model has trained on the
+    held-out fold's given labels, so late re-selections can inherit what it memorised.
+    """
     started = time.perf_counter()
     torch.set_num_threads(s.threads)
     device = torch.device("cuda" if s.use_gpu and torch.cuda.is_available() else "cpu")
     torch.manual_seed(s.seed * 1000 + fold)
-    model = create_model(s.model, s.channels, s.num_classes, s.image_size, s.width).to(device)
+    model = create_model(s.model, s.channels, s.num_classes, s.image_size, s.width)
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    model = model.to(device)
     optimizer = build_optimizer(model, s.lr, s.momentum, s.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor("cosine", s.epochs, [], 0.1))
     transform = InputTransform(s.mean, s.std, s.padding, s.hflip)
@@ -93,20 +101,22 @@ def train_fold(fold: int, train_pos: np.ndarray, held_pos: np.ndarray, images: n
 
 
 @ray.remote
-def _fold_task(fold, train_pos, held_pos, images, labels, settings):
-    return train_fold(fold, train_pos, held_pos, images, labels, settings)
+def _fold_task(fold, train_pos, held_pos, images, labels, settings, init_state):
+    return train_fold(fold, train_pos, held_pos, images, labels, settings, init_state)
 
 
 def run_folds_parallel(images_ref: ray.ObjectRef, labels: np.ndarray, k: int, settings: FoldSettings, *,
-                       cpus: float = 1.0, gpus: float = 0.0, retries: int = 2) -> tuple[np.ndarray, np.ndarray, list]:
+                       cpus: float = 1.0, gpus: float = 0.0, retries: int = 2,
+                       init_state: dict | None = None) -> tuple[np.ndarray, np.ndarray, list]:
     """(out-of-fold P, fold of each id, per-fold seconds): K tasks over images already in the object store.
 
     A task that dies is retried `retries` times by Ray; after that the error names the fold.
     """
     folds = stratified_folds(labels, k, settings.seed)
-    labels_ref = ray.put(labels)
+    labels_ref, init_ref = ray.put(labels), ray.put(init_state)
     task = _fold_task.options(num_cpus=cpus, num_gpus=gpus, max_retries=retries, retry_exceptions=False)
-    pending = {task.remote(f, tr, held, images_ref, labels_ref, settings): f for f, (tr, held) in enumerate(folds)}
+    pending = {task.remote(f, tr, held, images_ref, labels_ref, settings, init_ref): f
+               for f, (tr, held) in enumerate(folds)}
     outputs = []
     for ref, fold in pending.items():
         try:
@@ -158,19 +168,25 @@ def fold_settings(cfg, manifest: dict) -> FoldSettings:
     )
 
 
-def selection_stage(cfg, manifest: dict, data_dir: str) -> Selection:
-    """Read the train split once, run the K folds as Ray tasks, build the mixing table (methods.md A1-A2).
+def selection_stage(cfg, manifest: dict, data_dir: str, previous: Selection | None = None,
+                    init_state: dict | None = None) -> Selection:
+    """Run the K folds as Ray tasks and build the mixing table (methods.md A1-A2).
 
-    The images and the table go into the object store once: fold tasks and train workers read them
-    zero-copy (the images also serve `partner_source=global`).
+    The first selection reads the train split once and puts its images in the object store, where
+    fold tasks and train workers read them zero-copy (they also serve `partner_source=global`); a
+    re-selection reuses them and warm-starts the folds from `init_state`.
     """
     started = time.perf_counter()
-    ids, images, given = load_split(data_dir, manifest)
-    if not np.array_equal(ids, np.arange(len(ids))):
-        raise shards.ShardError(f"train ids of {data_dir} are not 0..N-1: re-run prepare")
-    images_ref = ray.put(images)
+    if previous is None:
+        ids, images, given = load_split(data_dir, manifest)
+        if not np.array_equal(ids, np.arange(len(ids))):
+            raise shards.ShardError(f"train ids of {data_dir} are not 0..N-1: re-run prepare")
+        images_ref = ray.put(images)
+    else:
+        images_ref, given = previous.images_ref, previous.given
     probs, fold_of, fold_seconds = run_folds_parallel(images_ref, given, cfg.folds, fold_settings(cfg, manifest),
-                                                      cpus=cfg.fold_cpus, gpus=cfg.fold_gpus, retries=cfg.fold_retries)
+                                                      cpus=cfg.fold_cpus, gpus=cfg.fold_gpus, retries=cfg.fold_retries,
+                                                      init_state=init_state)
     table = build_mixing_table(probs, given, cfg.tau_low, cfg.tau_high)
     return Selection(table, given, fold_of, fold_seconds, time.perf_counter() - started, images_ref,
                      ray.put(table.to_arrays()))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import queue
 import threading
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -41,9 +40,12 @@ def worker_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool) ->
     return cpus_per_worker, max(1, int(cpus_per_worker))
 
 
-def run_trainer(cfg: SimpleNamespace, loop_config: dict, run_dir: Path,
-                on_message: Callable[[dict], None]) -> ray.train.Result:
+def run_trainer(cfg: SimpleNamespace, loop_config: dict, run_dir: Path, on_message: Callable[[dict], None],
+                name: str) -> ray.train.Result:
     """Fit the training loop on cfg.num_workers workers; each record a worker sends goes to on_message.
+
+    A second call with the same run_dir and `name` resumes the first from its latest checkpoint
+    (Ray Train's run snapshot): that is how a run continues after a selection between segments.
 
     fit() runs in a thread while this thread drains the record queue, so the driver prints progress
     and writes metrics as epochs finish. A worker group restarted after a failure resumes from the
@@ -57,8 +59,7 @@ def run_trainer(cfg: SimpleNamespace, loop_config: dict, run_dir: Path,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(
-            # A unique name: reusing (storage_path, name) would silently resume an old run.
-            name=f"train-{uuid.uuid4().hex[:8]}",
+            name=name,
             storage_path=str(Path(run_dir).resolve() / "ray"),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             # The latest checkpoint is always kept too, so this holds the val-selected one and the resume point.

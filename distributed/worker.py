@@ -21,35 +21,68 @@ from noisymix.distributed import shards
 from noisymix.distributed.engine import (InputTransform, accuracy_counts, build_optimizer, epoch_rng, lr_factor,
                                          resolve_padding, train_epoch)
 from noisymix.distributed.models import create_model
-from noisymix.mixing.methods import MixupTargets, PlainTargets
+from noisymix.distributed.sample_state import PassSettings, SampleState, refresh_state
+from noisymix.mixing.methods import GMMSelectTargets, MixupTargets, PlainTargets
+from noisymix.mixing.mixnn import MixNNTargets
 from noisymix.mixing.selectmix import SelectMixTargets
 from noisymix.selection.mismatch import MixingTable
 
 CHECKPOINT_FILE = "state.pt"
 
 
+def _fetch_by_id(loop_config: dict, transform: InputTransform, device: torch.device):
+    """Random access to training inputs by id, from the arrays the driver put in the object store once."""
+    images = ray.get(loop_config["train_images"])  # zero-copy, shared by the node's workers
+
+    def fetch(ids: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        return transform(images[ids], device, rng)
+
+    return fetch
+
+
 def make_method(cfg: SimpleNamespace, num_classes: int, loop_config: dict, transform: InputTransform,
-                device: torch.device):
-    """The batch rule of cfg.method (docs/methods.md A3, and C for the baselines)."""
+                device: torch.device, sample_state: SampleState | None):
+    """The batch rule of cfg.method (docs/methods.md A3, B3, and C for the baselines)."""
     if cfg.method in ("ce", "clean"):
         return PlainTargets(num_classes)
     if cfg.method == "mixup":
         return MixupTargets(num_classes, cfg.alpha)
     if cfg.method == "selectmix":
-        refs = loop_config["selectmix"]
-        table = MixingTable.from_arrays(ray.get(refs["table"]))
-        fetch = None
-        if cfg.partner_source == "global":
-            images = ray.get(refs["images"])  # zero-copy from the object store, shared by the node's workers
-
-            def fetch(ids: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
-                return transform(images[ids], device, rng)
-
+        table = MixingTable.from_arrays(ray.get(loop_config["selectmix_table"]))
+        fetch = _fetch_by_id(loop_config, transform, device) if cfg.partner_source == "global" else None
         return SelectMixTargets(num_classes, table.uncertain, table.predicted, table.probs, table.pools,
                                 alpha=cfg.alpha, partners=cfg.partners, label=cfg.selectmix_label,
                                 partner_source=cfg.partner_source, lambda_per=cfg.lambda_per,
                                 buffer_size=cfg.buffer_size, fetch_inputs=fetch)
+    if cfg.method == "mixnn":
+        fetch = _fetch_by_id(loop_config, transform, device) if cfg.neighbour_source == "global" else None
+        return MixNNTargets(num_classes, sample_state, k=cfg.knn, eps=cfg.weight_eps, alpha=cfg.alpha,
+                            neighbour_source=cfg.neighbour_source, fetch_inputs=fetch)
+    if cfg.method == "gmm_select":
+        return GMMSelectTargets(num_classes, sample_state, cfg.gmm_threshold)
     raise ValueError(f"method {cfg.method!r} has no batch rule")
+
+
+def phase_for(cfg: SimpleNamespace, epoch: int) -> str:
+    """MixNN: CE warm-up, Mixup until `es`, then neighbours (methods.md B); GMM selection: warm-up, select."""
+    if epoch < cfg.warmup:
+        return "warmup"
+    if cfg.method == "gmm_select":
+        return "select"
+    return "mixup" if epoch < cfg.es else "neighbours"
+
+
+def pass_settings(cfg: SimpleNamespace, epoch: int, index_name: str) -> PassSettings:
+    """What this epoch's refresh does: soft targets move from `es` every `update_every` epochs."""
+    mixnn_main = cfg.method == "mixnn" and epoch >= cfg.es
+    return PassSettings(
+        epoch_updates_targets=mixnn_main and (epoch - cfg.es) % cfg.update_every == 0,
+        momentum=cfg.soft_momentum, loss_window=cfg.loss_window, gmm_max_iter=cfg.gmm_max_iter,
+        gmm_tol=cfg.gmm_tol, gmm_reg_covar=cfg.gmm_reg_covar, seed=cfg.seed,
+        neighbours=cfg.knn if mixnn_main and cfg.neighbour_source == "global" else 0,
+        index_name=index_name, index_metric=cfg.index_metric, index_kind=cfg.index_kind,
+        index_threads=max(1, int(cfg.cpus_per_worker)), index_gpu=cfg.index_gpu,
+    )
 
 
 def training_label_key(cfg: SimpleNamespace) -> str:
@@ -57,16 +90,30 @@ def training_label_key(cfg: SimpleNamespace) -> str:
     return shards.TRUE_LABEL if cfg.method == "clean" else shards.GIVEN_LABEL
 
 
-def save_state(path: Path, model, optimizer, scheduler, epoch: int, seed: int) -> None:
+def save_state(path: Path, model, optimizer, scheduler, epoch: int, seed: int,
+               sample_state: SampleState | None = None) -> None:
     """Everything a resumed run needs; the RNG state is a function of (seed, epoch, rank): see epoch_rng."""
+    extra = {} if sample_state is None else {"sample_state": {k: _to_cpu(v) for k, v in sample_state.state_dict().items()}}
     torch.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch, "seed": seed,
-                "torch_rng": torch.get_rng_state()}, path)
+                "torch_rng": torch.get_rng_state(), **extra}, path)
+
+
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    return [_to_cpu(v) for v in value] if isinstance(value, list) else value
 
 
 def load_state(path: Path) -> dict:
     """A checkpoint saved by save_state, read with weights_only=True (no arbitrary unpickling)."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _to_device(value, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    return [_to_device(v, device) for v in value] if isinstance(value, list) else value
 
 
 def _unwrap(model):
@@ -103,6 +150,8 @@ def train_loop(loop_config: dict) -> None:
     optimizer = build_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.schedule, cfg.epochs, cfg.milestones, cfg.gamma))
     start_epoch, resumed_from = 0, None
+    needs_pass = cfg.method in ("mixnn", "gmm_select")
+    sample_state = SampleState(manifest["splits"]["train"]["count"], num_classes) if needs_pass else None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -111,11 +160,13 @@ def train_loop(loop_config: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = resumed_from = state["epoch"] + 1
+        if sample_state is not None and "sample_state" in state:
+            sample_state.load_state_dict({k: _to_device(v, device) for k, v in state["sample_state"].items()})
 
     mean, std = tuple(manifest["mean"]), tuple(manifest["std"])
     train_transform = InputTransform(mean, std, resolve_padding(cfg.crop_padding, height), cfg.hflip)
     eval_transform = InputTransform(mean, std)
-    method = make_method(cfg, num_classes, loop_config, train_transform, device)
+    method = make_method(cfg, num_classes, loop_config, train_transform, device, sample_state)
     counts = getattr(method, "counts", {})
     label_key = training_label_key(cfg)
     urls = {split: shards.shard_urls(data_dir, manifest, split) for split in ("train", "val", "test")}
@@ -124,7 +175,7 @@ def train_loop(loop_config: dict) -> None:
         stream = shards.sample_stream(urls[split], rank=rank, world_size=world, batch_size=4 * cfg.batch_size)
         return shards.iterate_batches(stream, cfg.loader_workers)
 
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(start_epoch, loop_config.get("stop_epoch", cfg.epochs)):
         started = time.perf_counter()
         stream = shards.sample_stream(
             urls["train"], label_key=label_key, rank=rank, world_size=world, shard_seed=cfg.seed * 100_003 + epoch,
@@ -133,6 +184,19 @@ def train_loop(loop_config: dict) -> None:
         )
         seen: list[np.ndarray] = []
         counts.update(dict.fromkeys(counts, 0))
+        refresh: dict = {}
+        if needs_pass:
+            method.phase = phase_for(cfg, epoch)
+            if epoch >= cfg.warmup:
+                refresh = refresh_state(sample_state, _unwrap(model), eval_stream("train"), eval_transform, device,
+                                        cfg.amp, cfg.normalise_embeddings,
+                                        pass_settings(cfg, epoch, loop_config["index_name"]))
+                if channel is not None and cfg.audit_state:
+                    channel.put({"kind": "state_digest", "epoch": epoch, "rank": rank, "digest": sample_state.digest()})
+                if channel is not None and rank == 0:
+                    channel.put({"kind": "state", "epoch": epoch, "given": sample_state.given.cpu().numpy(),
+                                 "corrected": sample_state.targets.argmax(dim=1).cpu().numpy(),
+                                 "clean": sample_state.clean.cpu().numpy()})
         # Ranks hold different sample counts (whole shards each); Join lets a rank that runs out
         # first shadow the others' gradient all-reduces instead of hanging DDP.
         joiner = Join([model]) if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
@@ -157,7 +221,8 @@ def train_loop(loop_config: dict) -> None:
             "test_acc": test_correct / max(test_total, 1), "lr": lr, "epoch_time_s": time.perf_counter() - started,
             "train_time_s": stats.seconds, "samples_per_s_per_worker": rate_sum / world, "workers": world,
             "resumed_from_epoch": resumed_from, "peak_rss_mb_per_worker": peak_rss_mb,
-            **{f"samples_{key}": value for key, value in method_counts.items()},
+            **{f"samples_{key}": value for key, value in method_counts.items()}, **refresh,
+            **({"phase": method.phase} if needs_pass else {}),
         }
         if channel is not None and cfg.audit_ids:
             channel.put({"kind": "ids", "epoch": epoch, "rank": rank,
@@ -165,7 +230,7 @@ def train_loop(loop_config: dict) -> None:
         with tempfile.TemporaryDirectory() as directory:
             ckpt = None
             if rank == 0:
-                save_state(Path(directory) / CHECKPOINT_FILE, model, optimizer, scheduler, epoch, cfg.seed)
+                save_state(Path(directory) / CHECKPOINT_FILE, model, optimizer, scheduler, epoch, cfg.seed, sample_state)
                 ckpt = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(metrics, checkpoint=ckpt)
         if channel is not None and rank == 0:

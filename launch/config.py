@@ -11,10 +11,11 @@ from pathlib import Path
 import yaml
 
 from noisymix.launch.noise import NOISE_TYPES
+from noisymix.mixing.mixnn import NEIGHBOUR_SOURCES
 from noisymix.mixing.selectmix import LABEL_MODES, PARTNER_MODES, PARTNER_SOURCES
 from noisymix.launch.sources import SOURCES
 
-METHODS = ("ce", "mixup", "clean", "selectmix")
+METHODS = ("ce", "mixup", "clean", "selectmix", "mixnn", "gmm_select")
 MODELS = ("auto", "small_cnn", "preact_resnet18")
 SCHEDULES = ("cosine", "multistep")
 
@@ -70,6 +71,24 @@ class Config:
     selectmix_label: str = "mixed"
     lambda_per: str = "sample"
     buffer_size: int = 256
+    reselect_every: int = 0
+    # MixNN and GMM selection (docs/methods.md B, C); -1 epochs = the paper's share of `epochs`
+    warmup: int = -1
+    es: int = -1
+    update_every: int = -1
+    soft_momentum: float = 0.9
+    knn: int = 1
+    weight_eps: float = 1e-3
+    neighbour_source: str = "batch"
+    normalise_embeddings: bool = True
+    index_metric: str = "ip"
+    index_kind: str = "flat"
+    index_gpu: bool = True
+    loss_window: int = 1
+    gmm_max_iter: int = 10
+    gmm_tol: float = 1e-2
+    gmm_reg_covar: float = 5e-4
+    gmm_threshold: float = 0.5
     # execution
     num_workers: int = 1
     use_gpu: bool = False
@@ -80,6 +99,7 @@ class Config:
     ray_address: typing.Optional[str] = None
     ray_logs: bool = False
     audit_ids: bool = False
+    audit_state: bool = False
     run_dir: str = "auto"
 
     def resolve(self) -> "Config":
@@ -89,6 +109,15 @@ class Config:
         if self.data_dir == "auto":
             rate = f"{round(self.noise_rate * 100):d}"
             self.data_dir = str(Path("data") / f"{self.dataset}-{self.noise_type}{rate}-seed{self.seed}")
+        # The authors' schedule is warm-up 10, es 60, updates every 10 of 300 epochs (methods.md B).
+        if self.warmup == -1:
+            self.warmup = max(1, round(self.epochs / 30))
+        if self.es == -1:
+            self.es = max(self.warmup, round(self.epochs / 5))
+        if self.update_every == -1:
+            self.update_every = max(1, round(self.epochs / 30))
+        if self.es < self.warmup:
+            raise ConfigError(f"es={self.es} must not come before warmup={self.warmup}")
         if self.run_dir == "auto":
             stamp = time.strftime("%Y%m%d-%H%M%S")
             self.run_dir = str(Path("runs") / f"{self.method}-{self.dataset}-{self.noise_type}{round(self.noise_rate * 100)}-{stamp}")
@@ -105,13 +134,26 @@ class Config:
         _choice("partner_source", self.partner_source, PARTNER_SOURCES)
         _choice("selectmix_label", self.selectmix_label, LABEL_MODES)
         _choice("lambda_per", self.lambda_per, ("sample", "batch"))
+        _choice("neighbour_source", self.neighbour_source, NEIGHBOUR_SOURCES)
+        _choice("index_metric", self.index_metric, ("ip", "l2"))
+        _choice("index_kind", self.index_kind, ("flat", "ivf"))
+        _range("soft_momentum", self.soft_momentum, 0.0, 1.0, hi_open=True)
+        _range("gmm_threshold", self.gmm_threshold, 0.0, 1.0)
+        _range("weight_eps", self.weight_eps, 0.0, None, lo_open=True)
+        for key in ("knn", "loss_window", "gmm_max_iter"):
+            _range(key, getattr(self, key), 1, None)
+        _range("gmm_tol", self.gmm_tol, 0.0, None, lo_open=True)
+        _range("gmm_reg_covar", self.gmm_reg_covar, 0.0, None)
+        for key in ("warmup", "es", "update_every"):
+            if getattr(self, key) < -1 or (key == "update_every" and getattr(self, key) == 0):
+                raise ConfigError(f"{key} must be -1 (auto) or a number of epochs{' >= 1' if key == 'update_every' else ''}")
         _range("noise_rate", self.noise_rate, 0.0, 1.0, hi_open=True)
         _range("tau_low", self.tau_low, 0.0, 1.0)
         _range("tau_high", self.tau_high, 0.0, 1.0)
         _range("folds", self.folds, 2, None)
         for key in ("fold_epochs", "buffer_size", "fold_cpus"):
             _range(key, getattr(self, key), 0, None, lo_open=True)
-        for key in ("fold_gpus", "fold_retries"):
+        for key in ("fold_gpus", "fold_retries", "reselect_every"):
             _range(key, getattr(self, key), 0, None)
         _range("val_fraction", self.val_fraction, 0.0, 0.5, lo_open=True)
         _range("momentum", self.momentum, 0.0, 1.0, hi_open=True)

@@ -57,3 +57,57 @@ def test_synthetic_sample_and_target():
     tn = torch.tensor([[[0.0, 1.0]], [[0.3, 0.7]]])
     target = synthetic_target(t, tn, a)
     assert torch.allclose(target.sum(1), torch.ones(2)) and torch.allclose(target[0], torch.tensor([0.25, 0.75]))
+
+
+class FakeState:
+    """Per-sample state of 4 ids in 2 classes; ids 0 and 1 look alike, as do 2 and 3."""
+
+    ready = True
+    targets = torch.tensor([[1.0, 0.0], [0.8, 0.2], [0.0, 1.0], [0.1, 0.9]])
+    clean = torch.tensor([0.9, 0.1, 0.5, 0.5])
+    embeddings = torch.nn.functional.normalize(torch.tensor([[1.0, 0.1], [1.0, 0.0], [0.0, 1.0], [0.1, 1.0]]), dim=1)
+    neighbours = torch.tensor([[1], [0], [3], [2]])
+
+
+def inputs_of(ids):
+    return torch.tensor(ids, dtype=torch.float32)[:, None, None, None].expand(len(ids), 1, 2, 2).clone()
+
+
+@pytest.mark.parametrize("source", ["batch", "global"])
+def test_mixnn_mixes_each_sample_with_its_neighbour_weighted_by_clean_probability(source):
+    from noisymix.mixing.mixnn import MixNNTargets
+
+    fetch = lambda ids, rng: inputs_of(list(ids))
+    method = MixNNTargets(2, FakeState(), k=1, eps=1e-3, neighbour_source=source, fetch_inputs=fetch, phase="neighbours")
+    ids = torch.tensor([0, 1, 2, 3])
+    x, t = method.batch(ids, inputs_of([0, 1, 2, 3]), torch.tensor([0, 0, 1, 1]), np.random.default_rng(0))
+    a0 = (0.9 + 1e-3) / (0.9 + 0.1 + 2e-3)
+    assert float(x[0, 0, 0, 0]) == pytest.approx(a0 * 0 + (1 - a0) * 1, abs=1e-5)
+    assert torch.allclose(t[0], a0 * FakeState.targets[0] + (1 - a0) * FakeState.targets[1], atol=1e-5)
+    assert torch.allclose(t.sum(1), torch.ones(4))
+    assert float(x[2, 0, 0, 0]) == pytest.approx(2.5, abs=1e-5), "equal clean probabilities mix evenly"
+
+
+def test_mixnn_phases_and_bad_options():
+    from noisymix.mixing.mixnn import MixNNTargets
+
+    method = MixNNTargets(2, FakeState(), phase="warmup")
+    ids, labels = torch.tensor([0, 1]), torch.tensor([0, 1])
+    _, t = method.batch(ids, inputs_of([0, 1]), labels, np.random.default_rng(0))
+    assert torch.equal(t, torch.eye(2)), "warm-up trains on the given labels"
+    method.phase = "mixup"
+    _, t = method.batch(ids, inputs_of([0, 1]), labels, np.random.default_rng(0))
+    assert torch.allclose(t.sum(1), torch.ones(2))
+    with pytest.raises(ValueError, match="fetch_inputs"):
+        MixNNTargets(2, FakeState(), neighbour_source="global")
+    with pytest.raises(ValueError, match="K must be"):
+        MixNNTargets(2, FakeState(), k=0)
+
+
+def test_gmm_select_keeps_only_samples_the_gmm_calls_clean():
+    from noisymix.mixing.methods import GMMSelectTargets
+
+    method = GMMSelectTargets(2, FakeState(), 0.5, phase="select")
+    _, t = method.batch(torch.tensor([0, 1, 2, 3]), inputs_of([0, 1, 2, 3]), torch.tensor([0, 0, 1, 1]),
+                        np.random.default_rng(0))
+    assert t.sum(1).tolist() == [1.0, 0.0, 0.0, 0.0]

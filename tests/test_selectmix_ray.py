@@ -68,3 +68,18 @@ def test_selectmix_refuses_more_folds_than_the_smallest_class(ray_session, digit
     code = main(["train", "method=selectmix", f"data_dir={digits_dir}", f"run_dir={tmp_path / 'r'}",
                  "num_shards=4", "folds=500"])
     assert code == 2 and "exceeds the smallest class count" in capsys.readouterr().err
+
+
+def test_reselection_mid_training_warm_starts_folds_and_resumes_the_run(ray_session, digits_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    code = main(["train", "method=selectmix", f"data_dir={digits_dir}", f"run_dir={run}", "epochs=3", "num_shards=4",
+                 "folds=3", "fold_epochs=1", "reselect_every=2"])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((run / "summary.json").read_text())
+    assert [r["epoch"] for r in summary["selections"]] == [0, 2]
+    first, second = summary["selections"]
+    assert second["detection"] != first["detection"], "the warm-started folds gave a new table"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1, 2]
+    assert records[2]["resumed_from_epoch"] == 2, "the second segment continued from the first one's checkpoint"
+    assert summary["detection"] == second["detection"]

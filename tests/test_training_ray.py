@@ -22,8 +22,12 @@ SUMMARY_KEYS = {"method", "dataset", "noise_type", "noise_rate", "seed", "epochs
                 "test_acc_best_test", "wall_time_s"}
 
 
-def poison_true_labels(src, dst):
-    """A copy of a prepared dataset whose train/val `clean.cls` members are not even integers."""
+def poison_true_labels(src, dst, claim_true_labels=True):
+    """A copy of a prepared dataset whose train/val `clean.cls` members are not even integers.
+
+    With claim_true_labels=False the manifest says the truth is unknown, so no evaluation reads
+    them either: only a training path that reads true labels can trip over the poison.
+    """
     shutil.copytree(src, dst)
     manifest = shards.load_manifest(dst)
     for split in ("train", "val"):
@@ -37,6 +41,7 @@ def poison_true_labels(src, dst):
                     sink.write(record)
             shard["bytes"] = path.stat().st_size
             shard["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    manifest["has_true_labels"] = claim_true_labels
     (dst / shards.MANIFEST).write_text(json.dumps(manifest))
     return dst
 
@@ -75,6 +80,15 @@ def test_two_workers_see_every_id_once_per_epoch_without_reading_true_labels(ray
     assert (run / "config.yaml").is_file()
 
 
+@pytest.mark.parametrize("method", [["method=selectmix", "folds=3", "fold_epochs=1"],
+                                    ["method=mixnn", "neighbour_source=global", "warmup=1", "es=1"]])
+def test_selectmix_and_mixnn_training_paths_never_read_true_labels(ray_session, digits_dir, tmp_path, capsys, method):
+    data = poison_true_labels(digits_dir, tmp_path / "data", claim_true_labels=False)
+    code = main(["train", f"data_dir={data}", f"run_dir={tmp_path / 'run'}", "epochs=2", "num_shards=4", *method])
+    assert code == 0, capsys.readouterr().err
+    assert "detection" not in json.loads((tmp_path / "run" / "summary.json").read_text())
+
+
 def test_the_poison_is_live_clean_method_reads_true_labels_and_fails(ray_session, poisoned_dir, tmp_path, capsys):
     """The control for the test above: a path that does read true labels trips over the poison."""
     code = main(["train", f"data_dir={poisoned_dir}", f"run_dir={tmp_path / 'run'}", "epochs=1", "num_shards=4",
@@ -87,12 +101,16 @@ def test_the_poison_is_live_clean_method_reads_true_labels_and_fails(ray_session
 def kill_one_worker_after_second_epoch(run_dir, done):
     """SIGKILL a training worker once epoch 1 is recorded: by then epoch 0's checkpoint is registered
     (Ray Train's report queue holds one result, so epoch 1's report waited for epoch 0's)."""
+    import ray
     from ray.util.state import list_actors
 
+    # Name this session's cluster: another Ray on the machine would make the State API ambiguous.
+    address = ray.get_runtime_context().gcs_address
     metrics = run_dir / "metrics.jsonl"
     while not done.is_set():
         if metrics.is_file() and metrics.read_text().count("\n") >= 2:
-            actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            actors = list_actors(address=address,
+                                 filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
             if actors:
                 os.kill(actors[0]["pid"], signal.SIGKILL)
                 return

@@ -1,0 +1,102 @@
+"""A named Ray actor holding a FAISS index of the training embeddings, for MixNN's global neighbours.
+
+Refreshed from each epoch's exact pass; asked once per refresh for the whole neighbour table
+(N x K ids), so workers never wait on a round trip per sample or per step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+
+METRICS = ("ip", "l2")
+KINDS = ("flat", "ivf")
+
+
+class NeighbourIndex:
+    """Exact (flat) or IVF FAISS index over float32 embeddings; a GPU index where faiss-gpu sees a GPU."""
+
+    def __init__(self, dim: int, metric: str = "ip", kind: str = "flat", nlist: int = 1024, nprobe: int = 16,
+                 threads: int = 1, use_gpu: bool = True):
+        import faiss
+
+        if dim < 1:
+            raise ValueError(f"embedding dimension must be >= 1, got {dim}")
+        if metric not in METRICS or kind not in KINDS:
+            raise ValueError(f"metric must be one of {METRICS} and kind one of {KINDS}, got {metric!r}, {kind!r}")
+        self.faiss, self.dim, self.metric, self.kind = faiss, dim, metric, kind
+        self.nlist, self.nprobe = nlist, nprobe
+        # Inside a num_cpus=0 actor OpenMP defaults to one thread; set it explicitly (stack-notes.md).
+        faiss.omp_set_num_threads(max(1, threads))
+        self.on_gpu = use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+        self.gpu_resources = faiss.StandardGpuResources() if self.on_gpu else None
+        self.index = None
+        self.count = 0
+
+    def _new_index(self, embeddings: np.ndarray):
+        faiss = self.faiss
+        metric = faiss.METRIC_INNER_PRODUCT if self.metric == "ip" else faiss.METRIC_L2
+        if self.kind == "flat":
+            index = faiss.IndexFlatIP(self.dim) if self.metric == "ip" else faiss.IndexFlatL2(self.dim)
+        else:
+            quantizer = faiss.IndexFlatIP(self.dim) if self.metric == "ip" else faiss.IndexFlatL2(self.dim)
+            index = faiss.IndexIVFFlat(quantizer, self.dim, min(self.nlist, len(embeddings)), metric)
+        if self.on_gpu:
+            index = faiss.index_cpu_to_gpu(self.gpu_resources, 0, index)
+        if self.kind == "ivf":
+            index.train(embeddings)
+            index.nprobe = self.nprobe
+        return index
+
+    def _check(self, array: np.ndarray, what: str) -> np.ndarray:
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        if array.ndim != 2 or array.shape[1] != self.dim:
+            raise ValueError(f"{what} must be (n, {self.dim}) float32, got shape {array.shape}")
+        if not np.isfinite(array).all():
+            raise ValueError(f"{what} holds non-finite values")
+        return array
+
+    def refresh(self, embeddings: np.ndarray) -> int:
+        """Replace the index content with these embeddings (row i is sample id i)."""
+        embeddings = self._check(embeddings, "embeddings")
+        index = self._new_index(embeddings)
+        index.add(embeddings)
+        self.index, self.count = index, len(embeddings)
+        return self.count
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) of the k nearest stored embeddings of each query."""
+        if self.index is None:
+            raise ValueError("the index is empty: refresh it first")
+        if not 1 <= k <= self.count:
+            raise ValueError(f"k={k} must be in [1, {self.count}] (the number of stored embeddings)")
+        return self.index.search(self._check(queries, "queries"), k)
+
+    def neighbour_table(self, embeddings: np.ndarray, k: int) -> np.ndarray:
+        """N x k ids: each sample's k nearest OTHER samples (refreshes the index with these embeddings)."""
+        if not 1 <= k < len(embeddings):
+            raise ValueError(f"k={k} neighbours need 1 <= k < N={len(embeddings)}")
+        self.refresh(embeddings)
+        _, ids = self.search(embeddings, k + 1)
+        return drop_self(ids, k)
+
+    def device(self) -> str:
+        return "gpu" if self.on_gpu else "cpu"
+
+
+def drop_self(ids: np.ndarray, k: int) -> np.ndarray:
+    """Remove each row's own id (normally first; absent when ties or IVF probing miss it)."""
+    n = ids.shape[0]
+    own = ids == np.arange(n)[:, None]
+    keep = ~own
+    # Where a row lacks its own id, drop its last (farthest) column instead.
+    missing = ~own.any(axis=1)
+    keep[missing, -1] = False
+    return ids[keep].reshape(n, k).astype(np.int64)
+
+
+def index_actor(name: str, dim: int, metric: str, kind: str, threads: int, use_gpu: bool):
+    """Get the named index actor, creating it if it does not exist (again, after a crash)."""
+    actor_class = ray.remote(num_cpus=0, num_gpus=0)(NeighbourIndex)
+    return actor_class.options(name=name, get_if_exists=True, max_concurrency=1).remote(
+        dim, metric, kind, threads=threads, use_gpu=use_gpu)
