@@ -67,7 +67,7 @@ class Config:
     tau_low: float = 0.0
     tau_high: float = 0.0
     partners: str = "class"
-    partner_source: str = "global"
+    partner_source: str = "buffer"
     selectmix_label: str = "mixed"
     lambda_per: str = "sample"
     buffer_size: int = 256

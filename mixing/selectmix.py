@@ -83,7 +83,7 @@ class SelectMixTargets:
     alpha: float = 1.0
     partners: str = "class"
     label: str = "mixed"
-    partner_source: str = "global"
+    partner_source: str = "buffer"
     lambda_per: str = "sample"
     buffer_size: int = 256
     fetch_inputs: Callable[[np.ndarray, np.random.Generator], torch.Tensor] | None = None

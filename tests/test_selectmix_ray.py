@@ -44,7 +44,7 @@ def test_a_failing_fold_task_is_named(ray_session, digits_train):
 def test_selectmix_end_to_end_on_two_workers(ray_session, digits_dir, tmp_path, capsys):
     run = tmp_path / "run"
     code = main(["train", "method=selectmix", f"data_dir={digits_dir}", f"run_dir={run}", "num_workers=2",
-                 "epochs=2", "num_shards=4", "folds=3", "fold_epochs=2"])
+                 "epochs=2", "num_shards=4", "folds=3", "fold_epochs=2", "partner_source=global"])
     assert code == 0, capsys.readouterr().err
     summary = json.loads((run / "summary.json").read_text())
     detection = summary["detection"]
