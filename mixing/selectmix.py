@@ -102,6 +102,10 @@ class SelectMixTargets:
         self.in_pool = np.zeros(len(self.predicted), dtype=bool)
         for pool in self.pools:
             self.in_pool[pool] = True
+        # The pools as one id array with per-class offsets, for one vectorised draw per batch.
+        self.pool_ids = np.concatenate(self.pools).astype(np.int64) if self.pools else np.empty(0, np.int64)
+        self.pool_sizes = np.array([len(p) for p in self.pools], dtype=np.int64)
+        self.pool_starts = np.concatenate([[0], np.cumsum(self.pool_sizes)[:-1]]).astype(np.int64)
         self.reservoir = ClassReservoir(self.num_classes, self.buffer_size) if self.partner_source == "buffer" else None
 
     def batch(self, ids: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor,
@@ -151,8 +155,9 @@ class SelectMixTargets:
     def _class_partners(self, ids: np.ndarray, inputs: torch.Tensor, trusted_rows: np.ndarray, predicted: np.ndarray,
                         rng: np.random.Generator) -> tuple[torch.Tensor, np.ndarray]:
         if self.partner_source == "global":
-            partner_ids = np.array([pool[rng.integers(len(pool))] for pool in (self.pools[c] for c in predicted)],
-                                   dtype=np.int64)
+            # Uniform over T[c_i] for every flagged row at once (pools of needed classes are never empty).
+            offsets = (rng.random(len(predicted)) * self.pool_sizes[predicted]).astype(np.int64)
+            partner_ids = self.pool_ids[self.pool_starts[predicted] + offsets]
             return self.fetch_inputs(partner_ids, rng), np.ones(len(predicted), dtype=bool)
         if self.partner_source == "buffer":
             return self.reservoir.draw(predicted, rng, inputs)
