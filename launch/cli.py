@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
+from pathlib import Path
 
 from noisymix.launch.config import ConfigError, build_config, parse_overrides
 
 USAGE = """noisymix prepare [CONFIG.yaml] [key=value ...] [--force]
        noisymix train   [CONFIG.yaml] [key=value ...]
+       noisymix bench   SPEC.yaml [--only CELL-PATTERN ...] [--report-only] [--work DIR] [--out DIR]
 
 With no arguments, `noisymix train` prepares scikit-learn's digits with 40% symmetric noise, trains
 SelectMix on them, then plain CE with the same settings, and prints both."""
@@ -30,6 +33,13 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("--force", action="store_true", help="rebuild data_dir even if prepared with other settings")
     train = commands.add_parser("train", help="train a method (prepares the data first if needed)")
     train.add_argument("items", nargs="*", help="[CONFIG.yaml] key=value ...")
+    bench = commands.add_parser("bench", help="run a benchmark spec (cached, resumable) and write its report")
+    bench.add_argument("spec", help="benchmark spec YAML, e.g. benchmarks/fashion_mnist.yaml")
+    bench.add_argument("--only", nargs="+", metavar="PATTERN", help="run only cells whose id matches a glob, "
+                       "e.g. 'symmetric40/*/seed0' (the report still shows every finished cell)")
+    bench.add_argument("--report-only", action="store_true", help="run nothing; rebuild the report from finished cells")
+    bench.add_argument("--work", type=Path, help="where cells keep data and run directories (default runs/bench/NAME)")
+    bench.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where the report is written")
     return parser
 
 
@@ -39,7 +49,25 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from noisymix.launch.sources import SourceError
     from noisymix.selection.crossval import SelectionError
 
-    return ConfigError, NoiseError, SourceError, ShardError, SelectionError, FileNotFoundError
+    from noisymix.launch.bench_spec import SpecError
+
+    return ConfigError, NoiseError, SourceError, ShardError, SelectionError, SpecError, FileNotFoundError
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """Validate the whole spec, run the cells not yet done, then write the report from every finished cell."""
+    from noisymix.launch.bench import gather, run_spec, write_report
+    from noisymix.launch.bench_spec import load_spec
+
+    spec = load_spec(args.spec)
+    work = args.work or Path("runs") / "bench" / spec.name
+    outcome = {"failed": 0}
+    if not args.report_only:
+        outcome = run_spec(spec, work, args.only)
+    command = shlex.join(["noisymix", "bench", args.spec])
+    for path in write_report(gather(spec, work), args.out, command):
+        print(f"wrote {path}")
+    return 1 if outcome["failed"] else 0
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -54,6 +82,8 @@ def _root_cause(exc: BaseException) -> BaseException:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "bench":
+            return _bench(args)
         path, pairs = _split_args(args.items)
         config = build_config(path, parse_overrides(pairs))
         if args.command == "prepare":
@@ -76,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - narrowed below: only our input errors become one-line messages
         cause = _root_cause(exc)
         if isinstance(cause, _known_errors()) or isinstance(exc, _known_errors()):
-            print(f"noisymix: error: {cause if isinstance(cause, _known_errors()) else exc}", file=sys.stderr)
+            print(f"noisymix: error: {exc if isinstance(exc, _known_errors()) else cause}", file=sys.stderr)
             return 2
         raise
 

@@ -1,0 +1,144 @@
+"""`noisymix bench SPEC.yaml`: run every cell of a spec as a normal training run, reuse finished cells
+whose config is unchanged, and write the report (tables, plots) from the cells' own files."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import shutil
+import subprocess
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import average_precision_score, precision_recall_curve
+
+from noisymix.launch.bench_spec import Cell, Spec, cell_key
+from noisymix.launch.report import write_json_atomic
+
+CELL_FILE = "cell.json"
+DETECTOR_METHODS = ("selectmix", "gmm_select", "mixnn")
+PR_POINTS = 100
+
+
+def cell_dir(work: Path, cell: Cell) -> Path:
+    return work / "cells" / cell.dirname
+
+
+def read_cell(work: Path, cell: Cell) -> dict | None:
+    path = cell_dir(work, cell) / CELL_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def is_cached(work: Path, cell: Cell) -> bool:
+    """A cell is reused when it finished and was run with the config it would run with now."""
+    record = read_cell(work, cell)
+    return record is not None and record["status"] == "done" and record["key"] == cell_key(cell.config(work))
+
+
+def detector_curve(run_dir: Path, method: str, summary: dict) -> dict | None:
+    """Precision-recall of the method's per-sample trust score against "the given label is wrong"."""
+    from noisymix.distributed import shards
+    from noisymix.distributed.folds import load_split
+
+    if method not in DETECTOR_METHODS:
+        return None
+    data_dir = summary["data_dir"]
+    manifest = shards.load_manifest(data_dir)
+    if not manifest["has_true_labels"]:
+        return None
+    true = load_split(data_dir, manifest, label_key=shards.TRUE_LABEL)[2]
+    if method == "selectmix":
+        oof = np.load(run_dir / "oof.npz")
+        given, suspicion = oof["given"], 1.0 - oof["probs"][np.arange(len(oof["given"])), oof["given"]]
+        detector = "SelectMix: 1 - out-of-fold P[given label]"
+    else:
+        rows = np.genfromtxt(run_dir / "label_issues.csv", delimiter=",", names=True)
+        order = np.argsort(rows["id"])
+        given, suspicion = rows["given_label"][order].astype(np.int64), 1.0 - rows["clean_probability"][order]
+        detector = f"{method}: 1 - GMM clean probability"
+    noisy = given != true
+    precision, recall, _ = precision_recall_curve(noisy, suspicion)
+    keep = np.unique(np.linspace(0, len(precision) - 1, PR_POINTS).astype(int))
+    return {"detector": detector, "average_precision": float(average_precision_score(noisy, suspicion)),
+            "precision": precision[keep].round(4).tolist(), "recall": recall[keep].round(4).tolist()}
+
+
+def run_cell(work: Path, cell: Cell, log) -> dict:
+    """Train one cell (a fresh run directory), then record its summary, epochs and detector curve."""
+    from noisymix.launch.train import train
+
+    directory = cell_dir(work, cell)
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    config = cell.config(work)
+    record = {"id": cell.id, "key": cell_key(config), "config": config.to_dict(), "started": time.time()}
+    try:
+        summary = train(config, log=lambda line: log(f"[{cell.id}] {line}"))
+        run_dir = Path(config.run_dir)
+        summary["data_dir"] = config.data_dir
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        record.update(status="done", summary=summary, records=records,
+                      detector_curve=detector_curve(run_dir, config.method, summary))
+    except Exception as exc:  # noqa: BLE001 - a failed cell is reported in the table; the other cells still run
+        record.update(status="failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
+                      traceback=traceback.format_exc())
+        log(f"[{cell.id}] FAILED: {record['error']}")
+    write_json_atomic(directory / CELL_FILE, record)
+    return record
+
+
+def select_cells(spec: Spec, only: list[str] | None) -> list[Cell]:
+    return [c for c in spec.cells if not only or any(fnmatch.fnmatch(c.id, pattern) for pattern in only)]
+
+
+def run_spec(spec: Spec, work: Path, only: list[str] | None = None, log=print) -> dict:
+    """Run the cells that are not cached (in spec order); returns counts of what happened."""
+    from noisymix.distributed.runner import start_ray
+
+    chosen = select_cells(spec, only)
+    todo = [c for c in chosen if not is_cached(work, c)]
+    log(f"bench {spec.name}: {len(chosen)} cells chosen, {len(chosen) - len(todo)} cached, {len(todo)} to run")
+    if todo:
+        start_ray()
+    failed = 0
+    for number, cell in enumerate(todo, 1):
+        log(f"bench {spec.name}: cell {number}/{len(todo)} {cell.id}")
+        failed += run_cell(work, cell, log)["status"] == "failed"
+    return {"chosen": len(chosen), "ran": len(todo), "failed": failed}
+
+
+def gather(spec: Spec, work: Path) -> dict:
+    """Every cell's record as it stands (a cell whose config changed since it ran counts as not run)."""
+    cells = {}
+    for cell in spec.cells:
+        record = read_cell(work, cell)
+        if record is not None and record["key"] != cell_key(cell.config(work)):
+            record = None
+        cells[cell.id] = {"group": cell.group, "setting": cell.setting, "method": cell.method, "seed": cell.seed,
+                          **({"status": "not run"} if record is None else
+                             {k: v for k, v in record.items() if k not in ("config", "traceback")})}
+    return {"name": spec.name, "settings": spec.settings, "methods": spec.methods, "curves": spec.curves,
+            "base": spec.base, "commit": _commit(), "cells": cells}
+
+
+def _commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def write_report(results: dict, out: Path, command: str) -> list[Path]:
+    """<name>.json, <name>.md and the plots next to them."""
+    from noisymix.launch.bench_plots import write_plots
+    from noisymix.launch.bench_tables import markdown
+
+    out.mkdir(parents=True, exist_ok=True)
+    results = {**results, "command": command}
+    plots = write_plots(results, out)
+    write_json_atomic(out / f"{results['name']}.json", results)
+    (out / f"{results['name']}.md").write_text(markdown(results, [p.name for p in plots]))
+    return [out / f"{results['name']}.json", out / f"{results['name']}.md", *plots]
