@@ -4,6 +4,7 @@ whose config is unchanged, and write the report (tables, plots) from the cells' 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import shutil
 import subprocess
@@ -20,6 +21,17 @@ from noisymix.launch.report import write_json_atomic
 CELL_FILE = "cell.json"
 DETECTOR_METHODS = ("selectmix", "gmm_select", "mixnn")
 PR_POINTS = 100
+
+
+def code_digest(root: Path | None = None) -> str:
+    """Digest of the noisymix sources that train a cell (the bench's own modules left out); recorded per cell,
+    not part of its key, so a table that mixes code versions says so."""
+    root = root or Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(root.glob("*/*.py")):
+        if path.parent.name in ("selection", "mixing", "distributed", "launch") and not path.name.startswith("bench"):
+            digest.update(f"{path.parent.name}/{path.name}".encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def cell_dir(work: Path, cell: Cell) -> Path:
@@ -73,7 +85,8 @@ def run_cell(work: Path, cell: Cell, log) -> dict:
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
     config = cell.config(work)
-    record = {"id": cell.id, "key": cell_key(config), "config": config.to_dict(), "started": time.time()}
+    record = {"id": cell.id, "key": cell_key(config), "code": code_digest(), "config": config.to_dict(),
+              "started": time.time()}
     try:
         summary = train(config, log=lambda line: log(f"[{cell.id}] {line}"))
         run_dir = Path(config.run_dir)

@@ -89,6 +89,13 @@ def cost_rows(results: dict, cells: list[dict]) -> list[dict]:
     return rows
 
 
+def _code_versions(cells: list[dict]) -> str:
+    counts: dict[str, int] = {}
+    for cell in cells:
+        counts[cell.get("code", "unrecorded")] = counts.get(cell.get("code", "unrecorded"), 0) + 1
+    return ", ".join(f"{code}: {n}" for code, n in sorted(counts.items())) or "none"
+
+
 def _ms(value: tuple[float, float] | None, digits: int = 4, seeds: int = 1) -> str:
     if value is None:
         return "-"
@@ -111,7 +118,8 @@ def markdown(results: dict, plots: list[str]) -> str:
            f"Budget, the same for every cell: model {base.get('model')} width {base.get('width')}, "
            f"{base.get('epochs')} epochs, batch {base.get('batch_size')}, lr {base.get('lr')} {base.get('schedule', '')}, "
            f"{base.get('num_workers', 1)} worker(s) x {base.get('cpus_per_worker')} CPUs. "
-           f"Cells finished: {len(done)} of {total}; their training runs took {compute_h:.2f} h of wall time in all.", "",
+           f"Cells finished: {len(done)} of {total}; their training runs took {compute_h:.2f} h of wall time in all. "
+           f"Code that trained them (digest of the training sources: cells): {_code_versions(done)}.", "",
            "Headline = test accuracy at the epoch with the best accuracy on the NOISY validation split (never on "
            "test). Best test is the best epoch on test, shown only to expose how much test-selection would inflate "
            "the table. R = (acc - acc_CE) / (acc_clean - acc_CE) on the means over the same seeds. F1: the method's "

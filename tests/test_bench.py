@@ -222,3 +222,15 @@ def test_a_real_bench_on_digits_trains_caches_and_scores_the_detector(tmp_path, 
     curve = gmm["detector_curve"]
     assert 0.4 < curve["average_precision"] <= 1.0 and len(curve["precision"]) == len(curve["recall"]) > 10
     assert bench.run_spec(spec, work, log=lambda *_: None)["ran"] == 0
+
+
+def test_code_digest_follows_training_sources_not_the_bench_itself(tmp_path):
+    for folder in ("selection", "launch"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "selection" / "gmm.py").write_text("a = 1\n")
+    (tmp_path / "launch" / "bench_tables.py").write_text("b = 1\n")
+    before = bench.code_digest(tmp_path)
+    (tmp_path / "launch" / "bench_tables.py").write_text("b = 2\n")
+    assert bench.code_digest(tmp_path) == before
+    (tmp_path / "selection" / "gmm.py").write_text("a = 2\n")
+    assert bench.code_digest(tmp_path) != before
