@@ -6,6 +6,8 @@ Refreshed from each epoch's exact pass; asked once per refresh for the whole nei
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import ray
 
@@ -14,9 +16,12 @@ KINDS = ("flat", "ivf")
 
 
 class NeighbourIndex:
-    """Exact (flat) or IVF FAISS index over float32 embeddings; a GPU index where faiss-gpu sees a GPU."""
+    """Exact (flat) or IVF FAISS index over float32 embeddings; a GPU index where faiss-gpu sees a GPU.
 
-    def __init__(self, dim: int, metric: str = "ip", kind: str = "flat", nlist: int = 1024, nprobe: int = 16,
+    IVF: `nlist` k-means lists (0 = sqrt(N), trained on this refresh's embeddings), `nprobe` searched per query.
+    """
+
+    def __init__(self, dim: int, metric: str = "ip", kind: str = "flat", nlist: int = 0, nprobe: int = 8,
                  threads: int = 1, use_gpu: bool = True):
         import faiss
 
@@ -32,6 +37,7 @@ class NeighbourIndex:
         self.gpu_resources = faiss.StandardGpuResources() if self.on_gpu else None
         self.index = None
         self.count = 0
+        self.last_timings: dict[str, float] = {}
 
     def _new_index(self, embeddings: np.ndarray):
         faiss = self.faiss
@@ -40,7 +46,8 @@ class NeighbourIndex:
             index = faiss.IndexFlatIP(self.dim) if self.metric == "ip" else faiss.IndexFlatL2(self.dim)
         else:
             quantizer = faiss.IndexFlatIP(self.dim) if self.metric == "ip" else faiss.IndexFlatL2(self.dim)
-            index = faiss.IndexIVFFlat(quantizer, self.dim, min(self.nlist, len(embeddings)), metric)
+            nlist = self.nlist or max(1, round(len(embeddings) ** 0.5))
+            index = faiss.IndexIVFFlat(quantizer, self.dim, min(nlist, len(embeddings)), metric)
         if self.on_gpu:
             index = faiss.index_cpu_to_gpu(self.gpu_resources, 0, index)
         if self.kind == "ivf":
@@ -76,9 +83,16 @@ class NeighbourIndex:
         """N x k ids: each sample's k nearest OTHER samples (refreshes the index with these embeddings)."""
         if not 1 <= k < len(embeddings):
             raise ValueError(f"k={k} neighbours need 1 <= k < N={len(embeddings)}")
+        started = time.perf_counter()
         self.refresh(embeddings)
+        refreshed = time.perf_counter()
         _, ids = self.search(embeddings, k + 1)
+        self.last_timings = {"index_refresh_s": refreshed - started, "index_query_s": time.perf_counter() - refreshed}
         return drop_self(ids, k)
+
+    def timings(self) -> dict[str, float]:
+        """Seconds the last neighbour_table spent rebuilding the index and querying it (inside the actor)."""
+        return self.last_timings
 
     def device(self) -> str:
         return "gpu" if self.on_gpu else "cpu"
@@ -95,8 +109,9 @@ def drop_self(ids: np.ndarray, k: int) -> np.ndarray:
     return ids[keep].reshape(n, k).astype(np.int64)
 
 
-def index_actor(name: str, dim: int, metric: str, kind: str, threads: int, use_gpu: bool):
+def index_actor(name: str, dim: int, metric: str, kind: str, threads: int, use_gpu: bool, nlist: int = 0,
+                nprobe: int = 8):
     """Get the named index actor, creating it if it does not exist (again, after a crash)."""
     actor_class = ray.remote(num_cpus=0, num_gpus=0)(NeighbourIndex)
     return actor_class.options(name=name, get_if_exists=True, max_concurrency=1).remote(
-        dim, metric, kind, threads=threads, use_gpu=use_gpu)
+        dim, metric, kind, nlist=nlist, nprobe=nprobe, threads=threads, use_gpu=use_gpu)

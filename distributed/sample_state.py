@@ -133,6 +133,8 @@ class PassSettings:
     index_name: str = ""
     index_metric: str = "ip"
     index_kind: str = "flat"
+    index_nlist: int = 0
+    index_nprobe: int = 8
     index_threads: int = 1
     index_gpu: bool = True
 
@@ -171,10 +173,13 @@ def refresh_state(state: SampleState, model, batches, transform: InputTransform,
     if s.neighbours > 0:
         started = time.perf_counter()
         table = torch.zeros((n, s.neighbours), dtype=torch.int64, device=device)
+        actor_timings = {"index_refresh_s": 0.0, "index_query_s": 0.0}
         if rank == 0:
-            table = torch.from_numpy(neighbour_table(z.cpu().numpy(), s)).to(device)
+            ids, actor_timings = neighbour_table(z.cpu().numpy(), s)
+            table = torch.from_numpy(ids).to(device)
         state.neighbours = broadcast(table)
         timings["index_s"] = time.perf_counter() - started
+        timings.update(actor_timings)
     timings["gmm_degenerate"] = info["degenerate"]
     return timings
 
@@ -183,13 +188,17 @@ def refresh_state(state: SampleState, model, batches, transform: InputTransform,
 _INDEX_ACTORS: dict[str, ray.actor.ActorHandle] = {}
 
 
-def neighbour_table(embeddings: np.ndarray, s: PassSettings) -> np.ndarray:
-    """Ask the index actor for the N x K table; a dead actor is re-created and refilled from this pass."""
+def neighbour_table(embeddings: np.ndarray, s: PassSettings) -> tuple[np.ndarray, dict[str, float]]:
+    """Ask the index actor for the N x K table and its refresh/query seconds; a dead actor is re-created
+    and refilled from this pass."""
     def ask():
         if s.index_name not in _INDEX_ACTORS:
             _INDEX_ACTORS[s.index_name] = index_actor(s.index_name, embeddings.shape[1], s.index_metric,
-                                                      s.index_kind, s.index_threads, s.index_gpu)
-        return ray.get(_INDEX_ACTORS[s.index_name].neighbour_table.remote(embeddings, s.neighbours))
+                                                      s.index_kind, s.index_threads, s.index_gpu, s.index_nlist,
+                                                      s.index_nprobe)
+        actor = _INDEX_ACTORS[s.index_name]
+        table = ray.get(actor.neighbour_table.remote(embeddings, s.neighbours))
+        return table, ray.get(actor.timings.remote())
 
     try:
         return ask()

@@ -81,6 +81,7 @@ def pass_settings(cfg: SimpleNamespace, epoch: int, index_name: str) -> PassSett
         gmm_tol=cfg.gmm_tol, gmm_reg_covar=cfg.gmm_reg_covar, seed=cfg.seed,
         neighbours=cfg.knn if mixnn_main and cfg.neighbour_source == "global" else 0,
         index_name=index_name, index_metric=cfg.index_metric, index_kind=cfg.index_kind,
+        index_nlist=cfg.index_nlist, index_nprobe=cfg.index_nprobe,
         index_threads=max(1, int(cfg.cpus_per_worker)), index_gpu=cfg.index_gpu,
     )
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_curve
 
-from noisymix.launch.bench_spec import Cell, Spec, cell_key
+from noisymix.launch.bench_spec import Cell, Spec, same_computation
 from noisymix.launch.report import write_json_atomic
 
 CELL_FILE = "cell.json"
@@ -46,7 +46,7 @@ def read_cell(work: Path, cell: Cell) -> dict | None:
 def is_cached(work: Path, cell: Cell) -> bool:
     """A cell is reused when it finished and was run with the config it would run with now."""
     record = read_cell(work, cell)
-    return record is not None and record["status"] == "done" and record["key"] == cell_key(cell.config(work))
+    return record is not None and record["status"] == "done" and same_computation(record["config"], cell.config(work))
 
 
 def detector_curve(run_dir: Path, method: str, summary: dict) -> dict | None:
@@ -85,7 +85,7 @@ def run_cell(work: Path, cell: Cell, log) -> dict:
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
     config = cell.config(work)
-    record = {"id": cell.id, "key": cell_key(config), "code": code_digest(), "config": config.to_dict(),
+    record = {"id": cell.id, "code": code_digest(), "config": config.to_dict(),
               "started": time.time()}
     try:
         summary = train(config, log=lambda line: log(f"[{cell.id}] {line}"))
@@ -127,7 +127,7 @@ def gather(spec: Spec, work: Path) -> dict:
     cells = {}
     for cell in spec.cells:
         record = read_cell(work, cell)
-        if record is not None and record["key"] != cell_key(cell.config(work)):
+        if record is not None and not same_computation(record["config"], cell.config(work)):
             record = None
         cells[cell.id] = {"group": cell.group, "setting": cell.setting, "method": cell.method, "seed": cell.seed,
                           **({"status": "not run"} if record is None else

@@ -3,7 +3,6 @@ into the list of cells it runs before any cell starts."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from noisymix.launch.config import Config, ConfigError, build_config
+from noisymix.launch.config import Config, ConfigError, build_config, unused_knobs
 
 SPEC_KEYS = ("name", "base", "settings", "methods", "clean_bound", "curves", "throughput")
 # Keys that say where a run lives or how it talks to Ray, not what it computes: left out of a cell's key.
@@ -45,10 +44,22 @@ class Cell:
                                        "run_dir": str(work / "cells" / self.dirname / "run")})
 
 
-def cell_key(config: Config) -> str:
-    """Digest of everything that decides a cell's result; a changed value reruns only that cell."""
-    values = {k: v for k, v in config.to_dict().items() if k not in PLACEMENT_KEYS}
-    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def computed_values(config: Config | dict) -> dict:
+    """Every resolved config value that decides a cell's result, JSON-normalised: placement and the knobs
+    of other methods are left out."""
+    values = config.to_dict() if isinstance(config, Config) else config
+    skip = set(PLACEMENT_KEYS) | unused_knobs(values.get("method", ""))
+    return json.loads(json.dumps({k: v for k, v in values.items() if k not in skip}, default=str))
+
+
+_DEFAULTS = json.loads(json.dumps(Config().to_dict(), default=str))
+
+
+def same_computation(recorded: dict, config: Config) -> bool:
+    """Whether a cell recorded with config `recorded` computed what `config` asks for now. A key added to
+    Config after the cell ran counts as unchanged while it holds its default (a new knob keeps old behaviour)."""
+    now, before = computed_values(config), computed_values(recorded)
+    return all(before.get(key, _DEFAULTS.get(key)) == value for key, value in now.items()) and set(before) <= set(now)
 
 
 @dataclass
@@ -107,7 +118,7 @@ def parse_spec(raw: dict) -> Spec:
         if "noise_type" not in values or "noise_rate" not in values:
             raise SpecError(f"settings.{label} needs noise_type and noise_rate")
         setting_values[label] = values
-    method_values, method_settings = {}, {}
+    method_values, method_settings, method_seeds = {}, {}, {}
     for label, values in methods.items():
         values = dict(_mapping(values, f"methods.{label}"))
         if "method" not in values:
@@ -116,6 +127,7 @@ def parse_spec(raw: dict) -> Spec:
         missing = [s for s in only if s not in settings] if isinstance(only, list) else [only]
         if missing:
             raise SpecError(f"methods.{label}.settings names unknown setting(s) {missing}")
+        method_seeds[label] = None if "seeds" not in values else _seeds(values.pop("seeds"), f"methods.{label}")
         method_values[label], method_settings[label] = values, only
     if "ce" not in method_values or method_values["ce"].get("method") != "ce":
         raise SpecError("methods must include `ce: {method: ce}`: every ratio in the report is against it")
@@ -131,7 +143,7 @@ def parse_spec(raw: dict) -> Spec:
             if seed not in seeds:
                 continue
             for label in method_values:
-                if setting in method_settings[label]:
+                if setting in method_settings[label] and (method_seeds[label] is None or seed in method_seeds[label]):
                     overrides = {**base, **setting_values[setting], **method_values[label], "seed": seed}
                     cells.append(Cell(f"{setting}/{label}/seed{seed}", "matrix", setting, label, seed, overrides))
 

@@ -7,9 +7,10 @@ import pytest
 import yaml
 
 from noisymix.launch import bench
-from noisymix.launch.bench_spec import SpecError, cell_key, load_spec, parse_spec
+from noisymix.launch.bench_spec import SpecError, load_spec, parse_spec, same_computation
 from noisymix.launch.bench_tables import markdown, summary_rows
 from noisymix.launch.cli import main
+from noisymix.launch.config import build_config
 
 
 def spec_dict(**changes):
@@ -19,7 +20,8 @@ def spec_dict(**changes):
         "settings": {"sym40": {"noise_type": "symmetric", "noise_rate": 0.4, "seeds": [0, 1]},
                      "pair40": {"noise_type": "pairflip", "noise_rate": 0.4}},
         "methods": {"ce": {"method": "ce"}, "mixup": {"method": "mixup"},
-                    "gmm": {"method": "gmm_select", "settings": ["sym40"]}},
+                    "gmm": {"method": "gmm_select", "settings": ["sym40"]},
+                    "knn2": {"method": "mixnn", "knn": 2, "settings": ["sym40"], "seeds": [1]}},
         "curves": {"setting": "sym40", "seed": 0},
     }
     spec.update(changes)
@@ -31,7 +33,7 @@ def test_spec_expands_seed_major_with_a_clean_bound_per_seed_and_method_restrict
     assert [c.id for c in spec.cells] == [
         "clean/clean/seed0", "sym40/ce/seed0", "sym40/mixup/seed0", "sym40/gmm/seed0",
         "pair40/ce/seed0", "pair40/mixup/seed0",
-        "clean/clean/seed1", "sym40/ce/seed1", "sym40/mixup/seed1", "sym40/gmm/seed1"]
+        "clean/clean/seed1", "sym40/ce/seed1", "sym40/mixup/seed1", "sym40/gmm/seed1", "sym40/knn2/seed1"]
     clean = spec.cells[0].overrides
     assert (clean["method"], clean["noise_type"], clean["noise_rate"], clean["seed"]) == ("ce", "none", 0.0, 0)
     assert spec.cells[5].overrides == {"source": "digits", "epochs": 2, "num_shards": 4, "noise_type": "pairflip",
@@ -89,7 +91,7 @@ def fake_summary(config, acc):
 
 
 # Headline accuracy of each fake cell: clean 0.9, CE 0.6 (+0.02 per seed), the others in between.
-FAKE_ACC = {"clean": 0.9, "ce": 0.6, "mixup": 0.66, "gmm_select": 0.75}
+FAKE_ACC = {"clean": 0.9, "ce": 0.6, "mixup": 0.66, "gmm_select": 0.75, "mixnn": 0.7}
 
 
 class FakeTrain:
@@ -130,8 +132,8 @@ def fake_train(monkeypatch):
 def test_finished_cells_are_reused_and_a_changed_config_reruns_only_its_cells(tmp_path, fake_train):
     work = tmp_path / "work"
     first = fake_train()
-    assert bench.run_spec(parse_spec(spec_dict()), work, log=lambda *_: None) == {"chosen": 10, "ran": 10, "failed": 0}
-    assert len(first.calls) == 10
+    assert bench.run_spec(parse_spec(spec_dict()), work, log=lambda *_: None) == {"chosen": 11, "ran": 11, "failed": 0}
+    assert len(first.calls) == 11
     again = fake_train()
     assert bench.run_spec(parse_spec(spec_dict()), work, log=lambda *_: None)["ran"] == 0 and not again.calls
     changed = spec_dict()
@@ -148,14 +150,14 @@ def test_finished_cells_are_reused_and_a_changed_config_reruns_only_its_cells(tm
 def test_only_patterns_choose_cells(tmp_path, fake_train):
     fake = fake_train()
     outcome = bench.run_spec(parse_spec(spec_dict()), tmp_path / "w", only=["sym40/*/seed1"], log=lambda *_: None)
-    assert outcome["ran"] == 3 and all("sym40" in p and "seed1" in p for p in fake.calls)
+    assert outcome["ran"] == 4 and all("sym40" in p and "seed1" in p for p in fake.calls)
 
 
 def test_a_failed_cell_is_reported_and_the_others_still_run(tmp_path, fake_train):
     work = tmp_path / "work"
     fake_train(fail="pair40-mixup")
     outcome = bench.run_spec(parse_spec(spec_dict()), work, log=lambda *_: None)
-    assert outcome == {"chosen": 10, "ran": 10, "failed": 1}
+    assert outcome == {"chosen": 11, "ran": 11, "failed": 1}
     results = bench.gather(parse_spec(spec_dict()), work)
     failed = results["cells"]["pair40/mixup/seed0"]
     assert failed["status"] == "failed" and failed["error"] == "RuntimeError: worker exploded"
@@ -183,7 +185,7 @@ def test_table_numbers_on_fake_runs(tmp_path, fake_train):
     assert "| sym40 | gmm | 2 | 0.7600 ± 0.0141 | 0.7500 ± 0.0141 | 0.7700 ± 0.0141 | 0.50 | 0.800 ± 0.000 |" in text
     assert "Clean bound (CE on the true labels): 0.9100 ± 0.0141 over 2 seed(s)." in text
     # Cost at the curves setting: gmm's step rate 800 vs CE's 1000, pass 0.5 s of 5 s epochs.
-    assert "| gmm | 1 | 800 | 1.25x | 5.0 | 10.0% | 0.0% | - | 20 |" in text
+    assert "| gmm | 1 | 800 | 1.25x | 5.0 | 10.0% | 0.0% | 0.00 / 0.00 | - | 20 |" in text
 
 
 def test_report_files_and_plots_from_fake_runs(tmp_path, fake_train):
@@ -204,11 +206,27 @@ def test_report_files_and_plots_from_fake_runs(tmp_path, fake_train):
     assert "![tiny_curves.png](tiny_curves.png)" in (tmp_path / "out" / "tiny.md").read_text()
 
 
-def test_cell_key_ignores_placement_but_not_what_is_computed(tmp_path):
+def test_a_cell_matches_on_what_it_computes_not_where_it_ran(tmp_path):
     cell = parse_spec(spec_dict()).cells[1]
-    assert cell_key(cell.config(tmp_path / "a")) == cell_key(cell.config(tmp_path / "b"))
+    ran = cell.config(tmp_path / "a").to_dict()
+    assert same_computation(ran, cell.config(tmp_path / "b"))
     other = parse_spec(spec_dict(base={"source": "digits", "epochs": 3, "num_shards": 4})).cells[1]
-    assert cell_key(other.config(tmp_path / "a")) != cell_key(cell.config(tmp_path / "a"))
+    assert not same_computation(ran, other.config(tmp_path / "a"))
+    # A key added to Config since the cell ran leaves it valid at its default, not at another value.
+    mixnn = next(c for c in parse_spec(spec_dict()).cells if c.id == "sym40/knn2/seed1")
+    older = {k: v for k, v in mixnn.config(tmp_path).to_dict().items() if k != "index_nprobe"}
+    assert same_computation(older, mixnn.config(tmp_path))
+    assert not same_computation(older, build_config(overrides={**mixnn.overrides, "index_nprobe": 32}))
+    # Another method's knobs do not touch a CE cell; the method's own knobs do.
+    assert same_computation(ran, build_config(overrides={**cell.overrides, "neighbour_source": "batch",
+                                                         "folds": 3}))
+    gmm = parse_spec(spec_dict()).cells[3]
+    assert gmm.overrides["method"] == "gmm_select"
+    gmm_ran = gmm.config(tmp_path).to_dict()
+    assert not same_computation(gmm_ran, build_config(overrides={**gmm.overrides, "gmm_threshold": 0.6}))
+    assert same_computation(gmm_ran, build_config(overrides={**gmm.overrides, "partner_source": "batch"}))
+    # A key the cell ran with that Config no longer has: the run is not comparable.
+    assert not same_computation({**ran, "retired_knob": 1}, cell.config(tmp_path / "a"))
 
 
 def test_a_real_bench_on_digits_trains_caches_and_scores_the_detector(tmp_path, ray_session):

@@ -27,6 +27,17 @@ def test_index_actor_matches_brute_force_top_k(ray_session):
     ray.kill(actor)
 
 
+def test_ivf_index_is_exact_when_every_list_is_probed_and_close_with_few():
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((8, 12)).astype(np.float32)
+    z = centres[rng.integers(0, 8, 2000)] + 0.3 * rng.standard_normal((2000, 12)).astype(np.float32)
+    exact = brute_force_neighbours(z, 1)
+    every_list = NeighbourIndex(12, "ip", "ivf", nlist=16, nprobe=16, use_gpu=False).neighbour_table(z, 1)
+    assert np.array_equal(every_list, exact)
+    default = NeighbourIndex(12, "ip", "ivf", use_gpu=False)  # sqrt(N) = 45 lists, 8 probed
+    assert (default.neighbour_table(z, 1) == exact).mean() > 0.8 and default.index.nlist == 45
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda index: index.refresh(np.zeros((5, 3), np.float32)), r"must be \(n, 8\)"),
     (lambda index: index.neighbour_table(np.zeros((5, 8), np.float32), 5), "1 <= k < N=5"),
@@ -48,10 +59,11 @@ def test_a_dead_index_actor_is_recreated_and_refilled(ray_session):
     settings = PassSettings(epoch_updates_targets=False, momentum=0.9, loss_window=1, gmm_max_iter=10, gmm_tol=1e-2,
                             gmm_reg_covar=5e-4, seed=0, neighbours=2, index_name="test-index-restart",
                             index_gpu=False)
-    first = neighbour_table(z, settings)
+    first, timings = neighbour_table(z, settings)
     ray.kill(ray.get_actor("test-index-restart"))
-    again = neighbour_table(z, settings)
+    again, _ = neighbour_table(z, settings)
     assert np.array_equal(first, again) and np.array_equal(first, brute_force_neighbours(z, 2))
+    assert set(timings) == {"index_refresh_s", "index_query_s"} and all(v > 0 for v in timings.values())
 
 
 @pytest.mark.parametrize("source", ["batch", "global"])
@@ -65,6 +77,7 @@ def test_mixnn_end_to_end_on_two_workers(ray_session, digits_dir, tmp_path, caps
     assert all("corrected_label_acc" in r and "detection" in r for r in records[1:])
     if source == "global":
         assert "index_s" in records[2] and "index_s" not in records[1]
+        assert records[2]["index_refresh_s"] + records[2]["index_query_s"] <= records[2]["index_s"]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["detection"]["auroc"] > 0.6 and 0.5 < summary["corrected_label_acc"] <= 1.0
     assert {"loss_pass", "gmm", "main_training"} <= set(summary["stage_times_s"])
