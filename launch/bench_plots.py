@@ -12,6 +12,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 from noisymix.launch.bench_tables import mean_std, summary_rows  # noqa: E402
 
 
+def _colour(results: dict, method: str):
+    """One colour per method across every panel and plot."""
+    return plt.get_cmap("tab10")(results["methods"].index(method) % 10) if method in results["methods"] else "black"
+
+
 def accuracy_vs_noise(results: dict, path: Path) -> Path | None:
     """Headline test accuracy (mean, std over seeds) against noise rate, one panel per noise type."""
     rows = [r for r in summary_rows(results) if r.get("headline")]
@@ -28,7 +33,7 @@ def accuracy_vs_noise(results: dict, path: Path) -> Path | None:
                             if r["method"] == method and rate[r["setting"]][0] == noise_type)
             if points:
                 x, y, err = zip(*points)
-                ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method)
+                ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method, color=_colour(results, method))
         if clean:
             ax.axhline(clean[0], color="black", linestyle="--", linewidth=1, label="clean bound")
         ax.set(title=noise_type, xlabel="noise rate")
@@ -49,7 +54,8 @@ def epoch_curves(results: dict, path: Path) -> Path | None:
     for cell in cells:
         epochs = [r["epoch"] + 1 for r in cell["records"]]
         for ax, key in zip(axes, ("test_acc", "val_acc")):
-            ax.plot(epochs, [r[key] for r in cell["records"]], marker=".", label=cell["method"])
+            ax.plot(epochs, [r[key] for r in cell["records"]], marker=".", label=cell["method"],
+                    color=_colour(results, cell["method"]))
     axes[0].set(title=f"test accuracy, {curve['setting']} seed {curve['seed']}", xlabel="epoch", ylabel="accuracy")
     axes[1].set(title="noisy-validation accuracy", xlabel="epoch")
     for ax in axes:
@@ -68,7 +74,8 @@ def detector_pr(results: dict, path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(5, 4))
     for cell in curves:
         d = cell["detector_curve"]
-        ax.plot(d["recall"], d["precision"], label=f"{cell['method']} (AP {d['average_precision']:.3f})")
+        ax.plot(d["recall"], d["precision"], label=f"{cell['method']} (AP {d['average_precision']:.3f})",
+                color=_colour(results, cell["method"]))
     ax.set(title=f"noisy-label detection, {curve['setting']} seed {curve['seed']}", xlabel="recall",
            ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
     ax.grid(alpha=0.3)

@@ -143,7 +143,7 @@ def markdown(results: dict, plots: list[str]) -> str:
             continue
         out.append(f"| {row['setting']} | {row['method']} | {n} | {_ms(row['headline'], seeds=n)} | "
                    f"{_ms(row['last'], seeds=n)} | {_ms(row['best_test'], seeds=n)} | {_opt(row['recovery'], '.2f')} | "
-                   f"{_ms(row['f1'], 3, n)} | {_ms(row['corrected'], 3, n)} | {_ms(row['wall_vs_ce'], 2, n)}x |")
+                   f"{_ms(row['f1'], 3, n)} | {_ms(row['corrected'], 3, n)} | {_ms(row['wall_vs_ce'], 2, n)}{'x' if row['wall_vs_ce'] else ''} |")
     out.append("")
     if failures:
         out += ["## Failed cells", "", *failures, ""]
@@ -171,7 +171,8 @@ def _cost_table(title: str, rows: list[dict]) -> list[str]:
              "| cell | workers | samples/s per worker | step vs CE | median epoch s | pass share | index share | "
              "index refresh / query s | folds s | run wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['cell']} | {r['workers']} | {r['rate']:,.0f} | {_opt(r['step_vs_ce'], '.2f')}x | "
+        lines.append(f"| {r['cell']} | {r['workers']} | {r['rate']:,.0f} | {_opt(r['step_vs_ce'], '.2f')}"
+                     f"{'x' if r['step_vs_ce'] else ''} | "
                      f"{r['epoch_s']:.1f} | {r['pass_share']:.1%} | {r['index_share']:.1%} | "
                      f"{r['index_split'][0]:.2f} / {r['index_split'][1]:.2f} | {_opt(r['folds_s'], '.0f')} | "
                      f"{r['wall_s']:.0f} |")
