@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -151,15 +151,23 @@ def _check_finite(loss_sum: torch.Tensor, first: int, last: int) -> None:
 
 
 @torch.no_grad()
+def eval_outputs(model: nn.Module, batches: Iterable[Batch], transform: InputTransform, device: torch.device,
+                 amp: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor]]:
+    """(ids, labels, float32 penultimate features, float32 logits) per batch, in eval mode, un-augmented."""
+    model.eval()
+    for ids, images, labels in batches:
+        with autocast(device, amp):
+            features = model.features(transform(images, device))
+            logits = model.head(features)
+        yield ids, labels, features.float(), logits.float()
+
+
 def predict(model: nn.Module, batches: Iterable[Batch], transform: InputTransform, device: torch.device,
             amp: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids, labels, softmax probabilities) of every sample in `batches`, in eval mode, un-augmented."""
-    model.eval()
     ids_out, labels_out, probs_out = [], [], []
-    for ids, images, labels in batches:
-        with autocast(device, amp):
-            logits = model(transform(images, device))
-        probs_out.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
+    for ids, labels, _, logits in eval_outputs(model, batches, transform, device, amp):
+        probs_out.append(torch.softmax(logits, dim=-1).cpu().numpy())
         ids_out.append(ids)
         labels_out.append(labels)
     if not ids_out:

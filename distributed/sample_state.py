@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from noisymix.distributed.engine import InputTransform, autocast
+from noisymix.distributed.engine import InputTransform, eval_outputs
 from noisymix.distributed.index_actor import index_actor
 from noisymix.mixing.mixnn import update_soft_targets
 from noisymix.selection.gmm import clean_probability, normalise_losses, window_average
@@ -62,19 +62,13 @@ def broadcast(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-@torch.no_grad()
 def exact_pass(model, batches, transform: InputTransform, device, amp: bool, normalise_embeddings: bool):
     """(ids, given labels, logits, embeddings) of this rank's samples, un-augmented, in eval mode."""
-    model.eval()
     out = {"ids": [], "labels": [], "logits": [], "z": []}
-    for ids, images, labels in batches:
-        with autocast(device, amp):
-            z = model.features(transform(images, device))
-            logits = model.head(z)
-        z = z.float()
+    for ids, labels, z, logits in eval_outputs(model, batches, transform, device, amp):
         out["ids"].append(torch.from_numpy(ids))
         out["labels"].append(torch.from_numpy(labels))
-        out["logits"].append(logits.float())
+        out["logits"].append(logits)
         out["z"].append(F.normalize(z, dim=1) if normalise_embeddings else z)
     return {k: torch.cat(v) if v else torch.empty(0) for k, v in out.items()}
 
@@ -197,8 +191,9 @@ def neighbour_table(embeddings: np.ndarray, s: PassSettings) -> tuple[np.ndarray
                                                       s.index_kind, s.index_threads, s.index_gpu, s.index_nlist,
                                                       s.index_nprobe)
         actor = _INDEX_ACTORS[s.index_name]
-        table = ray.get(actor.neighbour_table.remote(embeddings, s.neighbours))
-        return table, ray.get(actor.timings.remote())
+        # One actor's calls from one caller run in order: the timings are those of this table.
+        table, timings = ray.get([actor.neighbour_table.remote(embeddings, s.neighbours), actor.timings.remote()])
+        return table, timings
 
     try:
         return ask()

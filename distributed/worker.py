@@ -94,16 +94,12 @@ def training_label_key(cfg: SimpleNamespace) -> str:
 def save_state(path: Path, model, optimizer, scheduler, epoch: int, seed: int,
                sample_state: SampleState | None = None) -> None:
     """Everything a resumed run needs; the RNG state is a function of (seed, epoch, rank): see epoch_rng."""
-    extra = {} if sample_state is None else {"sample_state": {k: _to_cpu(v) for k, v in sample_state.state_dict().items()}}
+    cpu = torch.device("cpu")
+    extra = {} if sample_state is None else {
+        "sample_state": {k: _to_device(v, cpu) for k, v in sample_state.state_dict().items()}}
     torch.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch, "seed": seed,
                 "torch_rng": torch.get_rng_state(), **extra}, path)
-
-
-def _to_cpu(value):
-    if isinstance(value, torch.Tensor):
-        return value.cpu()
-    return [_to_cpu(v) for v in value] if isinstance(value, list) else value
 
 
 def load_state(path: Path) -> dict:
@@ -112,6 +108,7 @@ def load_state(path: Path) -> dict:
 
 
 def _to_device(value, device: torch.device):
+    """Tensors, and lists of them, moved to `device`; anything else as it is."""
     if isinstance(value, torch.Tensor):
         return value.to(device)
     return [_to_device(v, device) for v in value] if isinstance(value, list) else value

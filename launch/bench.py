@@ -49,14 +49,13 @@ def is_cached(work: Path, cell: Cell) -> bool:
     return record is not None and record["status"] == "done" and same_computation(record["config"], cell.config(work))
 
 
-def detector_curve(run_dir: Path, method: str, summary: dict) -> dict | None:
+def detector_curve(run_dir: Path, method: str, data_dir: str) -> dict | None:
     """Precision-recall of the method's per-sample trust score against "the given label is wrong"."""
     from noisymix.distributed import shards
     from noisymix.distributed.folds import load_split
 
     if method not in DETECTOR_METHODS:
         return None
-    data_dir = summary["data_dir"]
     manifest = shards.load_manifest(data_dir)
     if not manifest["has_true_labels"]:
         return None
@@ -90,10 +89,9 @@ def run_cell(work: Path, cell: Cell, log) -> dict:
     try:
         summary = train(config, log=lambda line: log(f"[{cell.id}] {line}"))
         run_dir = Path(config.run_dir)
-        summary["data_dir"] = config.data_dir
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         record.update(status="done", summary=summary, records=records,
-                      detector_curve=detector_curve(run_dir, config.method, summary))
+                      detector_curve=detector_curve(run_dir, config.method, config.data_dir))
     except Exception as exc:  # noqa: BLE001 - a failed cell is reported in the table; the other cells still run
         record.update(status="failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
                       traceback=traceback.format_exc())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 
 
 def _done(cells: dict, **match) -> list[dict]:
@@ -92,9 +93,7 @@ def cost_rows(results: dict, cells: list[dict]) -> list[dict]:
 
 
 def _code_versions(cells: list[dict]) -> str:
-    counts: dict[str, int] = {}
-    for cell in cells:
-        counts[cell.get("code", "unrecorded")] = counts.get(cell.get("code", "unrecorded"), 0) + 1
+    counts = Counter(cell.get("code", "unrecorded") for cell in cells)
     return ", ".join(f"{code}: {n}" for code, n in sorted(counts.items())) or "none"
 
 

@@ -124,7 +124,7 @@ def fake_train(monkeypatch):
         fake = FakeTrain(fail)
         monkeypatch.setattr(noisymix.launch.train, "train", fake)
         monkeypatch.setattr(noisymix.distributed.runner, "start_ray", lambda *a, **k: None)
-        monkeypatch.setattr(bench, "detector_curve", lambda run_dir, method, summary: None)
+        monkeypatch.setattr(bench, "detector_curve", lambda run_dir, method, data_dir: None)
         return fake
     return install
 
