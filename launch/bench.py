@@ -105,14 +105,11 @@ def select_cells(spec: Spec, only: list[str] | None) -> list[Cell]:
 
 
 def run_spec(spec: Spec, work: Path, only: list[str] | None = None, log=print) -> dict:
-    """Run the cells that are not cached (in spec order); returns counts of what happened."""
-    from noisymix.distributed.runner import start_ray
-
+    """Run the cells that are not cached (in spec order); returns counts of what happened. The first cell's
+    train() starts or joins Ray (its ray_address) and later cells reuse that session."""
     chosen = select_cells(spec, only)
     todo = [c for c in chosen if not is_cached(work, c)]
     log(f"bench {spec.name}: {len(chosen)} cells chosen, {len(chosen) - len(todo)} cached, {len(todo)} to run")
-    if todo:
-        start_ray()
     failed = 0
     for number, cell in enumerate(todo, 1):
         log(f"bench {spec.name}: cell {number}/{len(todo)} {cell.id}")

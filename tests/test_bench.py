@@ -117,13 +117,11 @@ class FakeTrain:
 
 @pytest.fixture
 def fake_train(monkeypatch):
-    import noisymix.distributed.runner
     import noisymix.launch.train
 
     def install(fail=""):
         fake = FakeTrain(fail)
         monkeypatch.setattr(noisymix.launch.train, "train", fake)
-        monkeypatch.setattr(noisymix.distributed.runner, "start_ray", lambda *a, **k: None)
         monkeypatch.setattr(bench, "detector_curve", lambda run_dir, method, data_dir: None)
         return fake
     return install
