@@ -37,7 +37,6 @@ class NeighbourIndex:
         self.gpu_resources = faiss.StandardGpuResources() if self.on_gpu else None
         self.index = None
         self.count = 0
-        self.last_timings: dict[str, float] = {}
 
     def _new_index(self, embeddings: np.ndarray):
         faiss = self.faiss
@@ -79,20 +78,17 @@ class NeighbourIndex:
             raise ValueError(f"k={k} must be in [1, {self.count}] (the number of stored embeddings)")
         return self.index.search(self._check(queries, "queries"), k)
 
-    def neighbour_table(self, embeddings: np.ndarray, k: int) -> np.ndarray:
-        """N x k ids: each sample's k nearest OTHER samples (refreshes the index with these embeddings)."""
+    def neighbour_table(self, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, dict[str, float]]:
+        """N x k ids of each sample's k nearest OTHER samples (refreshing the index with these embeddings), and
+        the seconds spent rebuilding the index and querying it."""
         if not 1 <= k < len(embeddings):
             raise ValueError(f"k={k} neighbours need 1 <= k < N={len(embeddings)}")
         started = time.perf_counter()
         self.refresh(embeddings)
         refreshed = time.perf_counter()
         _, ids = self.search(embeddings, k + 1)
-        self.last_timings = {"index_refresh_s": refreshed - started, "index_query_s": time.perf_counter() - refreshed}
-        return drop_self(ids, k)
-
-    def timings(self) -> dict[str, float]:
-        """Seconds the last neighbour_table spent rebuilding the index and querying it (inside the actor)."""
-        return self.last_timings
+        timings = {"index_refresh_s": refreshed - started, "index_query_s": time.perf_counter() - refreshed}
+        return drop_self(ids, k), timings
 
     def device(self) -> str:
         return "gpu" if self.on_gpu else "cpu"

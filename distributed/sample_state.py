@@ -191,9 +191,7 @@ def neighbour_table(embeddings: np.ndarray, s: PassSettings) -> tuple[np.ndarray
                                                       s.index_kind, s.index_threads, s.index_gpu, s.index_nlist,
                                                       s.index_nprobe)
         actor = _INDEX_ACTORS[s.index_name]
-        # One actor's calls from one caller run in order: the timings are those of this table.
-        table, timings = ray.get([actor.neighbour_table.remote(embeddings, s.neighbours), actor.timings.remote()])
-        return table, timings
+        return ray.get(actor.neighbour_table.remote(embeddings, s.neighbours))
 
     try:
         return ask()
