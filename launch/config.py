@@ -47,6 +47,7 @@ class Config:
     source: str = "digits"
     source_path: typing.Optional[str] = None
     dataset: str = ""
+    train_subset: int = 0          # use this many of the source's training samples (stratified, seeded); 0 = all
     image_size: int = 32
     noise_type: str = "symmetric"
     noise_rate: float = 0.4
@@ -125,7 +126,8 @@ class Config:
             self.dataset = self.source if self.source in ("digits", "cifar") else Path(self.source_path or self.source).name
         if self.data_dir == "auto":
             rate = f"{round(self.noise_rate * 100):d}"
-            self.data_dir = str(Path("data") / f"{self.dataset}-{self.noise_type}{rate}-seed{self.seed}")
+            subset = f"-n{self.train_subset}" if self.train_subset else ""
+            self.data_dir = str(Path("data") / f"{self.dataset}{subset}-{self.noise_type}{rate}-seed{self.seed}")
         # The authors' schedule is warm-up 10, es 60, updates every 10 of 300 epochs (methods.md B).
         if self.warmup == -1:
             self.warmup = max(1, round(self.epochs / 30))
@@ -178,7 +180,7 @@ class Config:
         _range("gamma", self.gamma, 0.0, 1.0, lo_open=True)
         for key in ("image_size", "num_shards", "epochs", "batch_size", "num_workers"):
             _range(key, getattr(self, key), 1, None)
-        for key in ("width", "loader_workers", "max_failures", "shuffle_buffer", "cpus_per_worker", "weight_decay"):
+        for key in ("train_subset", "width", "loader_workers", "max_failures", "shuffle_buffer", "cpus_per_worker", "weight_decay"):
             _range(key, getattr(self, key), 0, None)
         _range("lr", self.lr, 0.0, None, lo_open=True)
         _range("alpha", self.alpha, 0.0, None, lo_open=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -19,12 +20,35 @@ from noisymix.launch.config import Config
 from noisymix.launch.sources import SourceData, SourceError, read_source
 
 # The keys of a config that decide what prepare writes; a data_dir prepared with other values is stale.
-DATA_KEYS = ("source", "source_path", "dataset", "image_size", "noise_type", "noise_rate", "noise_map",
+DATA_KEYS = ("source", "source_path", "dataset", "train_subset", "image_size", "noise_type", "noise_rate", "noise_map",
              "noise_file", "noise_file_key", "seed", "val_fraction", "num_shards")
 
 
 def data_spec(config: Config) -> dict:
     return {key: getattr(config, key) for key in DATA_KEYS}
+
+
+def _recorded_spec(manifest: dict) -> dict:
+    """The data spec a manifest was written with; a key added after it was written held its default."""
+    defaults = data_spec(Config())
+    return {key: manifest.get("spec", {}).get(key, defaults[key]) for key in DATA_KEYS}
+
+
+def _subsample(source: SourceData, size: int, seed: int) -> SourceData:
+    """`size` of the source's training samples, stratified by its labels and drawn with `seed`; each keeps
+    its reference into the full source, so samples.csv still points at the original sample."""
+    total = len(source.train_labels)
+    if size > total:
+        raise SourceError(f"train_subset={size} is more than the {total} training samples of {source.name}")
+    try:
+        keep, _ = train_test_split(np.arange(total), train_size=size, stratify=source.train_labels, random_state=seed)
+    except ValueError as exc:
+        raise SourceError(f"train_subset={size} cannot hold every class of {source.name} "
+                          f"({source.num_classes} classes): {exc}") from exc
+    keep = np.sort(keep)
+    refs = [source.train_refs[k] for k in keep] if source.train_refs else [f"train:{k}" for k in keep]
+    return dataclasses.replace(source, train_images=source.train_images[keep], train_labels=source.train_labels[keep],
+                               train_refs=refs)
 
 
 def _inject(source: SourceData, config: Config) -> tuple[np.ndarray, np.ndarray | None]:
@@ -64,12 +88,13 @@ def prepare(config: Config, force: bool = False, log=print) -> Path:
     spec = data_spec(config)
     if (target / shards.MANIFEST).is_file():
         existing = shards.load_manifest(target)
-        if existing.get("spec") == spec and not force:
+        recorded = _recorded_spec(existing)
+        if recorded == spec and not force:
             shards.check_shards(target, existing)
             log(f"data ready: {target} (already prepared with this spec)")
             return target
         if not force:
-            changed = sorted(k for k in spec if existing.get("spec", {}).get(k) != spec[k])
+            changed = sorted(k for k in spec if recorded[k] != spec[k])
             raise SourceError(f"{target} was prepared with other settings ({', '.join(changed)} differ): "
                               "choose another data_dir or pass --force to rebuild it")
     elif target.exists() and any(target.iterdir()):
@@ -77,6 +102,8 @@ def prepare(config: Config, force: bool = False, log=print) -> Path:
 
     started = time.perf_counter()
     source = read_source(config.source, config.source_path, config.image_size, config.dataset or None)
+    if config.train_subset:
+        source = _subsample(source, config.train_subset, config.seed)
     given, true = _inject(source, config)
     train_idx, val_idx = _split_val(given, config.val_fraction, config.seed)
 

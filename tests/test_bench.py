@@ -46,6 +46,8 @@ def test_the_committed_fashion_spec_is_valid(monkeypatch):
     spec = load_spec(root / "benchmarks" / "fashion_mnist.yaml")
     assert {c.setting for c in spec.cells if c.group == "matrix"} >= {"symmetric40", "instance40", "symmetric_incl80"}
     assert sorted({c.seed for c in spec.cells if c.setting == "symmetric40" and c.group == "matrix"}) == [0, 1, 2]
+    for other in ("fashion_mnist_long.yaml", "fashion_mnist_memorise.yaml"):
+        assert {c.method for c in load_spec(root / "benchmarks" / other).cells} >= {"ce", "clean", "selectmix", "mixnn"}
 
 
 ONE_SETTING = {"methods": {"ce": {"method": "ce"}}, "curves": {}}

@@ -9,6 +9,7 @@ def test_defaults_resolve_data_and_run_dirs():
     assert config.method == "selectmix" and config.noise_type == "symmetric" and config.noise_rate == 0.4
     assert config.data_dir.endswith("digits-symmetric40-seed0")
     assert config.run_dir.startswith("runs/selectmix-digits-symmetric40-")
+    assert build_config(overrides={"train_subset": 500}).data_dir.endswith("digits-n500-symmetric40-seed0")
 
 
 def test_overrides_parse_as_yaml_values():
@@ -51,6 +52,7 @@ def test_ints_are_accepted_for_floats():
     ({"num_shards": 2, "num_workers": 4}, "num_shards=2 cannot feed"),
     ({"noise_map": {"a": "b"}}, "noise_map must map"),
     ({"seed": None}, "seed cannot be null"),
+    ({"train_subset": -1}, "train_subset=-1 is outside"),
 ])
 def test_bad_values_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):

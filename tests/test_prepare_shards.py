@@ -82,6 +82,47 @@ def test_prepared_dir_is_reused_and_a_different_spec_refused(tmp_path):
     assert shards.load_manifest(rebuilt)["noise"]["rate"] == 0.2
 
 
+def test_manifest_written_before_a_data_key_existed_is_reused_while_the_key_holds_its_default(tmp_path):
+    target = prepare(make_config(tmp_path), **quiet)
+    manifest = json.loads((target / shards.MANIFEST).read_text())
+    del manifest["spec"]["train_subset"]
+    (target / shards.MANIFEST).write_text(json.dumps(manifest))
+    assert prepare(make_config(tmp_path), **quiet) == target
+    with pytest.raises(SourceError, match="train_subset"):
+        prepare(make_config(tmp_path, train_subset=500), **quiet)
+
+
+def test_train_subset_is_stratified_seeded_and_points_at_the_source(tmp_path):
+    source = read_digits()
+    target = prepare(make_config(tmp_path, train_subset=500, val_fraction=0.2), **quiet)
+    manifest = shards.load_manifest(target)
+    assert manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"] == 500
+    _, images, _ = read_split(target, "train")
+    _, _, true = read_split(target, "train", shards.TRUE_LABEL)
+    _, val_images, _ = read_split(target, "val")
+    _, _, val_true = read_split(target, "val", shards.TRUE_LABEL)
+    full = np.bincount(source.train_labels) / len(source.train_labels)
+    kept = np.bincount(np.concatenate([true, val_true]), minlength=10) / 500
+    assert np.abs(kept - full).max() < 0.01, "every class keeps its share"
+    rows = [line.split(",") for line in (target / "samples.csv").read_text().splitlines()[1:]]
+    refs = {int(i): ref for i, split, ref in rows if split in ("train", "val")}
+    ordered = np.concatenate([images, val_images])
+    for sample_id in (0, 123, 499):
+        k = int(refs[sample_id].split(":")[1])
+        assert np.array_equal(source.train_images[k], ordered[sample_id]), "samples.csv names the source sample"
+    again = prepare(make_config(tmp_path / "again", train_subset=500, val_fraction=0.2), **quiet)
+    assert (again / "samples.csv").read_text() == (target / "samples.csv").read_text()
+    other = prepare(make_config(tmp_path / "other", train_subset=500, val_fraction=0.2, seed=1), **quiet)
+    assert (other / "samples.csv").read_text() != (target / "samples.csv").read_text()
+
+
+@pytest.mark.parametrize("size, message", [(10**6, "more than the 1437"), (5, "cannot hold every class")])
+def test_bad_train_subset_is_refused_before_anything_is_written(tmp_path, size, message):
+    with pytest.raises(SourceError, match=message):
+        prepare(make_config(tmp_path, train_subset=size), **quiet)
+    assert not (tmp_path / "data").exists()
+
+
 def test_interrupted_prepare_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
     real_write = shards.write_split
 
