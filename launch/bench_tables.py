@@ -86,10 +86,17 @@ def cost_rows(results: dict, cells: list[dict]) -> list[dict]:
                      "workers": c["summary"]["workers"], "rate": rate, "step_vs_ce": base / rate if base else None,
                      "epoch_s": statistics.median(r["epoch_time_s"] for r in c["records"]),
                      "pass_share": stage_share(c, ("pass_s", "gmm_s")), "index_share": stage_share(c, ("index_s",)),
-                     "index_split": (sum(r.get("index_refresh_s", 0.0) for r in c["records"]),
-                                     sum(r.get("index_query_s", 0.0) for r in c["records"])),
+                     "index_split": _index_split(c["records"]),
                      "folds_s": stages.get("folds"), "wall_s": c["summary"]["wall_time_s"]})
     return rows
+
+
+def _index_split(records: list[dict]) -> tuple[float, float] | None:
+    """Seconds the index actor spent rebuilding and querying; None where no epoch recorded them (no index, or
+    a cell trained before the actor reported them)."""
+    if not any("index_refresh_s" in r for r in records):
+        return None
+    return sum(r.get("index_refresh_s", 0.0) for r in records), sum(r.get("index_query_s", 0.0) for r in records)
 
 
 def _code_versions(cells: list[dict]) -> str:
@@ -105,6 +112,10 @@ def _ms(value: tuple[float, float] | None, digits: int = 4, seeds: int = 1) -> s
 
 def _opt(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
+
+
+def _split(split: tuple[float, float] | None) -> str:
+    return "-" if split is None else f"{split[0]:.2f} / {split[1]:.2f}"
 
 
 def markdown(results: dict, plots: list[str]) -> str:
@@ -166,13 +177,14 @@ def _cost_table(title: str, rows: list[dict]) -> list[str]:
              "evaluation, no per-epoch pass). Step vs CE: CE's rate over this one, same data and worker count. "
              "Pass share: exact loss/embedding pass + GMM, index share: FAISS refresh + neighbour queries, both as "
              "a share of the summed epoch wall time; inside the actor, the seconds spent rebuilding the index and "
-             "querying it (the rest of the index share is moving embeddings and the table between processes).", "",
+             "querying it (the rest of the index share is moving embeddings and the table between processes; - where "
+             "the cell has no index or did not record them).", "",
              "| cell | workers | samples/s per worker | step vs CE | median epoch s | pass share | index share | "
              "index refresh / query s | folds s | run wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['cell']} | {r['workers']} | {r['rate']:,.0f} | {_opt(r['step_vs_ce'], '.2f')}"
                      f"{'x' if r['step_vs_ce'] else ''} | "
                      f"{r['epoch_s']:.1f} | {r['pass_share']:.1%} | {r['index_share']:.1%} | "
-                     f"{r['index_split'][0]:.2f} / {r['index_split'][1]:.2f} | {_opt(r['folds_s'], '.0f')} | "
+                     f"{_split(r['index_split'])} | {_opt(r['folds_s'], '.0f')} | "
                      f"{r['wall_s']:.0f} |")
     return lines + [""]

@@ -185,7 +185,16 @@ def test_table_numbers_on_fake_runs(tmp_path, fake_train):
     assert "| sym40 | gmm | 2 | 0.7600 ± 0.0141 | 0.7500 ± 0.0141 | 0.7700 ± 0.0141 | 0.50 | 0.800 ± 0.000 |" in text
     assert "Clean bound (CE on the true labels): 0.9100 ± 0.0141 over 2 seed(s)." in text
     # Cost at the curves setting: gmm's step rate 800 vs CE's 1000, pass 0.5 s of 5 s epochs.
-    assert "| gmm | 1 | 800 | 1.25x | 5.0 | 10.0% | 0.0% | 0.00 / 0.00 | - | 20 |" in text
+    assert "| gmm | 1 | 800 | 1.25x | 5.0 | 10.0% | 0.0% | - | - | 20 |" in text, "no index: no split"
+
+
+def test_index_split_sums_the_actor_seconds_and_is_absent_where_unrecorded():
+    from noisymix.launch.bench_tables import _index_split
+
+    records = [{"index_refresh_s": 1.0, "index_query_s": 2.0, "index_s": 4.0}, {"index_s": 1.0},
+               {"index_refresh_s": 0.5, "index_query_s": 1.0, "index_s": 2.0}]
+    assert _index_split(records) == (1.5, 3.0)
+    assert _index_split([{"index_s": 4.0}, {"index_s": 1.0}]) is None
 
 
 def test_report_files_and_plots_from_fake_runs(tmp_path, fake_train):
