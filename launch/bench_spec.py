@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from noisymix.launch.config import Config, ConfigError, build_config, unused_knobs
+from noisymix.launch.config import Config, ConfigError, build_config, unused_knobs, with_defaults
 
 SPEC_KEYS = ("name", "base", "settings", "methods", "clean_bound", "curves", "throughput")
 # Keys that say where a run lives or how it talks to Ray, not what it computes: left out of a cell's key.
@@ -52,14 +52,10 @@ def computed_values(config: Config | dict) -> dict:
     return json.loads(json.dumps({k: v for k, v in values.items() if k not in skip}, default=str))
 
 
-_DEFAULTS = json.loads(json.dumps(Config().to_dict(), default=str))
-
-
 def same_computation(recorded: dict, config: Config) -> bool:
     """Whether a cell recorded with config `recorded` computed what `config` asks for now. A key added to
     Config after the cell ran counts as unchanged while it holds its default (a new knob keeps old behaviour)."""
-    now, before = computed_values(config), computed_values(recorded)
-    return all(before.get(key, _DEFAULTS.get(key)) == value for key, value in now.items()) and set(before) <= set(now)
+    return computed_values(with_defaults(recorded)) == computed_values(config)
 
 
 @dataclass

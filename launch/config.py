@@ -209,6 +209,12 @@ class Config:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+def with_defaults(recorded: dict) -> dict:
+    """Values saved by an older version, with every key added since at its default: a new knob keeps the
+    old behaviour, so what was computed then still counts as computed with it."""
+    return {**Config().to_dict(), **recorded}
+
+
 def _choice(key: str, value, choices) -> None:
     if value not in choices:
         raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, choices))}")

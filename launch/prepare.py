@@ -16,7 +16,7 @@ from sklearn.model_selection import train_test_split
 
 from noisymix.distributed import shards
 from noisymix.launch import noise
-from noisymix.launch.config import Config
+from noisymix.launch.config import Config, with_defaults
 from noisymix.launch.sources import SourceData, SourceError, read_source
 
 # The keys of a config that decide what prepare writes; a data_dir prepared with other values is stale.
@@ -30,8 +30,8 @@ def data_spec(config: Config) -> dict:
 
 def _recorded_spec(manifest: dict) -> dict:
     """The data spec a manifest was written with; a key added after it was written held its default."""
-    defaults = data_spec(Config())
-    return {key: manifest.get("spec", {}).get(key, defaults[key]) for key in DATA_KEYS}
+    values = with_defaults(manifest.get("spec", {}))
+    return {key: values[key] for key in DATA_KEYS}
 
 
 def _subsample(source: SourceData, size: int, seed: int) -> SourceData:
@@ -45,10 +45,14 @@ def _subsample(source: SourceData, size: int, seed: int) -> SourceData:
     except ValueError as exc:
         raise SourceError(f"train_subset={size} cannot hold every class of {source.name} "
                           f"({source.num_classes} classes): {exc}") from exc
-    keep = np.sort(keep)
-    refs = [source.train_refs[k] for k in keep] if source.train_refs else [f"train:{k}" for k in keep]
+    keep, refs = np.sort(keep), _train_refs(source)
     return dataclasses.replace(source, train_images=source.train_images[keep], train_labels=source.train_labels[keep],
-                               train_refs=refs)
+                               train_refs=[refs[k] for k in keep])
+
+
+def _train_refs(source: SourceData) -> list[str]:
+    """Where each training sample came from: its image path for image lists, its source index otherwise."""
+    return source.train_refs or [f"train:{k}" for k in range(len(source.train_labels))]
 
 
 def _inject(source: SourceData, config: Config) -> tuple[np.ndarray, np.ndarray | None]:
@@ -162,11 +166,12 @@ def prepare(config: Config, force: bool = False, log=print) -> Path:
 
 def _write_sample_index(path: Path, ids: dict, train_idx: np.ndarray, val_idx: np.ndarray, source: SourceData) -> None:
     """id -> split and where the sample came from (source index, or image path for image lists)."""
+    refs = _train_refs(source)
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["id", "split", "source_ref"])
         for split, idx in (("train", train_idx), ("val", val_idx)):
             for sample_id, k in zip(ids[split], idx):
-                writer.writerow([int(sample_id), split, source.train_refs[k] if source.train_refs else f"train:{k}"])
+                writer.writerow([int(sample_id), split, refs[k]])
         for sample_id, k in zip(ids["test"], range(len(source.test_labels))):
             writer.writerow([int(sample_id), "test", f"test:{k}"])
