@@ -77,6 +77,16 @@ def test_models_give_logits_and_features(name, size, channels):
     assert model(x).shape == (2, 7) and model.features(x).shape == (2, model.feature_dim)
 
 
+def test_models_are_channels_last_and_layout_does_not_change_outputs():
+    """create_model returns channels_last weights (the fast layout); NCHW and NHWC inputs agree."""
+    torch.manual_seed(0)
+    model = create_model("small_cnn", 3, 5, 8, width=4).eval()
+    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    x = torch.randn(4, 3, 8, 8)
+    torch.testing.assert_close(model(x), model(x.contiguous(memory_format=torch.channels_last)))
+
+
 def test_train_epoch_learns_digits_in_process(digits_dir):
     """The same training code the Ray worker runs, without Ray: loss falls and test accuracy rises."""
     manifest = shards.load_manifest(digits_dir)
