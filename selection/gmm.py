@@ -61,3 +61,21 @@ def clean_probability(losses: np.ndarray, *, max_iter: int = 10, tol: float = 1e
         return CleanProbability(np.ones(x.shape[0]), (float(means.min()), float(means.max())), True,
                                 "the posterior is not finite")
     return CleanProbability(w, (float(means.min()), float(means.max())), False)
+
+
+def given_label_verdict(given: np.ndarray, corrected: np.ndarray, clean: np.ndarray,
+                        threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Whether each GIVEN label looks wrong, and a trust score in [0, 1] for ranking them.
+
+    w_i is the clean probability of the sample's current target argmax t_i, which MixNN moves away from
+    y_i as it corrects: a corrected sample has a low loss and a high w_i although its given label is
+    wrong. So y_i is trusted only while the target still agrees with it: trust = (1 + w_i) / 2 there
+    (from 0.5 up), (1 - w_i) / 2 where the target has moved (below 0.5, lowest where the corrected target
+    is most trusted). Flagged: the target moved, or it agrees and w_i < threshold.
+    """
+    given, corrected, clean = np.asarray(given), np.asarray(corrected), np.asarray(clean, dtype=np.float64)
+    if not (given.shape == corrected.shape == clean.shape):
+        raise ValueError(f"given {given.shape}, corrected {corrected.shape} and clean {clean.shape} must match")
+    agrees = corrected == given
+    trust = np.where(agrees, (1.0 + clean) / 2.0, (1.0 - clean) / 2.0)
+    return ~agrees | (clean < threshold), trust

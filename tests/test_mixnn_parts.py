@@ -4,7 +4,7 @@ import torch
 
 from noisymix.mixing.mixnn import neighbour_weights, synthetic_sample, synthetic_target, update_soft_targets
 from noisymix.selection.crossval import SelectionError
-from noisymix.selection.gmm import clean_probability, normalise_losses, window_average
+from noisymix.selection.gmm import clean_probability, given_label_verdict, normalise_losses, window_average
 
 
 def test_gmm_picks_the_low_loss_component_on_a_planted_bimodal_case():
@@ -22,6 +22,18 @@ def test_degenerate_losses_give_all_trusted_not_nan(losses, reason):
     result = clean_probability(normalise_losses(losses))
     assert result.degenerate and reason in result.reason
     assert np.array_equal(result.w, np.ones(len(losses)))
+
+
+def test_given_label_verdict_distrusts_corrected_targets_whatever_their_clean_probability():
+    given = np.array([0, 0, 1, 1, 2])
+    corrected = np.array([0, 0, 2, 2, 2])
+    clean = np.array([0.9, 0.2, 0.9, 0.1, 0.5])
+    flagged, trust = given_label_verdict(given, corrected, clean, threshold=0.5)
+    assert flagged.tolist() == [False, True, True, True, False]
+    np.testing.assert_allclose(trust, [0.95, 0.6, 0.05, 0.45, 0.75])
+    assert list(np.argsort(trust)) == [2, 3, 1, 4, 0], "confident corrections first, trusted agreements last"
+    with pytest.raises(ValueError, match="must match"):
+        given_label_verdict(given, corrected[:3], clean)
 
 
 def test_normalise_and_average():

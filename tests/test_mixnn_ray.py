@@ -83,8 +83,11 @@ def test_mixnn_end_to_end_on_two_workers(ray_session, digits_dir, tmp_path, caps
     assert {"loss_pass", "gmm", "main_training"} <= set(summary["stage_times_s"])
     with open(run / "label_issues.csv") as fh:
         rows = list(csv.DictReader(fh))
-    clean = [float(r["clean_probability"]) for r in rows]
-    assert len(rows) == 1293 and clean == sorted(clean)
+    trust = [float(r["given_label_trust"]) for r in rows]
+    assert len(rows) == 1293 and trust == sorted(trust)
+    assert all((r["flagged"] == "1") == (r["corrected_label"] != r["given_label"] or float(r["clean_probability"]) < 0.5)
+               for r in rows)
+    assert 0.0 <= summary["given_label_detection"]["f1"] <= 1.0 and summary["given_label_detection"]["auroc"] > 0.6
     state = torch.load(run / "model_last.pt", weights_only=True)["sample_state"]
     assert state["targets"].shape == (1293, 10) and torch.allclose(state["targets"].sum(1), torch.ones(1293))
 
