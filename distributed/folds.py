@@ -46,6 +46,18 @@ class FoldSettings:
     threads: int = 1
     use_gpu: bool = False
     amp: bool = False
+    keep: str = "last"     # `best`: the epoch with the best held-out accuracy on the given labels
+
+
+@dataclass
+class FoldResult:
+    """One fold's held-out predictions, the fold epoch they come from (1-based), and its wall time."""
+
+    fold: int
+    held_ids: np.ndarray
+    probs: np.ndarray
+    kept_epoch: int
+    seconds: float
 
 
 def load_split(data_dir: str, manifest: dict, split: str = "train",
@@ -71,8 +83,12 @@ def array_batches(images: np.ndarray, labels: np.ndarray, positions: np.ndarray,
 
 
 def train_fold(fold: int, train_pos: np.ndarray, held_pos: np.ndarray, images: np.ndarray, labels: np.ndarray,
-               s: FoldSettings, init_state: dict | None = None) -> tuple[int, np.ndarray, np.ndarray, float]:
+               s: FoldSettings, init_state: dict | None = None) -> FoldResult:
     """Train a model on K-1 folds with CE on the given labels; predict the held-out fold.
+
+    keep=`last` predicts once, after the last epoch; keep=`best` predicts after every epoch and keeps
+    the epoch whose predictions agree most with the held-out GIVEN labels (the authors' rule; true
+    labels are never read), the latest of ties.
 
     The model is fresh, or starts from `init_state` (the main model's weights, when the selection is
     re-run mid-training). A warm start is not strictly out-of-fold: the main model has trained on the
@@ -90,14 +106,21 @@ def train_fold(fold: int, train_pos: np.ndarray, held_pos: np.ndarray, images: n
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor("cosine", s.epochs, [], 0.1))
     transform = InputTransform(s.mean, s.std, s.padding, s.hflip)
     method = PlainTargets(s.num_classes)
+    kept, best_agreement = None, -1.0
     for epoch in range(s.epochs):
         rng = epoch_rng(s.seed, epoch, 1000 + fold)
         train_epoch(model, optimizer, array_batches(images, labels, train_pos, s.batch_size, rng), method,
                     transform, device, rng, amp=s.amp)
         scheduler.step()
-    held_ids, _, probs = predict(model, array_batches(images, labels, held_pos, 4 * s.batch_size, None),
-                                 InputTransform(s.mean, s.std), device, s.amp)
-    return fold, held_ids, probs, time.perf_counter() - started
+        if s.keep == "best" or epoch == s.epochs - 1:
+            held_ids, held_labels, probs = predict(
+                model, array_batches(images, labels, held_pos, 4 * s.batch_size, None), InputTransform(s.mean, s.std),
+                device, s.amp)
+            agreement = float(np.mean(probs.argmax(axis=1) == held_labels))
+            if agreement >= best_agreement:
+                kept, best_agreement = FoldResult(fold, held_ids, probs, epoch + 1, 0.0), agreement
+    kept.seconds = time.perf_counter() - started
+    return kept
 
 
 @ray.remote
@@ -107,8 +130,9 @@ def _fold_task(fold, train_pos, held_pos, images, labels, settings, init_state):
 
 def run_folds_parallel(images_ref: ray.ObjectRef, labels: np.ndarray, k: int, settings: FoldSettings, *,
                        cpus: float = 1.0, gpus: float = 0.0, retries: int = 2,
-                       init_state: dict | None = None) -> tuple[np.ndarray, np.ndarray, list]:
-    """(out-of-fold P, fold of each id, per-fold seconds): K tasks over images already in the object store.
+                       init_state: dict | None = None) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """(out-of-fold P, fold of each id, per fold {seconds, kept_epoch}): K tasks over images already in the
+    object store.
 
     A task that dies is retried `retries` times by Ray; after that the error names the fold.
     """
@@ -129,19 +153,20 @@ def run_folds_parallel(images_ref: ray.ObjectRef, labels: np.ndarray, k: int, se
 
 
 def run_folds_in_process(images: np.ndarray, labels: np.ndarray, k: int,
-                         settings: FoldSettings) -> tuple[np.ndarray, np.ndarray, list]:
+                         settings: FoldSettings) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """The same folds, trained one after another in this process."""
     folds = stratified_folds(labels, k, settings.seed)
     outputs = [train_fold(f, tr, held, images, labels, settings) for f, (tr, held) in enumerate(folds)]
     return _assemble(outputs, folds, len(labels))
 
 
-def _assemble(outputs: list, folds: list, n: int) -> tuple[np.ndarray, np.ndarray, list]:
-    probs = assemble_out_of_fold(n, ((held_ids, p) for _, held_ids, p, _ in outputs))
+def _assemble(outputs: list[FoldResult], folds: list, n: int) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    probs = assemble_out_of_fold(n, ((o.held_ids, o.probs) for o in outputs))
     fold_of = np.empty(n, dtype=np.int64)
     for f, (_, held) in enumerate(folds):
         fold_of[held] = f
-    return probs, fold_of, [seconds for *_, seconds in sorted(outputs, key=lambda o: o[0])]
+    return probs, fold_of, [{"seconds": o.seconds, "kept_epoch": o.kept_epoch}
+                            for o in sorted(outputs, key=lambda o: o.fold)]
 
 
 @dataclass
@@ -151,7 +176,7 @@ class Selection:
     table: MixingTable
     given: np.ndarray
     fold_of: np.ndarray
-    fold_seconds: list
+    fold_runs: list[dict]
     seconds: float
     images_ref: ray.ObjectRef
     table_ref: ray.ObjectRef
@@ -164,7 +189,7 @@ def fold_settings(cfg, manifest: dict) -> FoldSettings:
         mean=tuple(manifest["mean"]), std=tuple(manifest["std"]), padding=resolve_padding(cfg.crop_padding, height),
         hflip=cfg.hflip, epochs=cfg.fold_epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
         weight_decay=cfg.weight_decay, seed=cfg.seed, threads=max(1, int(cfg.fold_cpus)),
-        use_gpu=cfg.fold_gpus > 0, amp=cfg.amp,
+        use_gpu=cfg.fold_gpus > 0, amp=cfg.amp, keep=cfg.fold_select,
     )
 
 
@@ -184,9 +209,9 @@ def selection_stage(cfg, manifest: dict, data_dir: str, previous: Selection | No
         images_ref = ray.put(images)
     else:
         images_ref, given = previous.images_ref, previous.given
-    probs, fold_of, fold_seconds = run_folds_parallel(images_ref, given, cfg.folds, fold_settings(cfg, manifest),
+    probs, fold_of, fold_runs = run_folds_parallel(images_ref, given, cfg.folds, fold_settings(cfg, manifest),
                                                       cpus=cfg.fold_cpus, gpus=cfg.fold_gpus, retries=cfg.fold_retries,
                                                       init_state=init_state)
     table = build_mixing_table(probs, given, cfg.tau_low, cfg.tau_high)
-    return Selection(table, given, fold_of, fold_seconds, time.perf_counter() - started, images_ref,
+    return Selection(table, given, fold_of, fold_runs, time.perf_counter() - started, images_ref,
                      ray.put(table.to_arrays()))

@@ -21,7 +21,7 @@ SCHEDULES = ("cosine", "multistep")
 
 
 # Knobs read only by some methods: a change to them leaves every other method's runs as they were.
-SELECTMIX_KNOBS = ("folds", "fold_epochs", "fold_cpus", "fold_gpus", "fold_retries", "tau_low", "tau_high", "partners",
+SELECTMIX_KNOBS = ("folds", "fold_epochs", "fold_select", "fold_cpus", "fold_gpus", "fold_retries", "tau_low", "tau_high", "partners",
                    "partner_source", "selectmix_label", "lambda_per", "buffer_size", "reselect_every")
 GMM_KNOBS = ("warmup", "loss_window", "gmm_max_iter", "gmm_tol", "gmm_reg_covar", "gmm_threshold")
 MIXNN_KNOBS = (*GMM_KNOBS, "es", "update_every", "soft_momentum", "knn", "weight_eps", "neighbour_source",
@@ -77,6 +77,7 @@ class Config:
     # SelectMix (docs/methods.md A): the fold stage, the table thresholds, the batch rule
     folds: int = 5
     fold_epochs: int = 2
+    fold_select: str = "best"      # which fold epoch predicts: `best` held-out agreement with the given labels, or `last`
     fold_cpus: float = 1.0
     fold_gpus: float = 0.0
     fold_retries: int = 2
@@ -153,6 +154,7 @@ class Config:
         _choice("partner_source", self.partner_source, PARTNER_SOURCES)
         _choice("selectmix_label", self.selectmix_label, LABEL_MODES)
         _choice("lambda_per", self.lambda_per, ("sample", "batch"))
+        _choice("fold_select", self.fold_select, ("best", "last"))
         _choice("neighbour_source", self.neighbour_source, NEIGHBOUR_SOURCES)
         _choice("index_metric", self.index_metric, ("ip", "l2"))
         _choice("index_kind", self.index_kind, ("flat", "ivf"))
@@ -209,10 +211,15 @@ class Config:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+# Keys added with a default that changed behaviour: the value that reproduces what runs recorded
+# before the key existed computed (their fold models predicted after their last epoch).
+BEFORE_KEY_EXISTED = {"fold_select": "last"}
+
+
 def with_defaults(recorded: dict) -> dict:
-    """Values saved by an older version, with every key added since at its default: a new knob keeps the
-    old behaviour, so what was computed then still counts as computed with it."""
-    return {**Config().to_dict(), **recorded}
+    """Values saved by an older version, with every key added since at the value that keeps the old
+    behaviour (its default, or BEFORE_KEY_EXISTED), so what was computed then still counts as computed with it."""
+    return {**Config().to_dict(), **BEFORE_KEY_EXISTED, **recorded}
 
 
 def _choice(key: str, value, choices) -> None:

@@ -108,7 +108,8 @@ def _select(config: Config, manifest: dict, data_dir: str, run_dir: Path, true_l
             epoch: int = 0, previous: Selection | None = None, init_state: dict | None = None) -> tuple[Selection, dict]:
     """One SelectMix selection round: folds, table, oof.npz and label_issues.csv (the latest round's)."""
     start = "fresh models" if init_state is None else f"the main model of epoch {epoch}"
-    log(f"selection at epoch {epoch}: {config.folds} folds x {config.fold_epochs} epochs from {start}, as Ray tasks")
+    log(f"selection at epoch {epoch}: {config.folds} folds x {config.fold_epochs} epochs from {start}, as Ray tasks "
+        f"(predictions of the {config.fold_select} fold epoch)")
     selection = selection_stage(config, manifest, data_dir, previous, init_state)
     table, given = selection.table, selection.given
     np.savez(run_dir / "oof.npz", probs=table.probs, given=given, fold=selection.fold_of,
@@ -118,11 +119,12 @@ def _select(config: Config, manifest: dict, data_dir: str, run_dir: Path, true_l
         "given_label_prob": table.probs[np.arange(len(given)), given], "flagged": table.uncertain.astype(np.int64),
     }, trust="given_label_prob")
     log(f"selection: {int(table.uncertain.sum())} of {len(table.uncertain)} samples flagged "
-        f"({table.uncertain.mean():.1%}) in {selection.seconds:.1f}s"
+        f"({table.uncertain.mean():.1%}) in {selection.seconds:.1f}s; fold epochs kept: "
+        f"{[run['kept_epoch'] for run in selection.fold_runs]}"
         + (f"; classes with no trusted sample use every sample predicted as them: {table.fallback_classes}"
            if table.fallback_classes else ""))
     round_info = {"epoch": epoch, "seconds": selection.seconds, "flagged": int(table.uncertain.sum()),
-                  "fold_seconds": selection.fold_seconds}
+                  "folds": selection.fold_runs}
     if true_labels is not None:
         round_info["detection"] = selection_report(table.uncertain, table.predicted, table.probs, given, true_labels)
     return selection, round_info

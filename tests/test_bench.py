@@ -226,6 +226,11 @@ def test_a_cell_matches_on_what_it_computes_not_where_it_ran(tmp_path):
     older = {k: v for k, v in mixnn.config(tmp_path).to_dict().items() if k != "index_nprobe"}
     assert same_computation(older, mixnn.config(tmp_path))
     assert not same_computation(older, build_config(overrides={**mixnn.overrides, "index_nprobe": 32}))
+    # A key whose default changed the behaviour stands, in a record made before it, at the old behaviour.
+    selectmix_ran = build_config(overrides={"method": "selectmix"}).to_dict()
+    del selectmix_ran["fold_select"]
+    assert same_computation(selectmix_ran, build_config(overrides={"method": "selectmix", "fold_select": "last"}))
+    assert not same_computation(selectmix_ran, build_config(overrides={"method": "selectmix"}))
     # Another method's knobs do not touch a CE cell; the method's own knobs do.
     assert same_computation(ran, build_config(overrides={**cell.overrides, "neighbour_source": "batch",
                                                          "folds": 3}))

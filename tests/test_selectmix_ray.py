@@ -33,6 +33,21 @@ def test_parallel_fold_tasks_give_the_table_of_sequential_folds(ray_session, dig
     assert all(np.array_equal(p, q) for p, q in zip(a.pools, b.pools))
 
 
+def test_best_fold_epoch_agrees_with_the_given_labels_at_least_as_well_as_the_last(digits_train):
+    manifest, images, given = digits_train
+    settings = fold_settings(build_config(overrides={"fold_epochs": 3, "width": 8, "seed": 1}), manifest)
+    last, folds, last_runs = run_folds_in_process(images, given, 3, dataclasses.replace(settings, keep="last"))
+    best, _, best_runs = run_folds_in_process(images, given, 3, dataclasses.replace(settings, keep="best"))
+    assert [r["kept_epoch"] for r in last_runs] == [3, 3, 3]
+    assert all(1 <= r["kept_epoch"] <= 3 for r in best_runs)
+    for f, run in enumerate(best_runs):
+        held = folds == f
+        agree = lambda probs: np.mean(probs[held].argmax(1) == given[held])
+        assert agree(best) >= agree(last)
+        if run["kept_epoch"] == 3:
+            np.testing.assert_allclose(best[held], last[held], rtol=1e-5, atol=1e-6)
+
+
 def test_a_failing_fold_task_is_named(ray_session, digits_train):
     manifest, images, given = digits_train
     settings = fold_settings(build_config(overrides={"fold_epochs": 1}), manifest)
