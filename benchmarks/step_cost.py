@@ -30,7 +30,7 @@ from noisymix.distributed.engine import InputTransform, build_optimizer, train_s
 from noisymix.distributed.models import create_model
 from noisymix.distributed.sample_state import SampleState
 from noisymix.launch.noise import symmetric
-from noisymix.launch.sources import read_idx
+from noisymix.launch.sources import SourceData, read_idx
 from noisymix.mixing.methods import GMMSelectTargets, MixupTargets, PlainTargets
 from noisymix.mixing.mixnn import MixNNTargets
 from noisymix.mixing.selectmix import SelectMixTargets
@@ -90,8 +90,7 @@ def time_steps(model, optimizer, rule, batches, transform, rng) -> float:
     return (time.perf_counter() - started) / len(batches)
 
 
-def measure(width: int, augment: bool, reps: int, steps: int, seed: int = 0) -> dict:
-    source = read_idx(FASHION)
+def measure(source: SourceData, width: int, augment: bool, reps: int, steps: int, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     keep = rng.permutation(len(source.train_labels))[:NUM_SAMPLES]
     images, true = source.train_images[keep], source.train_labels[keep].astype(np.int64)
@@ -133,7 +132,7 @@ def write_report(results: dict, args, out: Path) -> None:
     lines = ["# Step cost of each method over CE, side by side", "",
              f"Command: `python benchmarks/step_cost.py --widths {' '.join(map(str, args.widths))} --reps {args.reps} "
              f"--steps {args.steps}`. Machine: {results['machine']}, torch {results['torch']}, "
-             f"{results['threads']} threads.", "",
+             f"{results['threads']} torch threads.", "",
              f"Real Fashion-MNIST, {NUM_SAMPLES} samples at 40% symmetric noise, batch {BATCH}, small CNN, SGD. "
              "Each method steps its own copy of one model on the same batches; methods interleave in a shuffled "
              f"order in each of {args.reps} repetitions of {args.steps} steps. Ratio = median over repetitions of "
@@ -158,12 +157,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    results = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
+    source = read_idx(FASHION)
+    results = {"machine": platform.processor() or platform.machine(),
                "torch": torch.__version__, "threads": args.threads, "settings": {}}
     for width in args.widths:
         for augment in (False, True):
             setting = f"width {width}, {'crop 2 + flip' if augment else 'no augmentation'}"
-            results["settings"][setting] = measure(width, augment, args.reps, args.steps)
+            results["settings"][setting] = measure(source, width, augment, args.reps, args.steps)
             print(setting, json.dumps({k: round(v["ratio_vs_ce"], 2) for k, v in results["settings"][setting].items()}),
                   flush=True)
     write_report(results, args, args.out)

@@ -46,7 +46,7 @@ class FoldSettings:
     threads: int = 1
     use_gpu: bool = False
     amp: bool = False
-    keep: str = "last"     # `best`: the epoch with the best held-out accuracy on the given labels
+    keep: str = "best"     # the fold epoch that predicts: `best` held-out agreement with the given labels, or `last`
 
 
 @dataclass

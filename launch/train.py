@@ -48,10 +48,9 @@ def write_label_issues(path: Path, columns: dict[str, np.ndarray], trust: str) -
             writer.writerow([f"{v[i]:.4f}" if np.issubdtype(v.dtype, np.floating) else int(v[i]) for v in values])
 
 
-def _given_flags(state: dict, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """(flagged, noise score) of the given labels from a per-sample state message (selection.gmm)."""
-    flagged, trust = given_label_verdict(state["given"], state["corrected"], state["clean"], threshold)
-    return flagged, 1.0 - trust
+def _given_verdict(state: dict, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(flagged, trust) of the given labels from a per-sample state message (selection.gmm)."""
+    return given_label_verdict(state["given"], state["corrected"], state["clean"], threshold)
 
 
 class RunRecorder:
@@ -80,11 +79,11 @@ class RunRecorder:
             self.last_state = message
             if self.true is not None:
                 clean = message["clean"]
+                flagged, trust = _given_verdict(message, self.threshold)
                 self.state_metrics[message["epoch"]] = {
                     "corrected_label_acc": float(np.mean(message["corrected"] == self.true)),
                     "detection": detection_metrics(clean < self.threshold, 1.0 - clean, message["given"], self.true),
-                    "given_label_detection": detection_metrics(*_given_flags(message, self.threshold), message["given"],
-                                                               self.true),
+                    "given_label_detection": detection_metrics(flagged, 1.0 - trust, message["given"], self.true),
                 }
         elif kind == "ids":
             self.audit[(message["epoch"], message["rank"])] = message["ids"]
@@ -213,10 +212,10 @@ def train(config: Config, log=print) -> dict:
         last = recorder.last_state
         for key, stage in (("pass_s", "loss_pass"), ("gmm_s", "gmm"), ("index_s", "index")):
             stage_times[stage] = sum(record.get(key, 0.0) for record in records)
-        flagged, noise_score = _given_flags(last, config.gmm_threshold)
+        flagged, trust = _given_verdict(last, config.gmm_threshold)
         write_label_issues(run_dir / "label_issues.csv", {
             "given_label": last["given"], "corrected_label": last["corrected"], "clean_probability": last["clean"],
-            "given_label_trust": 1.0 - noise_score, "flagged": flagged.astype(np.int64),
+            "given_label_trust": trust, "flagged": flagged.astype(np.int64),
         }, trust="given_label_trust")
         summary.update(recorder.state_metrics.get(last["epoch"], {}))
     summary["stage_times_s"] = stage_times
