@@ -20,7 +20,7 @@ from noisymix.distributed.engine import (InputTransform, build_optimizer, epoch_
                                          resolve_padding, train_epoch)
 from noisymix.distributed.models import create_model
 from noisymix.mixing.methods import PlainTargets
-from noisymix.selection.crossval import assemble_out_of_fold, stratified_folds
+from noisymix.selection.crossval import assemble_out_of_fold, load_out_of_fold, stratified_folds
 from noisymix.selection.mismatch import MixingTable, build_mixing_table
 
 
@@ -199,7 +199,8 @@ def selection_stage(cfg, manifest: dict, data_dir: str, previous: Selection | No
 
     The first selection reads the train split once and puts its images in the object store, where
     fold tasks and train workers read them zero-copy (they also serve `partner_source=global`); a
-    re-selection reuses them and warm-starts the folds from `init_state`.
+    re-selection reuses them and warm-starts the folds from `init_state`. With `oof_from`, the first
+    selection takes an earlier run's out-of-fold probabilities instead of training folds.
     """
     started = time.perf_counter()
     if previous is None:
@@ -209,9 +210,13 @@ def selection_stage(cfg, manifest: dict, data_dir: str, previous: Selection | No
         images_ref = ray.put(images)
     else:
         images_ref, given = previous.images_ref, previous.given
-    probs, fold_of, fold_runs = run_folds_parallel(images_ref, given, cfg.folds, fold_settings(cfg, manifest),
-                                                      cpus=cfg.fold_cpus, gpus=cfg.fold_gpus, retries=cfg.fold_retries,
-                                                      init_state=init_state)
+    if previous is None and cfg.oof_from:
+        probs, fold_of = load_out_of_fold(cfg.oof_from, given, manifest["num_classes"])
+        fold_runs = []
+    else:
+        probs, fold_of, fold_runs = run_folds_parallel(images_ref, given, cfg.folds, fold_settings(cfg, manifest),
+                                                       cpus=cfg.fold_cpus, gpus=cfg.fold_gpus,
+                                                       retries=cfg.fold_retries, init_state=init_state)
     table = build_mixing_table(probs, given, cfg.tau_low, cfg.tau_high)
     return Selection(table, given, fold_of, fold_runs, time.perf_counter() - started, images_ref,
                      ray.put(table.to_arrays()))

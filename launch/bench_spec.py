@@ -81,6 +81,12 @@ def _seeds(value, where: str) -> list[int]:
     return seeds
 
 
+def _placed(values: dict, setting: str, seed: int) -> dict:
+    """String values with `{setting}` and `{seed}` filled in: per-cell files such as an oof_from table."""
+    return {k: v.replace("{setting}", setting).replace("{seed}", str(seed)) if isinstance(v, str) else v
+            for k, v in values.items()}
+
+
 def _check_config(cell: Cell) -> None:
     """Build the cell's config now, so an unknown method, noise type or dataset stops the spec before any run."""
     try:
@@ -140,7 +146,8 @@ def parse_spec(raw: dict) -> Spec:
                 continue
             for label in method_values:
                 if setting in method_settings[label] and (method_seeds[label] is None or seed in method_seeds[label]):
-                    overrides = {**base, **setting_values[setting], **method_values[label], "seed": seed}
+                    overrides = _placed({**base, **setting_values[setting], **method_values[label], "seed": seed},
+                                        setting, seed)
                     cells.append(Cell(f"{setting}/{label}/seed{seed}", "matrix", setting, label, seed, overrides))
 
     throughput = raw.get("throughput")

@@ -22,7 +22,7 @@ SCHEDULES = ("cosine", "multistep")
 
 # Knobs read only by some methods: a change to them leaves every other method's runs as they were.
 SELECTMIX_KNOBS = ("folds", "fold_epochs", "fold_select", "fold_cpus", "fold_gpus", "fold_retries", "tau_low", "tau_high", "partners",
-                   "partner_source", "selectmix_label", "lambda_per", "buffer_size", "reselect_every")
+                   "partner_source", "selectmix_label", "lambda_per", "buffer_size", "reselect_every", "oof_from")
 GMM_KNOBS = ("warmup", "loss_window", "gmm_max_iter", "gmm_tol", "gmm_reg_covar", "gmm_threshold")
 MIXNN_KNOBS = (*GMM_KNOBS, "es", "update_every", "soft_momentum", "knn", "weight_eps", "neighbour_source",
                "normalise_embeddings", "index_metric", "index_kind", "index_nlist", "index_nprobe", "index_gpu")
@@ -89,6 +89,7 @@ class Config:
     lambda_per: str = "sample"
     buffer_size: int = 256
     reselect_every: int = 0
+    oof_from: typing.Optional[str] = None  # an earlier run's oof.npz: its out-of-fold P instead of training folds
     # MixNN and GMM selection (docs/methods.md B, C); -1 epochs = the paper's share of `epochs`
     warmup: int = -1
     es: int = -1

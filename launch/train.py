@@ -106,9 +106,13 @@ class RunRecorder:
 def _select(config: Config, manifest: dict, data_dir: str, run_dir: Path, true_labels: np.ndarray | None, log,
             epoch: int = 0, previous: Selection | None = None, init_state: dict | None = None) -> tuple[Selection, dict]:
     """One SelectMix selection round: folds, table, oof.npz and label_issues.csv (the latest round's)."""
-    start = "fresh models" if init_state is None else f"the main model of epoch {epoch}"
-    log(f"selection at epoch {epoch}: {config.folds} folds x {config.fold_epochs} epochs from {start}, as Ray tasks "
-        f"(predictions of the {config.fold_select} fold epoch)")
+    reused = previous is None and bool(config.oof_from)
+    if reused:
+        log(f"selection at epoch {epoch}: out-of-fold probabilities of {config.oof_from} (no fold training)")
+    else:
+        start = "fresh models" if init_state is None else f"the main model of epoch {epoch}"
+        log(f"selection at epoch {epoch}: {config.folds} folds x {config.fold_epochs} epochs from {start}, as Ray "
+            f"tasks (predictions of the {config.fold_select} fold epoch)")
     selection = selection_stage(config, manifest, data_dir, previous, init_state)
     table, given = selection.table, selection.given
     np.savez(run_dir / "oof.npz", probs=table.probs, given=given, fold=selection.fold_of,
@@ -124,6 +128,8 @@ def _select(config: Config, manifest: dict, data_dir: str, run_dir: Path, true_l
            if table.fallback_classes else ""))
     round_info = {"epoch": epoch, "seconds": selection.seconds, "flagged": int(table.uncertain.sum()),
                   "folds": selection.fold_runs}
+    if reused:
+        round_info["oof_from"] = config.oof_from
     if true_labels is not None:
         round_info["detection"] = selection_report(table.uncertain, table.predicted, table.probs, given, true_labels)
     return selection, round_info
@@ -136,6 +142,8 @@ def _preflight(config: Config, log) -> tuple[str, dict]:
     shards.check_shards(data_dir, manifest)
     if config.method == "clean" and not manifest["has_true_labels"]:
         raise ConfigError(f"method=clean trains on true labels, and {data_dir} has none (real-noise dataset)")
+    if config.method == "selectmix" and config.oof_from and not Path(config.oof_from).is_file():
+        raise ConfigError(f"oof_from={config.oof_from} is not a file (an oof.npz of an earlier SelectMix run)")
     for split in ("train", "val", "test"):
         count = len(manifest["splits"][split]["shards"])
         if count < config.num_workers:

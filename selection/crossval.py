@@ -38,3 +38,32 @@ def assemble_out_of_fold(num_samples: int, fold_outputs: Iterable[tuple[np.ndarr
         bad = np.flatnonzero(seen != 1)
         raise SelectionError(f"out-of-fold predictions cover ids unevenly: {bad.size} ids seen != once (first {bad[:5]})")
     return probs
+
+
+def load_out_of_fold(path, given: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(P, fold of each id; -1 where unknown) from an earlier run's oof.npz, checked against these labels.
+
+    The file must hold `probs` (N x C rows on the simplex) and the `given` labels they were made for:
+    predictions made for another dataset, noise draw or seed are refused, not silently misapplied.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError) as exc:
+        raise SelectionError(f"cannot read out-of-fold predictions from {path}: {exc}") from exc
+    missing = {"probs", "given"} - set(arrays)
+    if missing:
+        raise SelectionError(f"{path} lacks {', '.join(sorted(missing))}: not an oof.npz of a SelectMix run")
+    probs, file_given = arrays["probs"], arrays["given"]
+    if probs.shape != (len(given), num_classes):
+        raise SelectionError(f"{path} holds {probs.shape} probabilities; this data needs ({len(given)}, {num_classes})")
+    if not np.array_equal(file_given, given):
+        raise SelectionError(f"{path} was made for other given labels ({int(np.sum(file_given != given))} of "
+                             f"{len(given)} differ): another dataset, noise draw or seed")
+    probs = probs.astype(np.float32)
+    if not np.isfinite(probs).all() or (probs < 0).any() or not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
+        raise SelectionError(f"{path}: every row of probs must be a probability vector (finite, >= 0, sum 1)")
+    fold_of = arrays.get("fold", np.full(len(given), -1))
+    if fold_of.shape != given.shape:
+        fold_of = np.full(len(given), -1)
+    return probs, fold_of.astype(np.int64)

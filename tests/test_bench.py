@@ -40,6 +40,14 @@ def test_spec_expands_seed_major_with_a_clean_bound_per_seed_and_method_restrict
                                        "noise_rate": 0.4, "method": "mixup", "seed": 0}
 
 
+def test_setting_and_seed_placeholders_name_per_cell_files():
+    methods = {"ce": {"method": "ce"}, "oracle": {"method": "selectmix", "oof_from": "tables/{setting}-seed{seed}.npz"}}
+    spec = parse_spec(spec_dict(methods=methods))
+    files = {c.id: c.overrides["oof_from"] for c in spec.cells if c.method == "oracle"}
+    assert files == {"sym40/oracle/seed0": "tables/sym40-seed0.npz", "pair40/oracle/seed0": "tables/pair40-seed0.npz",
+                     "sym40/oracle/seed1": "tables/sym40-seed1.npz"}
+
+
 def test_the_committed_fashion_spec_is_valid(monkeypatch):
     root = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(root)  # its source_path is relative to the repository root, like the README's command

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from noisymix.selection.crossval import assemble_out_of_fold, stratified_folds
+from noisymix.selection.crossval import assemble_out_of_fold, load_out_of_fold, stratified_folds
 from noisymix.selection.detection import detection_metrics, selection_report
 from noisymix.selection.mismatch import MixingTable, build_mixing_table, trusted_pools, uncertain_set
 
@@ -86,3 +86,33 @@ def test_selection_report_scores_given_label_probability():
     report = selection_report(uncertain_set(P.argmax(1), Y, P.max(1)), P.argmax(1), P, Y, true)
     assert report["recall"] == 1.0 and report["precision"] == 1.0
     assert report["predicted_class_acc_on_flagged"] == 1.0
+
+
+def _oof_file(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+def test_out_of_fold_predictions_load_from_an_earlier_run(tmp_path):
+    given = np.array([0, 1, 2, 1])
+    probs = np.eye(3)[[0, 2, 2, 1]]
+    path = _oof_file(tmp_path / "oof.npz", probs=probs, given=given, fold=np.array([0, 1, 0, 1]))
+    loaded, fold_of = load_out_of_fold(path, given, 3)
+    assert np.array_equal(loaded, probs) and fold_of.tolist() == [0, 1, 0, 1]
+    assert load_out_of_fold(_oof_file(tmp_path / "nofold.npz", probs=probs, given=given), given, 3)[1].tolist() == [-1] * 4
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"probs": np.eye(3)[[0, 1, 2, 1]]}, "lacks given"),
+    ({"probs": np.eye(4)[[0, 1, 2, 1]], "given": np.array([0, 1, 2, 1])}, r"needs \(4, 3\)"),
+    ({"probs": np.eye(3)[[0, 1, 2, 1]], "given": np.array([0, 1, 2, 2])}, "1 of 4 differ"),
+    ({"probs": np.full((4, 3), 0.5), "given": np.array([0, 1, 2, 1])}, "probability vector"),
+    ({"probs": np.array([[np.nan, 1, 0]] * 4), "given": np.array([0, 1, 2, 1])}, "probability vector"),
+    ({"probs": np.array([None] * 12, dtype=object).reshape(4, 3), "given": np.array([0, 1, 2, 1])}, "cannot read"),
+])
+def test_out_of_fold_file_that_does_not_fit_is_refused(tmp_path, arrays, message):
+    path = _oof_file(tmp_path / "oof.npz", **arrays)
+    with pytest.raises(ValueError, match=message):
+        load_out_of_fold(path, np.array([0, 1, 2, 1]), 3)
+    with pytest.raises(ValueError, match="cannot read"):
+        load_out_of_fold(tmp_path / "absent.npz", np.array([0, 1, 2, 1]), 3)

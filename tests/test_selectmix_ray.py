@@ -98,3 +98,35 @@ def test_reselection_mid_training_warm_starts_folds_and_resumes_the_run(ray_sess
     assert [r["epoch"] for r in records] == [0, 1, 2]
     assert records[2]["resumed_from_epoch"] == 2, "the second segment continued from the first one's checkpoint"
     assert summary["detection"] == second["detection"]
+
+
+def test_out_of_fold_predictions_of_an_earlier_run_replace_the_folds(ray_session, digits_dir, digits_train, tmp_path,
+                                                                     capsys):
+    manifest, _, given = digits_train
+    planted = np.flatnonzero(np.arange(len(given)) % 7 == 0)
+    predicted = given.copy()
+    predicted[planted] = (given[planted] + 1) % 10
+    oof = tmp_path / "oof.npz"
+    np.savez(oof, probs=np.eye(10, dtype=np.float32)[predicted], given=given)
+    run = tmp_path / "run"
+    code = main(["train", "method=selectmix", f"data_dir={digits_dir}", f"run_dir={run}", "epochs=1", "num_shards=4",
+                 f"oof_from={oof}"])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["selections"][0]["folds"] == [] and summary["selections"][0]["oof_from"] == str(oof)
+    assert np.array_equal(np.flatnonzero(np.load(run / "oof.npz")["uncertain"]), planted)
+    with open(run / "label_issues.csv") as fh:
+        flagged = sorted(int(r["id"]) for r in csv.DictReader(fh) if r["flagged"] == "1")
+    assert flagged == planted.tolist()
+
+
+def test_out_of_fold_predictions_for_other_labels_are_refused(ray_session, digits_dir, digits_train, tmp_path, capsys):
+    _, _, given = digits_train
+    oof = tmp_path / "oof.npz"
+    np.savez(oof, probs=np.eye(10, dtype=np.float32)[given], given=(given + 1) % 10)
+    code = main(["train", "method=selectmix", f"data_dir={digits_dir}", f"run_dir={tmp_path / 'r'}", "num_shards=4",
+                 f"oof_from={oof}"])
+    assert code == 2 and "other given labels" in capsys.readouterr().err
+    code = main(["train", "method=selectmix", f"data_dir={digits_dir}", f"run_dir={tmp_path / 'r2'}", "num_shards=4",
+                 f"oof_from={tmp_path / 'absent.npz'}"])
+    assert code == 2 and "is not a file" in capsys.readouterr().err

@@ -1,0 +1,56 @@
+"""A perfect detector's out-of-fold table for every bench cell that asks for one (`oof_from`).
+
+The oracle cells of a spec measure the ceiling of SelectMix's batch rule: what its mixing would reach
+if the fold stage were perfect (flagged = exactly the wrong labels, predicted class = the true one,
+trusted pools = the clean samples). This writes, at each such cell's `oof_from`, an oof.npz whose
+out-of-fold P is the one-hot TRUE label of the cell's prepared data; the training run reads it as it
+would read an earlier run's predictions. True labels are read here, by the benchmark, never by training.
+
+    python benchmarks/oracle_table.py benchmarks/fashion_mnist_memorise.yaml
+    noisymix bench benchmarks/fashion_mnist_memorise.yaml --only '*/selectmix_oracle*/*'
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from noisymix.distributed import shards
+from noisymix.distributed.folds import load_split
+from noisymix.launch.bench_spec import load_spec
+from noisymix.launch.prepare import prepare
+
+
+def write_oracle_table(data_dir: Path, target: Path) -> dict:
+    """One-hot true-label P beside the given labels, in oof.npz's layout; returns what it holds."""
+    manifest = shards.load_manifest(data_dir)
+    if not manifest["has_true_labels"]:
+        raise SystemExit(f"{data_dir} has no true labels: an oracle table needs synthetic noise")
+    given = load_split(str(data_dir), manifest)[2]
+    true = load_split(str(data_dir), manifest, label_key=shards.TRUE_LABEL)[2]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(target, probs=np.eye(manifest["num_classes"], dtype=np.float32)[true], given=given)
+    return {"samples": len(given), "wrong_labels": int(np.sum(given != true))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("spec", type=Path)
+    parser.add_argument("--work", type=Path, help="the bench's work directory (default runs/bench/NAME)")
+    args = parser.parse_args()
+    spec = load_spec(args.spec)
+    work = args.work or Path("runs") / "bench" / spec.name
+    cells = [c for c in spec.cells if c.overrides.get("oof_from")]
+    if not cells:
+        raise SystemExit(f"no cell of {args.spec} sets oof_from")
+    for cell in cells:
+        config = cell.config(work)
+        data_dir = prepare(config, log=lambda line: None)
+        held = write_oracle_table(data_dir, Path(config.oof_from))
+        print(f"{cell.id}: {config.oof_from} ({held['wrong_labels']} of {held['samples']} given labels wrong)")
+
+
+if __name__ == "__main__":
+    main()
