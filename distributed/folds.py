@@ -106,7 +106,7 @@ def train_fold(fold: int, train_pos: np.ndarray, held_pos: np.ndarray, images: n
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor("cosine", s.epochs, [], 0.1))
     transform = InputTransform(s.mean, s.std, s.padding, s.hflip)
     method = PlainTargets(s.num_classes)
-    kept, best_agreement = None, -1.0
+    kept, best_agreement = None, -1.0  # (epoch, held ids, probabilities) of the predicting fold epoch
     for epoch in range(s.epochs):
         rng = epoch_rng(s.seed, epoch, 1000 + fold)
         train_epoch(model, optimizer, array_batches(images, labels, train_pos, s.batch_size, rng), method,
@@ -118,9 +118,9 @@ def train_fold(fold: int, train_pos: np.ndarray, held_pos: np.ndarray, images: n
                 device, s.amp)
             agreement = float(np.mean(probs.argmax(axis=1) == held_labels))
             if agreement >= best_agreement:
-                kept, best_agreement = FoldResult(fold, held_ids, probs, epoch + 1, 0.0), agreement
-    kept.seconds = time.perf_counter() - started
-    return kept
+                kept, best_agreement = (epoch + 1, held_ids, probs), agreement
+    epoch, held_ids, probs = kept
+    return FoldResult(fold, held_ids, probs, epoch, time.perf_counter() - started)
 
 
 @ray.remote

@@ -110,12 +110,11 @@ def _ms(value: tuple[float, float] | None, digits: int = 4, seeds: int = 1) -> s
     return f"{value[0]:.{digits}f} ± {value[1]:.{digits}f}" if seeds > 1 else f"{value[0]:.{digits}f}"
 
 
-def _opt(value: float | None, fmt: str) -> str:
-    return "-" if value is None else format(value, fmt)
-
-
-def _split(split: tuple[float, float] | None) -> str:
-    return "-" if split is None else f"{split[0]:.2f} / {split[1]:.2f}"
+def _opt(value: float | tuple[float, ...] | None, fmt: str) -> str:
+    """The value (a tuple as `a / b`) in `fmt`, or - where it is missing."""
+    if value is None:
+        return "-"
+    return " / ".join(format(v, fmt) for v in value) if isinstance(value, tuple) else format(value, fmt)
 
 
 def markdown(results: dict, plots: list[str]) -> str:
@@ -185,6 +184,6 @@ def _cost_table(title: str, rows: list[dict]) -> list[str]:
         lines.append(f"| {r['cell']} | {r['workers']} | {r['rate']:,.0f} | {_opt(r['step_vs_ce'], '.2f')}"
                      f"{'x' if r['step_vs_ce'] else ''} | "
                      f"{r['epoch_s']:.1f} | {r['pass_share']:.1%} | {r['index_share']:.1%} | "
-                     f"{_split(r['index_split'])} | {_opt(r['folds_s'], '.0f')} | "
+                     f"{_opt(r['index_split'], '.2f')} | {_opt(r['folds_s'], '.0f')} | "
                      f"{r['wall_s']:.0f} |")
     return lines + [""]
