@@ -97,7 +97,8 @@ def fake_summary(config, acc):
     return {"method": config.method, "test_acc": acc, "test_acc_last": acc - 0.01, "test_acc_best_test": acc + 0.01,
             "wall_time_s": 10.0 * (2 if config.method == "gmm_select" else 1), "workers": config.num_workers,
             "seed": config.seed, "stage_times_s": {"main_training": 9.0},
-            **({"detection": {"f1": 0.8}, "corrected_label_acc": 0.7} if config.method == "gmm_select" else {})}
+            **({"detection": {"f1": 0.8}, "given_label_detection": {"f1": 0.85 + 0.01 * config.seed},
+                "corrected_label_acc": 0.7} if config.method == "gmm_select" else {})}
 
 
 # Headline accuracy of each fake cell: clean 0.9, CE 0.6 (+0.02 per seed), the others in between.
@@ -190,7 +191,7 @@ def test_table_numbers_on_fake_runs(tmp_path, fake_train):
     assert gmm["wall_vs_ce"] == (2.0, 0.0) and gmm["f1"] == (0.8, 0.0)
     assert rows["pair40", "mixup"]["recovery"] == pytest.approx(0.06 / 0.3)
     text = markdown({**results, "command": "noisymix bench tiny.yaml"}, ["x.png"])
-    assert "| sym40 | gmm | 2 | 0.7600 ± 0.0141 | 0.7500 ± 0.0141 | 0.7700 ± 0.0141 | 0.50 | 0.800 ± 0.000 |" in text
+    assert "| sym40 | gmm | 2 | 0.7600 ± 0.0141 | 0.7500 ± 0.0141 | 0.7700 ± 0.0141 | 0.50 | 0.800 ± 0.000 | 0.855 ± 0.007 |" in text
     assert "Clean bound (CE on the true labels): 0.9100 ± 0.0141 over 2 seed(s)." in text
     # Cost at the curves setting: gmm's step rate 800 vs CE's 1000, pass 0.5 s of 5 s epochs.
     assert "| gmm | 1 | 800 | 1.25x | 5.0 | 10.0% | 0.0% | - | - | 20 |" in text, "no index: no split"
