@@ -1,0 +1,78 @@
+"""How good SelectMix's folds were, and how good they would have to be for a detection F1 target.
+
+The flag is "out-of-fold prediction != given label". A wrongly labelled sample is flagged unless the fold
+predicts exactly its wrong label (recall stays near 1); a correctly labelled one is flagged whenever the
+fold errs on it. With noise rate n, recall r and the folds' error rate e on correctly labelled samples,
+precision = n r / (n r + (1 - n) e), so an F1 target f caps e, i.e. asks for a fold accuracy on the
+correctly labelled samples of at least 1 - e_max. Scored against the shards' true labels (evaluation only).
+
+    python benchmarks/fold_accuracy.py --f1 0.9 --out benchmarks/results/fold_accuracy \\
+        runs/bench/fashion_mnist_memorise/cells/*-selectmix{,_folds8,_folds8_best}-seed0/run \\
+        runs/bench/fashion_mnist/cells/symmetric40-selectmix-seed*/run runs/bench/fashion_mnist_long/cells/*selectmix*/run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from noisymix.distributed import shards
+from noisymix.distributed.folds import load_split
+
+
+def required_clean_accuracy(noise_rate: float, recall: float, f1: float) -> float:
+    """The fold accuracy on correctly labelled samples below which F1 < f1, at this noise rate and recall."""
+    if 2 * recall <= f1:
+        return float("nan")
+    precision = f1 * recall / (2 * recall - f1)
+    error = noise_rate * recall * (1 / precision - 1) / (1 - noise_rate)
+    return 1.0 - error
+
+
+def fold_quality(run: Path, f1_target: float) -> dict:
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    manifest = shards.load_manifest(config["data_dir"])
+    true = load_split(config["data_dir"], manifest, label_key=shards.TRUE_LABEL)[2]
+    with np.load(run / "oof.npz", allow_pickle=False) as oof:
+        given, predicted = oof["given"], oof["probs"].argmax(axis=1)
+    wrong, flagged, right = given != true, predicted != given, predicted == true
+    recall = float(np.mean(flagged[wrong]))
+    precision = float(np.mean(wrong[flagged]))
+    noise = float(np.mean(wrong))
+    return {"run": str(run), "train": len(given), "noise": noise, "folds": config["folds"],
+            "fold_epochs": config["fold_epochs"], "fold_select": config.get("fold_select", "last"),
+            "oof_acc": float(np.mean(right)), "oof_acc_on_clean": float(np.mean(right[~wrong])),
+            "oof_acc_on_wrong": float(np.mean(right[wrong])), "precision": precision, "recall": recall,
+            "f1": 2 * precision * recall / (precision + recall),
+            "needed_acc_on_clean": required_clean_accuracy(noise, recall, f1_target)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--f1", type=float, default=0.9, help="the F1 target whose fold accuracy is asked for")
+    parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
+    args = parser.parse_args()
+    rows = [fold_quality(run, args.f1) for run in args.runs if (run / "oof.npz").is_file()]
+    lines = [f"| run | train | noise | folds x epochs (kept) | OOF acc | on clean labels | F1 | P | R | "
+             f"acc on clean labels needed for F1 {args.f1} |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        name = "/".join(Path(r["run"]).parts[-4:-1:2])
+        lines.append(f"| {name} | {r['train']:,} | {r['noise']:.3f} | {r['folds']} x {r['fold_epochs']} ({r['fold_select']}) "
+                     f"| {r['oof_acc']:.3f} | {r['oof_acc_on_clean']:.3f} | {r['f1']:.3f} | {r['precision']:.3f} | "
+                     f"{r['recall']:.3f} | {r['needed_acc_on_clean']:.3f} |")
+    print("\n".join(lines))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps({"f1_target": args.f1, "runs": rows}, indent=1))
+        args.out.with_suffix(".md").write_text(
+            "# SelectMix fold quality against the F1 target\n\n" + "\n\n".join(__doc__.split("\n\n")[1:3]) + "\n\n"
+            + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
