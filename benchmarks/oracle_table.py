@@ -1,13 +1,16 @@
-"""A perfect detector's out-of-fold table for every bench cell that asks for one (`oof_from`).
+"""A perfect detector's out-of-fold table for every bench cell that asks for one (`oof_from`, `clean_from`).
 
-The oracle cells of a spec measure the ceiling of SelectMix's batch rule: what its mixing would reach
-if the fold stage were perfect (flagged = exactly the wrong labels, predicted class = the true one,
-trusted pools = the clean samples). This writes, at each such cell's `oof_from`, an oof.npz whose
-out-of-fold P is the one-hot TRUE label of the cell's prepared data; the training run reads it as it
-would read an earlier run's predictions. True labels are read here, by the benchmark, never by training.
+The oracle cells of a spec measure the ceiling of a method's batch rule: what SelectMix's mixing would
+reach if the fold stage were perfect (flagged = exactly the wrong labels, predicted class = the true one,
+trusted pools = the clean samples), and what MixNN's would reach with perfect clean probabilities
+(w_i = P[i, y_i] = 1 for a correct given label, 0 for a wrong one). This writes, at each such cell's
+path, an oof.npz whose out-of-fold P is the one-hot TRUE label of the cell's prepared data; the training
+run reads it as it would read an earlier run's predictions. True labels are read here, by the benchmark,
+never by training. Only paths under the bench's `oracle/` folder are written: a cell that names another
+file (a real run's oof.npz) is left alone.
 
     python benchmarks/oracle_table.py benchmarks/fashion_mnist_memorise.yaml
-    noisymix bench benchmarks/fashion_mnist_memorise.yaml --only '*/selectmix_oracle*/*'
+    noisymix bench benchmarks/fashion_mnist_memorise.yaml --only '*/*_oracle*/*'
 """
 
 from __future__ import annotations
@@ -42,14 +45,17 @@ def main() -> None:
     args = parser.parse_args()
     spec = load_spec(args.spec)
     work = args.work or Path("runs") / "bench" / spec.name
-    cells = [c for c in spec.cells if c.overrides.get("oof_from")]
+    oracle_dir = (work / "oracle").resolve()
+    cells = [c for c in spec.cells
+             if oracle_dir in Path(c.overrides.get("oof_from") or c.overrides.get("clean_from") or "/").resolve().parents]
     if not cells:
-        raise SystemExit(f"no cell of {args.spec} sets oof_from")
+        raise SystemExit(f"no cell of {args.spec} reads a table under {work / 'oracle'} (oof_from or clean_from)")
     for cell in cells:
         config = cell.config(work)
         data_dir = prepare(config, log=lambda line: None)
-        held = write_oracle_table(data_dir, Path(config.oof_from))
-        print(f"{cell.id}: {config.oof_from} ({held['wrong_labels']} of {held['samples']} given labels wrong)")
+        target = Path(config.oof_from or config.clean_from)
+        held = write_oracle_table(data_dir, target)
+        print(f"{cell.id}: {target} ({held['wrong_labels']} of {held['samples']} given labels wrong)")
 
 
 if __name__ == "__main__":

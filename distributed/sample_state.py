@@ -131,6 +131,7 @@ class PassSettings:
     index_nprobe: int = 8
     index_threads: int = 1
     index_gpu: bool = True
+    fixed_clean: np.ndarray | None = None  # `clean_from`: w for every id, in place of the GMM fit
 
 
 def refresh_state(state: SampleState, model, batches, transform: InputTransform, device, amp: bool,
@@ -153,7 +154,9 @@ def refresh_state(state: SampleState, model, batches, transform: InputTransform,
     state.loss_history = (state.loss_history + [normalise_losses(losses)])[-s.loss_window:]
     w = torch.zeros(n, dtype=torch.float32, device=device)
     info = {"degenerate": 0.0}
-    if rank == 0:
+    if rank == 0 and s.fixed_clean is not None:
+        w = torch.from_numpy(s.fixed_clean.astype(np.float32)).to(device)
+    elif rank == 0:
         fit = clean_probability(window_average(state.loss_history, s.loss_window), max_iter=s.gmm_max_iter,
                                 tol=s.gmm_tol, reg_covar=s.gmm_reg_covar, seed=s.seed)
         w = torch.from_numpy(fit.w.astype(np.float32)).to(device)

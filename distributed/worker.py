@@ -72,8 +72,10 @@ def phase_for(cfg: SimpleNamespace, epoch: int) -> str:
     return "mixup" if epoch < cfg.es else "neighbours"
 
 
-def pass_settings(cfg: SimpleNamespace, epoch: int, index_name: str) -> PassSettings:
-    """What this epoch's refresh does: soft targets move from `es` every `update_every` epochs."""
+def pass_settings(cfg: SimpleNamespace, epoch: int, index_name: str,
+                  fixed_clean: np.ndarray | None = None) -> PassSettings:
+    """What this epoch's refresh does: soft targets move from `es` every `update_every` epochs; the clean
+    probabilities come from the loss GMM unless `clean_from` fixed them."""
     mixnn_main = cfg.method == "mixnn" and epoch >= cfg.es
     return PassSettings(
         epoch_updates_targets=mixnn_main and (epoch - cfg.es) % cfg.update_every == 0,
@@ -82,7 +84,7 @@ def pass_settings(cfg: SimpleNamespace, epoch: int, index_name: str) -> PassSett
         neighbours=cfg.knn if mixnn_main and cfg.neighbour_source == "global" else 0,
         index_name=index_name, index_metric=cfg.index_metric, index_kind=cfg.index_kind,
         index_nlist=cfg.index_nlist, index_nprobe=cfg.index_nprobe,
-        index_threads=max(1, int(cfg.cpus_per_worker)), index_gpu=cfg.index_gpu,
+        index_threads=max(1, int(cfg.cpus_per_worker)), index_gpu=cfg.index_gpu, fixed_clean=fixed_clean,
     )
 
 
@@ -150,6 +152,7 @@ def train_loop(loop_config: dict) -> None:
     start_epoch, resumed_from = 0, None
     needs_pass = cfg.method in ("mixnn", "gmm_select")
     sample_state = SampleState(manifest["splits"]["train"]["count"], num_classes) if needs_pass else None
+    fixed_clean = ray.get(loop_config["fixed_clean"]) if "fixed_clean" in loop_config else None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -188,7 +191,7 @@ def train_loop(loop_config: dict) -> None:
             if epoch >= cfg.warmup:
                 refresh = refresh_state(sample_state, _unwrap(model), eval_stream("train"), eval_transform, device,
                                         cfg.amp, cfg.normalise_embeddings,
-                                        pass_settings(cfg, epoch, loop_config["index_name"]))
+                                        pass_settings(cfg, epoch, loop_config["index_name"], fixed_clean))
                 if channel is not None and cfg.audit_state:
                     channel.put({"kind": "state_digest", "epoch": epoch, "rank": rank, "digest": sample_state.digest()})
                 if channel is not None and rank == 0:

@@ -23,7 +23,7 @@ SCHEDULES = ("cosine", "multistep")
 # Knobs read only by some methods: a change to them leaves every other method's runs as they were.
 SELECTMIX_KNOBS = ("folds", "fold_epochs", "fold_select", "fold_cpus", "fold_gpus", "fold_retries", "tau_low", "tau_high", "partners",
                    "partner_source", "selectmix_label", "lambda_per", "buffer_size", "reselect_every", "oof_from")
-GMM_KNOBS = ("warmup", "loss_window", "gmm_max_iter", "gmm_tol", "gmm_reg_covar", "gmm_threshold")
+GMM_KNOBS = ("warmup", "loss_window", "gmm_max_iter", "gmm_tol", "gmm_reg_covar", "gmm_threshold", "clean_from")
 MIXNN_KNOBS = (*GMM_KNOBS, "es", "update_every", "soft_momentum", "knn", "weight_eps", "neighbour_source",
                "normalise_embeddings", "index_metric", "index_kind", "index_nlist", "index_nprobe", "index_gpu")
 METHOD_KNOBS = {"selectmix": SELECTMIX_KNOBS, "mixnn": MIXNN_KNOBS, "gmm_select": GMM_KNOBS}
@@ -109,6 +109,7 @@ class Config:
     gmm_tol: float = 1e-2
     gmm_reg_covar: float = 5e-4
     gmm_threshold: float = 0.5
+    clean_from: typing.Optional[str] = None  # an earlier run's oof.npz: w_i = P[i, y_i] in place of the loss GMM
     # execution
     num_workers: int = 1
     use_gpu: bool = False

@@ -20,6 +20,7 @@ from noisymix.distributed.worker import CHECKPOINT_FILE, load_state
 from noisymix.launch.config import Config, ConfigError
 from noisymix.launch.prepare import prepare
 from noisymix.launch.report import Progress, summarize, write_json_atomic
+from noisymix.selection.crossval import given_label_probability, load_out_of_fold
 from noisymix.selection.detection import detection_metrics, selection_report
 from noisymix.selection.gmm import given_label_verdict
 
@@ -119,7 +120,7 @@ def _select(config: Config, manifest: dict, data_dir: str, run_dir: Path, true_l
              predicted=table.predicted, confidence=table.confidence, uncertain=table.uncertain)
     write_label_issues(run_dir / "label_issues.csv", {
         "given_label": given, "suggested_label": table.predicted, "confidence": table.confidence,
-        "given_label_prob": table.probs[np.arange(len(given)), given], "flagged": table.uncertain.astype(np.int64),
+        "given_label_prob": given_label_probability(table.probs, given), "flagged": table.uncertain.astype(np.int64),
     }, trust="given_label_prob")
     log(f"selection: {int(table.uncertain.sum())} of {len(table.uncertain)} samples flagged "
         f"({table.uncertain.mean():.1%}) in {selection.seconds:.1f}s; fold epochs kept: "
@@ -142,14 +143,25 @@ def _preflight(config: Config, log) -> tuple[str, dict]:
     shards.check_shards(data_dir, manifest)
     if config.method == "clean" and not manifest["has_true_labels"]:
         raise ConfigError(f"method=clean trains on true labels, and {data_dir} has none (real-noise dataset)")
-    if config.method == "selectmix" and config.oof_from and not Path(config.oof_from).is_file():
-        raise ConfigError(f"oof_from={config.oof_from} is not a file (an oof.npz of an earlier SelectMix run)")
+    for key, methods in (("oof_from", ("selectmix",)), ("clean_from", ("mixnn", "gmm_select"))):
+        path = getattr(config, key)
+        if config.method in methods and path and not Path(path).is_file():
+            raise ConfigError(f"{key}={path} is not a file (an oof.npz of an earlier SelectMix run)")
     for split in ("train", "val", "test"):
         count = len(manifest["splits"][split]["shards"])
         if count < config.num_workers:
             raise ConfigError(f"the {split} split of {data_dir} has {count} shards for num_workers={config.num_workers}; "
                               "prepare with a larger num_shards")
     return str(Path(data_dir).resolve()), manifest
+
+
+def _clean_from(config: Config, data_dir: str, manifest: dict, log) -> np.ndarray:
+    """`clean_from`: w_i = P[i, y_i] of an earlier run's out-of-fold table, checked against this data's labels."""
+    given = load_split(data_dir, manifest)[2]
+    w = given_label_probability(load_out_of_fold(config.clean_from, given, manifest["num_classes"])[0], given)
+    log(f"clean probabilities: P[i, y_i] of {config.clean_from} in place of the loss GMM, every epoch "
+        f"({int(np.sum(w < config.gmm_threshold))} of {len(w)} below gmm_threshold={config.gmm_threshold})")
+    return w
 
 
 def _segment_ends(config: Config) -> list[int]:
@@ -168,6 +180,9 @@ def train(config: Config, log=print) -> dict:
     """Run one training job end to end and return its summary (also written to summary.json)."""
     started = time.perf_counter()
     data_dir, manifest = _preflight(config, log)
+    fixed_clean = None
+    if config.method in ("mixnn", "gmm_select") and config.clean_from:
+        fixed_clean = _clean_from(config, data_dir, manifest, log)
     run_dir = _claim_run_dir(Path(config.run_dir))
     config.save(run_dir / "config.yaml")
     log(f"run {run_dir}: method={config.method} dataset={manifest['dataset']} epochs={config.epochs} "
@@ -187,6 +202,8 @@ def train(config: Config, log=print) -> dict:
         loop_config.update(selectmix_table=selection.table_ref, train_images=selection.images_ref)
     if config.method in ("mixnn", "gmm_select"):
         loop_config["index_name"] = f"noisymix-index-{uuid.uuid4().hex[:8]}"
+        if fixed_clean is not None:
+            loop_config["fixed_clean"] = ray.put(fixed_clean)
         if config.method == "mixnn" and config.neighbour_source == "global":
             loop_config["train_images"] = ray.put(load_split(data_dir, manifest)[1])
 

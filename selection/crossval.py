@@ -67,3 +67,8 @@ def load_out_of_fold(path, given: np.ndarray, num_classes: int) -> tuple[np.ndar
     if fold_of.shape != given.shape:
         fold_of = np.full(len(given), -1)
     return probs, fold_of.astype(np.int64)
+
+
+def given_label_probability(probs: np.ndarray, given: np.ndarray) -> np.ndarray:
+    """P[i, y_i]: how much the out-of-fold model believes each given label (cleanlab's self-confidence)."""
+    return probs[np.arange(len(given)), given]

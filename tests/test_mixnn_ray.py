@@ -8,6 +8,8 @@ import pytest
 import ray
 import torch
 
+from noisymix.distributed import shards
+from noisymix.distributed.folds import load_split
 from noisymix.distributed.index_actor import NeighbourIndex, drop_self, index_actor
 from noisymix.distributed.sample_state import PassSettings, neighbour_table
 from noisymix.launch.cli import main
@@ -104,3 +106,37 @@ def test_state_is_identical_on_both_ranks_after_an_update(ray_session, digits_di
     for d in digests:
         by_epoch.setdefault(d["epoch"], set()).add(d["digest"])
     assert all(len(v) == 1 for v in by_epoch.values()), by_epoch
+
+
+def test_clean_probabilities_from_an_out_of_fold_table_replace_the_gmm(ray_session, digits_dir, tmp_path, capsys):
+    """clean_from: w_i = P[i, y_i] of the table, the same on every epoch."""
+    given = load_split(str(digits_dir), shards.load_manifest(digits_dir))[2]
+    rng = np.random.default_rng(0)
+    w = rng.uniform(size=len(given)).astype(np.float32)
+    probs = np.repeat(((1 - w) / 9)[:, None], 10, axis=1)
+    probs[np.arange(len(given)), given] = w
+    table = tmp_path / "oof.npz"
+    np.savez(table, probs=probs, given=given)
+    run = tmp_path / "run"
+    code = main(["train", "method=gmm_select", f"data_dir={digits_dir}", f"run_dir={run}", "epochs=3", "warmup=1",
+                 "num_shards=4", f"clean_from={table}"])
+    assert code == 0, capsys.readouterr().err
+    with open(run / "label_issues.csv") as fh:
+        rows = sorted(csv.DictReader(fh), key=lambda r: int(r["id"]))
+    assert np.allclose([float(r["clean_probability"]) for r in rows], w, atol=5e-5)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[1]["detection"] == records[2]["detection"], "the same w on every epoch, no GMM refit"
+
+
+def test_clean_probability_tables_for_other_labels_or_absent_are_refused(ray_session, digits_dir, tmp_path, capsys):
+    given = load_split(str(digits_dir), shards.load_manifest(digits_dir))[2]
+    table = tmp_path / "oof.npz"
+    np.savez(table, probs=np.eye(10, dtype=np.float32)[given], given=(given + 1) % 10)
+    code = main(["train", "method=mixnn", f"data_dir={digits_dir}", f"run_dir={tmp_path / 'r'}", "num_shards=4",
+                 f"clean_from={table}"])
+    assert code == 2 and "other given labels" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists(), "refused before a run directory is made"
+    code = main(["train", "method=gmm_select", f"data_dir={digits_dir}", f"run_dir={tmp_path / 'r2'}", "num_shards=4",
+                 f"clean_from={tmp_path / 'absent.npz'}"])
+    assert code == 2 and "is not a file" in capsys.readouterr().err
+
