@@ -109,7 +109,7 @@ class Config:
     gmm_tol: float = 1e-2
     gmm_reg_covar: float = 5e-4
     gmm_threshold: float = 0.5
-    clean_from: typing.Optional[str] = None  # an earlier run's oof.npz: w_i = P[i, y_i] in place of the loss GMM
+    clean_from: typing.Optional[str] = None  # an earlier run's oof.npz: the GMM on its losses -log P[i, y_i] gives w
     # execution
     num_workers: int = 1
     use_gpu: bool = False

@@ -22,7 +22,7 @@ from noisymix.launch.prepare import prepare
 from noisymix.launch.report import Progress, summarize, write_json_atomic
 from noisymix.selection.crossval import given_label_probability, load_out_of_fold
 from noisymix.selection.detection import detection_metrics, selection_report
-from noisymix.selection.gmm import given_label_verdict
+from noisymix.selection.gmm import given_label_verdict, out_of_fold_clean_probability
 
 
 def _claim_run_dir(path: Path) -> Path:
@@ -156,12 +156,18 @@ def _preflight(config: Config, log) -> tuple[str, dict]:
 
 
 def _clean_from(config: Config, data_dir: str, manifest: dict, log) -> np.ndarray:
-    """`clean_from`: w_i = P[i, y_i] of an earlier run's out-of-fold table, checked against this data's labels."""
+    """`clean_from`: w_i from B1's GMM on an earlier run's out-of-fold losses, checked against this data's labels."""
     given = load_split(data_dir, manifest)[2]
-    w = given_label_probability(load_out_of_fold(config.clean_from, given, manifest["num_classes"])[0], given)
-    log(f"clean probabilities: P[i, y_i] of {config.clean_from} in place of the loss GMM, every epoch "
-        f"({int(np.sum(w < config.gmm_threshold))} of {len(w)} below gmm_threshold={config.gmm_threshold})")
-    return w
+    probs = load_out_of_fold(config.clean_from, given, manifest["num_classes"])[0]
+    fit = out_of_fold_clean_probability(probs, given, max_iter=config.gmm_max_iter, tol=config.gmm_tol,
+                                        reg_covar=config.gmm_reg_covar, seed=config.seed)
+    if fit.degenerate:
+        log(f"clean probabilities: the out-of-fold losses of {config.clean_from} do not separate "
+            f"({fit.reason}); every sample is trusted")
+    log(f"clean probabilities: a GMM on the out-of-fold losses -log P[i, y_i] of {config.clean_from}, in place "
+        f"of the training-loss GMM on every epoch ({int(np.sum(fit.w < config.gmm_threshold))} of {len(fit.w)} "
+        f"below gmm_threshold={config.gmm_threshold})")
+    return fit.w
 
 
 def _segment_ends(config: Config) -> list[int]:

@@ -4,7 +4,8 @@ import torch
 
 from noisymix.mixing.mixnn import neighbour_weights, synthetic_sample, synthetic_target, update_soft_targets
 from noisymix.selection.crossval import SelectionError
-from noisymix.selection.gmm import clean_probability, given_label_verdict, normalise_losses, window_average
+from noisymix.selection.gmm import (clean_probability, given_label_verdict, normalise_losses,
+                                   out_of_fold_clean_probability, window_average)
 
 
 def test_gmm_picks_the_low_loss_component_on_a_planted_bimodal_case():
@@ -22,6 +23,18 @@ def test_degenerate_losses_give_all_trusted_not_nan(losses, reason):
     result = clean_probability(normalise_losses(losses))
     assert result.degenerate and reason in result.reason
     assert np.array_equal(result.w, np.ones(len(losses)))
+
+
+def test_out_of_fold_clean_probability_rescales_p_given_and_keeps_a_perfect_table_exact():
+    given = np.arange(200) % 10
+    noisy = np.arange(200) < 80
+    p_given = np.where(noisy, 0.05, 0.35) + np.random.default_rng(1).uniform(-0.02, 0.02, 200)
+    probs = np.repeat(((1 - p_given) / 9)[:, None], 10, axis=1)
+    probs[np.arange(200), given] = p_given
+    w = out_of_fold_clean_probability(probs, given).w
+    np.testing.assert_array_equal(w < 0.5, noisy)
+    perfect = np.eye(10)[np.where(noisy, (given + 1) % 10, given)]
+    np.testing.assert_array_equal(out_of_fold_clean_probability(perfect, given).w, (~noisy).astype(float))
 
 
 def test_given_label_verdict_distrusts_corrected_targets_whatever_their_clean_probability():

@@ -13,6 +13,7 @@ from noisymix.distributed.folds import load_split
 from noisymix.distributed.index_actor import NeighbourIndex, drop_self, index_actor
 from noisymix.distributed.sample_state import PassSettings, neighbour_table
 from noisymix.launch.cli import main
+from noisymix.selection.gmm import out_of_fold_clean_probability
 
 
 def brute_force_neighbours(z, k):
@@ -109,12 +110,15 @@ def test_state_is_identical_on_both_ranks_after_an_update(ray_session, digits_di
 
 
 def test_clean_probabilities_from_an_out_of_fold_table_replace_the_gmm(ray_session, digits_dir, tmp_path, capsys):
-    """clean_from: w_i = P[i, y_i] of the table, the same on every epoch."""
+    """clean_from: w from the GMM on the table's losses -log P[i, y_i], the same on every epoch.
+
+    The planted table is calibrated like folds trained at 80% noise: P[i, y_i] is 0.3 for a clean sample
+    and 0.02 for a noisy one, so taken raw every w would be below 0.5."""
     given = load_split(str(digits_dir), shards.load_manifest(digits_dir))[2]
-    rng = np.random.default_rng(0)
-    w = rng.uniform(size=len(given)).astype(np.float32)
-    probs = np.repeat(((1 - w) / 9)[:, None], 10, axis=1)
-    probs[np.arange(len(given)), given] = w
+    planted_clean = np.random.default_rng(0).uniform(size=len(given)) < 0.3
+    p_given = np.where(planted_clean, 0.3, 0.02).astype(np.float32)
+    probs = np.repeat(((1 - p_given) / 9)[:, None], 10, axis=1)
+    probs[np.arange(len(given)), given] = p_given
     table = tmp_path / "oof.npz"
     np.savez(table, probs=probs, given=given)
     run = tmp_path / "run"
@@ -123,7 +127,9 @@ def test_clean_probabilities_from_an_out_of_fold_table_replace_the_gmm(ray_sessi
     assert code == 0, capsys.readouterr().err
     with open(run / "label_issues.csv") as fh:
         rows = sorted(csv.DictReader(fh), key=lambda r: int(r["id"]))
-    assert np.allclose([float(r["clean_probability"]) for r in rows], w, atol=5e-5)
+    w = np.array([float(r["clean_probability"]) for r in rows])
+    np.testing.assert_array_equal(w > 0.5, planted_clean)
+    np.testing.assert_allclose(w, out_of_fold_clean_probability(probs, given).w, atol=5e-5)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert records[1]["detection"] == records[2]["detection"], "the same w on every epoch, no GMM refit"
 
