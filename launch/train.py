@@ -49,11 +49,6 @@ def write_label_issues(path: Path, columns: dict[str, np.ndarray], trust: str) -
             writer.writerow([f"{v[i]:.4f}" if np.issubdtype(v.dtype, np.floating) else int(v[i]) for v in values])
 
 
-def _given_verdict(state: dict, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """(flagged, trust) of the given labels from a per-sample state message (selection.gmm)."""
-    return given_label_verdict(state["given"], state["corrected"], state["clean"], threshold)
-
-
 class RunRecorder:
     """Takes the workers' records: epoch metrics (metrics.jsonl, progress), per-sample state (scored
     against true labels when the driver has them), and the id/state audits of the tests."""
@@ -64,6 +59,7 @@ class RunRecorder:
         self.history: dict[int, dict] = {}
         self.state_metrics: dict[int, dict] = {}
         self.last_state: dict | None = None
+        self.last_verdict: tuple[np.ndarray, np.ndarray] | None = None  # (flagged, trust) of last_state
         self.audit: dict[tuple[int, int], np.ndarray] = {}
         self.digests: list[dict] = []
         self.metrics_file = open(run_dir / "metrics.jsonl", "a")
@@ -77,10 +73,11 @@ class RunRecorder:
             self.metrics_file.flush()
             self.progress.epoch(message)
         elif kind == "state":
-            self.last_state = message
+            flagged, trust = given_label_verdict(message["given"], message["corrected"], message["clean"],
+                                                 self.threshold)
+            self.last_state, self.last_verdict = message, (flagged, trust)
             if self.true is not None:
                 clean = message["clean"]
-                flagged, trust = _given_verdict(message, self.threshold)
                 self.state_metrics[message["epoch"]] = {
                     "corrected_label_acc": float(np.mean(message["corrected"] == self.true)),
                     "detection": detection_metrics(clean < self.threshold, 1.0 - clean, message["given"], self.true),
@@ -243,7 +240,7 @@ def train(config: Config, log=print) -> dict:
         last = recorder.last_state
         for key, stage in (("pass_s", "loss_pass"), ("gmm_s", "gmm"), ("index_s", "index")):
             stage_times[stage] = sum(record.get(key, 0.0) for record in records)
-        flagged, trust = _given_verdict(last, config.gmm_threshold)
+        flagged, trust = recorder.last_verdict
         write_label_issues(run_dir / "label_issues.csv", {
             "given_label": last["given"], "corrected_label": last["corrected"], "clean_probability": last["clean"],
             "given_label_trust": trust, "flagged": flagged.astype(np.int64),
