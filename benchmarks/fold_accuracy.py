@@ -21,7 +21,7 @@ import numpy as np
 import yaml
 
 from noisymix.distributed import shards
-from noisymix.distributed.folds import load_split
+from noisymix.distributed.folds import load_labels
 
 
 def required_clean_accuracy(noise_rate: float, recall: float, f1: float) -> float:
@@ -36,7 +36,7 @@ def required_clean_accuracy(noise_rate: float, recall: float, f1: float) -> floa
 def fold_quality(run: Path, f1_target: float) -> dict:
     config = yaml.safe_load((run / "config.yaml").read_text())
     manifest = shards.load_manifest(config["data_dir"])
-    true = load_split(config["data_dir"], manifest, label_key=shards.TRUE_LABEL)[2]
+    true = load_labels(config["data_dir"], manifest, label_key=shards.TRUE_LABEL)
     with np.load(run / "oof.npz", allow_pickle=False) as oof:
         given, predicted = oof["given"], oof["probs"].argmax(axis=1)
     wrong, flagged, right = given != true, predicted != given, predicted == true

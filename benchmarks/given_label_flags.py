@@ -19,7 +19,7 @@ import numpy as np
 import yaml
 
 from noisymix.distributed import shards
-from noisymix.distributed.folds import load_split
+from noisymix.distributed.folds import load_labels
 from noisymix.selection.detection import detection_metrics
 from noisymix.selection.gmm import given_label_verdict
 
@@ -27,7 +27,7 @@ from noisymix.selection.gmm import given_label_verdict
 def given_label_detection(run: Path) -> dict:
     config = yaml.safe_load((run / "config.yaml").read_text())
     manifest = shards.load_manifest(config["data_dir"])
-    true = load_split(config["data_dir"], manifest, label_key=shards.TRUE_LABEL)[2]
+    true = load_labels(config["data_dir"], manifest, label_key=shards.TRUE_LABEL)
     with open(run / "label_issues.csv") as fh:
         rows = sorted(csv.DictReader(fh), key=lambda r: int(r["id"]))
     given = np.array([int(r["given_label"]) for r in rows])

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from noisymix.distributed import shards
-from noisymix.distributed.folds import load_split
+from noisymix.distributed.folds import load_labels
 from noisymix.launch.bench_spec import load_spec
 from noisymix.launch.prepare import prepare
 
@@ -31,8 +31,8 @@ def write_oracle_table(data_dir: Path, target: Path) -> dict:
     manifest = shards.load_manifest(data_dir)
     if not manifest["has_true_labels"]:
         raise SystemExit(f"{data_dir} has no true labels: an oracle table needs synthetic noise")
-    given = load_split(str(data_dir), manifest)[2]
-    true = load_split(str(data_dir), manifest, label_key=shards.TRUE_LABEL)[2]
+    given = load_labels(str(data_dir), manifest)
+    true = load_labels(str(data_dir), manifest, label_key=shards.TRUE_LABEL)
     target.parent.mkdir(parents=True, exist_ok=True)
     np.savez(target, probs=np.eye(manifest["num_classes"], dtype=np.float32)[true], given=given)
     return {"samples": len(given), "wrong_labels": int(np.sum(given != true))}

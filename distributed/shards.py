@@ -175,6 +175,34 @@ def collate(samples: list[tuple[int, np.ndarray, int]]) -> tuple[np.ndarray, np.
     return np.asarray(ids, dtype=np.int64), np.stack(images), np.asarray(labels, dtype=np.int64)
 
 
+def _shard_dataset(urls: Sequence[str], members: Sequence[str], rank: int = 0, world_size: int = 1,
+                   shard_seed: int | None = None) -> wds.WebDataset:
+    """The raw samples of this rank's shards, with only the named members read from the tars."""
+    if len(urls) < world_size:
+        raise ShardError(f"{len(urls)} shards cannot feed {world_size} ranks: prepare with num_shards >= {world_size}")
+    return wds.WebDataset(
+        list(urls), shardshuffle=False, nodesplitter=RankShards(rank, world_size, shard_seed),
+        workersplitter=wds.split_by_worker, handler=_reraise_with_shard, empty_check=False,
+        select_files=_member_filter(members),
+    )
+
+
+def _decode_label(sample: dict, label_key: str) -> tuple[int, int]:
+    try:
+        return int(sample["__key__"]), int(sample[label_key])
+    except KeyError as exc:
+        raise ShardError(f"{sample.get('__url__')}: sample {sample.get('__key__')} lacks the field {exc}") from exc
+
+
+def label_stream(urls: Sequence[str], *, label_key: str = GIVEN_LABEL) -> wds.WebDataset:
+    """(id, label) of every sample in fixed order, the images never decoded or kept.
+
+    The image member is still selected, so that a sample without its label raises as in sample_stream
+    instead of vanishing from the stream (WebDataset drops a sample none of whose members are selected).
+    """
+    return _shard_dataset(urls, ("input.npy", label_key)).map(partial(_decode_label, label_key=label_key))
+
+
 def sample_stream(urls: Sequence[str], *, label_key: str = GIVEN_LABEL, rank: int = 0, world_size: int = 1,
                   shard_seed: int | None = None, shuffle_buffer: int = 0, shuffle_seed: int = 0,
                   batch_size: int | None = None) -> wds.WebDataset:
@@ -184,13 +212,8 @@ def sample_stream(urls: Sequence[str], *, label_key: str = GIVEN_LABEL, rank: in
     the order is fixed (exact passes: evaluation, loss passes); otherwise shards are permuted with
     shard_seed and samples shuffled in a buffer seeded by shuffle_seed.
     """
-    if len(urls) < world_size:
-        raise ShardError(f"{len(urls)} shards cannot feed {world_size} ranks: prepare with num_shards >= {world_size}")
-    dataset = wds.WebDataset(
-        list(urls), shardshuffle=False, nodesplitter=RankShards(rank, world_size, shard_seed),
-        workersplitter=wds.split_by_worker, handler=_reraise_with_shard, empty_check=False,
-        select_files=_member_filter(("input.npy", label_key)),
-    ).map(partial(_decode, label_key=label_key, decode_npy=NpyDecoder()))
+    dataset = _shard_dataset(urls, ("input.npy", label_key), rank, world_size, shard_seed).map(
+        partial(_decode, label_key=label_key, decode_npy=NpyDecoder()))
     if shuffle_buffer > 1:
         dataset = dataset.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=random.Random(shuffle_seed))
     if batch_size:

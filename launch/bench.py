@@ -52,14 +52,14 @@ def is_cached(work: Path, cell: Cell) -> bool:
 def detector_curve(run_dir: Path, method: str, data_dir: str) -> dict | None:
     """Precision-recall of the method's per-sample trust score against "the given label is wrong"."""
     from noisymix.distributed import shards
-    from noisymix.distributed.folds import load_split
+    from noisymix.distributed.folds import load_labels
 
     if method not in DETECTOR_METHODS:
         return None
     manifest = shards.load_manifest(data_dir)
     if not manifest["has_true_labels"]:
         return None
-    true = load_split(data_dir, manifest, label_key=shards.TRUE_LABEL)[2]
+    true = load_labels(data_dir, manifest, label_key=shards.TRUE_LABEL)
     if method == "selectmix":
         oof = np.load(run_dir / "oof.npz")
         given, suspicion = oof["given"], 1.0 - oof["probs"][np.arange(len(oof["given"])), oof["given"]]

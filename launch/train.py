@@ -14,7 +14,7 @@ import numpy as np
 import ray
 
 from noisymix.distributed import shards
-from noisymix.distributed.folds import Selection, load_split, selection_stage
+from noisymix.distributed.folds import Selection, load_labels, load_split, selection_stage
 from noisymix.distributed.runner import run_trainer, start_ray
 from noisymix.distributed.worker import CHECKPOINT_FILE, load_state
 from noisymix.launch.config import Config, ConfigError
@@ -154,7 +154,7 @@ def _preflight(config: Config, log) -> tuple[str, dict]:
 
 def _clean_from(config: Config, data_dir: str, manifest: dict, log) -> np.ndarray:
     """`clean_from`: w_i from B1's GMM on an earlier run's out-of-fold losses, checked against this data's labels."""
-    given = load_split(data_dir, manifest)[2]
+    given = load_labels(data_dir, manifest)
     probs = load_out_of_fold(config.clean_from, given, manifest["num_classes"])[0]
     fit = out_of_fold_clean_probability(probs, given, max_iter=config.gmm_max_iter, tol=config.gmm_tol,
                                         reg_covar=config.gmm_reg_covar, seed=config.seed)
@@ -195,7 +195,7 @@ def train(config: Config, log=print) -> dict:
     true_labels = None
     if manifest["has_true_labels"] and config.method in ("selectmix", "mixnn", "gmm_select"):
         # Read for evaluating the selection only; it stays on the driver and never reaches a worker.
-        true_labels = load_split(data_dir, manifest, label_key=shards.TRUE_LABEL)[2]
+        true_labels = load_labels(data_dir, manifest, label_key=shards.TRUE_LABEL)
     loop_config = {"config": config.to_dict(), "manifest": manifest, "data_dir": data_dir}
     stage_times = {"main_training": 0.0}
     selection, rounds = None, []

@@ -41,6 +41,18 @@ def test_shards_round_trip_images_labels_and_ids(digits_dir):
     assert test_ids.min() == n_train + n_val
 
 
+def test_labels_only_reader_gives_the_full_reads_labels_in_id_order(digits_dir):
+    from noisymix.distributed.folds import load_labels
+
+    manifest = shards.load_manifest(digits_dir)
+    for split in ("train", "val"):
+        for key in (shards.GIVEN_LABEL, shards.TRUE_LABEL):
+            labels = load_labels(str(digits_dir), manifest, split, key)
+            assert labels.dtype == np.int64
+            np.testing.assert_array_equal(labels, read_split(digits_dir, split, key)[2])
+    assert np.any(load_labels(str(digits_dir), manifest) != load_labels(str(digits_dir), manifest, label_key=shards.TRUE_LABEL))
+
+
 def test_manifest_records_noise_split_and_checksums(digits_dir):
     manifest = shards.load_manifest(digits_dir)
     assert manifest["noise"]["type"] == "symmetric" and manifest["noise"]["rate"] == 0.4
@@ -160,6 +172,8 @@ def test_truncated_shard_is_detected(tmp_path, digits_dir):
         shards.check_shards(data, shards.load_manifest(data))
     with pytest.raises(shards.ShardError, match="corrupt or unreadable shard"):
         list(shards.sample_stream([str(shard)]))
+    with pytest.raises(shards.ShardError, match="corrupt or unreadable shard"):
+        list(shards.label_stream([str(shard)]))
 
 
 def test_missing_and_empty_shards_are_detected(tmp_path, digits_dir):
@@ -180,6 +194,8 @@ def test_sample_missing_a_member_names_the_shard(tmp_path):
         sink.write({"__key__": "0000000001", "input.npy": shards.encode_sample(1, np.zeros((2, 2, 1)), 0, None)["input.npy"]})
     with pytest.raises(shards.ShardError, match=r"bad.tar.*lacks the field"):
         list(shards.sample_stream([str(path)]))
+    with pytest.raises(shards.ShardError, match=r"bad.tar.*lacks the field"):
+        list(shards.label_stream([str(path)]))
 
 
 def test_manifest_errors(tmp_path):
