@@ -18,10 +18,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from noisymix.distributed import shards
-from noisymix.distributed.folds import load_labels
+from noisymix.distributed.artifacts import RunDir
+from noisymix.selection.crossval import given_label_probability
+from noisymix.selection.detection import detection_metrics
 
 
 def required_clean_accuracy(noise_rate: float, recall: float, f1: float) -> float:
@@ -34,21 +35,19 @@ def required_clean_accuracy(noise_rate: float, recall: float, f1: float) -> floa
 
 
 def fold_quality(run: Path, f1_target: float) -> dict:
-    config = yaml.safe_load((run / "config.yaml").read_text())
+    config = RunDir(run).config_values()
     manifest = shards.load_manifest(config["data_dir"])
-    true = load_labels(config["data_dir"], manifest, label_key=shards.TRUE_LABEL)
-    with np.load(run / "oof.npz", allow_pickle=False) as oof:
-        given, predicted = oof["given"], oof["probs"].argmax(axis=1)
-    wrong, flagged, right = given != true, predicted != given, predicted == true
-    recall = float(np.mean(flagged[wrong]))
-    precision = float(np.mean(wrong[flagged]))
-    noise = float(np.mean(wrong))
-    return {"run": str(run), "train": len(given), "noise": noise, "folds": config["folds"],
+    true = shards.load_labels(config["data_dir"], manifest, label_key=shards.TRUE_LABEL)
+    oof = RunDir(run).out_of_fold()
+    given, predicted = oof["given"], oof["probs"].argmax(axis=1)
+    wrong, right = given != true, predicted == true
+    scores = detection_metrics(predicted != given, 1.0 - given_label_probability(oof["probs"], given), given, true)
+    return {"run": str(run), "train": len(given), "noise": scores["noise_rate"], "folds": config["folds"],
             "fold_epochs": config["fold_epochs"], "fold_select": config.get("fold_select", "last"),
             "oof_acc": float(np.mean(right)), "oof_acc_on_clean": float(np.mean(right[~wrong])),
-            "oof_acc_on_wrong": float(np.mean(right[wrong])), "precision": precision, "recall": recall,
-            "f1": 2 * precision * recall / (precision + recall),
-            "needed_acc_on_clean": required_clean_accuracy(noise, recall, f1_target)}
+            "oof_acc_on_wrong": float(np.mean(right[wrong])), "precision": scores["precision"],
+            "recall": scores["recall"], "f1": scores["f1"],
+            "needed_acc_on_clean": required_clean_accuracy(scores["noise_rate"], scores["recall"], f1_target)}
 
 
 def main() -> None:

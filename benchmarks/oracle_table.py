@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from noisymix.distributed import shards
-from noisymix.distributed.folds import load_labels
+from noisymix.distributed.artifacts import write_out_of_fold
 from noisymix.launch.bench_spec import load_spec
 from noisymix.launch.prepare import prepare
 
@@ -31,10 +31,9 @@ def write_oracle_table(data_dir: Path, target: Path) -> dict:
     manifest = shards.load_manifest(data_dir)
     if not manifest["has_true_labels"]:
         raise SystemExit(f"{data_dir} has no true labels: an oracle table needs synthetic noise")
-    given = load_labels(str(data_dir), manifest)
-    true = load_labels(str(data_dir), manifest, label_key=shards.TRUE_LABEL)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(target, probs=np.eye(manifest["num_classes"], dtype=np.float32)[true], given=given)
+    given = shards.load_labels(str(data_dir), manifest)
+    true = shards.load_labels(str(data_dir), manifest, label_key=shards.TRUE_LABEL)
+    write_out_of_fold(target, np.eye(manifest["num_classes"], dtype=np.float32)[true], given)
     return {"samples": len(given), "wrong_labels": int(np.sum(given != true))}
 
 
@@ -52,8 +51,8 @@ def main() -> None:
         raise SystemExit(f"no cell of {args.spec} reads a table under {work / 'oracle'} (oof_from or clean_from)")
     for cell in cells:
         config = cell.config(work)
-        data_dir = prepare(config, log=lambda line: None)
-        target = Path(config.oof_from or config.clean_from)
+        data_dir = prepare(config.data, config.run.seed, log=lambda line: None)
+        target = Path(config.method.out_of_fold_file() or config.method.fixed_clean_file())
         held = write_oracle_table(data_dir, target)
         print(f"{cell.id}: {target} ({held['wrong_labels']} of {held['samples']} given labels wrong)")
 

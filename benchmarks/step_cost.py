@@ -31,9 +31,7 @@ from noisymix.distributed.models import create_model
 from noisymix.distributed.sample_state import SampleState
 from noisymix.launch.noise import symmetric
 from noisymix.launch.sources import SourceData, read_idx
-from noisymix.mixing.methods import GMMSelectTargets, MixupTargets, PlainTargets
-from noisymix.mixing.mixnn import MixNNTargets
-from noisymix.mixing.selectmix import SelectMixTargets
+from noisymix.mixing.method import BatchContext, method_class
 from noisymix.selection.mismatch import build_mixing_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,25 +57,25 @@ def planted_state(labels: np.ndarray, true: np.ndarray, rng: np.random.Generator
 
 
 def batch_rules(labels, true, images, transform, rng) -> dict:
+    """Each method's batch rule, made by its method object from its knobs, over the planted state."""
     probs, state = planted_state(labels, true, rng)
-    table = build_mixing_table(probs, labels)
+    context = BatchContext(CLASSES, table=build_mixing_table(probs, labels), state=state,
+                           fetch_inputs=lambda ids, fetch_rng: transform(images[ids], torch.device("cpu"), fetch_rng))
 
-    def fetch(ids, fetch_rng):
-        return transform(images[ids], torch.device("cpu"), fetch_rng)
+    def rule(name, phase="", **knobs):
+        cls = method_class(name)
+        made = cls(cls.Config.from_values(knobs)).batch_rule(context)
+        made.phase = phase
+        return made
 
-    def selectmix(source):
-        return SelectMixTargets(CLASSES, table.uncertain, table.predicted, table.probs, table.pools,
-                                partner_source=source, fetch_inputs=fetch)
-
-    def mixnn(source, k=1, phase="neighbours"):
-        return MixNNTargets(CLASSES, state, k=k, neighbour_source=source, fetch_inputs=fetch, phase=phase)
-
-    return {"ce": PlainTargets(CLASSES), "mixup": MixupTargets(CLASSES),
-            "gmm_select": GMMSelectTargets(CLASSES, state, phase="select"),
-            "selectmix (buffer)": selectmix("buffer"), "selectmix (global)": selectmix("global"),
-            "selectmix (batch)": selectmix("batch"), "mixnn (global, K=1)": mixnn("global"),
-            "mixnn (batch, K=1)": mixnn("batch"), "mixnn (global, K=3)": mixnn("global", 3),
-            "mixnn (mixup phase)": mixnn("global", phase="mixup")}
+    return {"ce": rule("ce"), "mixup": rule("mixup"), "gmm_select": rule("gmm_select", "select"),
+            "selectmix (buffer)": rule("selectmix", partner_source="buffer"),
+            "selectmix (global)": rule("selectmix", partner_source="global"),
+            "selectmix (batch)": rule("selectmix", partner_source="batch"),
+            "mixnn (global, K=1)": rule("mixnn", "neighbours"),
+            "mixnn (batch, K=1)": rule("mixnn", "neighbours", neighbour_source="batch"),
+            "mixnn (global, K=3)": rule("mixnn", "neighbours", knn=3),
+            "mixnn (mixup phase)": rule("mixnn", "mixup")}
 
 
 def time_steps(model, optimizer, rule, batches, transform, rng) -> float:

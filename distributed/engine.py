@@ -9,15 +9,90 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from noisymix.distributed.models import MODEL_CHOICES, create_model
+from noisymix.mixing.config import ConfigError, Section, check_choice, check_range
 from noisymix.mixing.losses import soft_target_cross_entropy
 
 Batch = tuple[np.ndarray, np.ndarray, np.ndarray]  # ids, uint8 images (N, H, W, C), labels
+
+
+SCHEDULES = ("cosine", "multistep")
+
+
+@dataclass
+class TrainSection(Section):
+    """The model, the optimiser and its schedule, augmentation and the stream's shuffle: read by the
+    training workers and, with the fold schedule's length, by the fold tasks."""
+
+    model: str = "auto"
+    width: int = 0                 # 0: the model's default width
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    milestones: list = field(default_factory=list)
+    gamma: float = 0.1
+    crop_padding: int = -1         # -1: an eighth of the image side
+    hflip: bool = False
+    amp: bool = False
+    shuffle_buffer: int = 2000
+
+    def validate(self) -> None:
+        super().validate()
+        check_choice("model", self.model, MODEL_CHOICES)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_range("momentum", self.momentum, 0.0, 1.0, hi_open=True)
+        check_range("gamma", self.gamma, 0.0, 1.0, lo_open=True)
+        check_range("lr", self.lr, 0.0, None, lo_open=True)
+        for key in ("epochs", "batch_size"):
+            check_range(key, getattr(self, key), 1)
+        for key in ("width", "shuffle_buffer", "weight_decay"):
+            check_range(key, getattr(self, key), 0)
+        if self.crop_padding < -1:
+            raise ConfigError(f"crop_padding must be -1 (auto) or >= 0, got {self.crop_padding}")
+        if not all(isinstance(m, int) and m > 0 for m in self.milestones) or self.milestones != sorted(self.milestones):
+            raise ConfigError(f"milestones must be increasing positive epochs, got {self.milestones!r}")
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What training reads of a prepared dataset's manifest: classes, image shape, normalisation, counts."""
+
+    num_classes: int
+    height: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    counts: dict
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "DataInfo":
+        height, _, channels = manifest["image_shape"]
+        return cls(manifest["num_classes"], height, channels, tuple(manifest["mean"]), tuple(manifest["std"]),
+                   {split: info["count"] for split, info in manifest["splits"].items()})
+
+
+def build_model(train: TrainSection, data: DataInfo) -> nn.Module:
+    return create_model(train.model, data.channels, data.num_classes, data.height, train.width)
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, schedule: str, epochs: int, milestones: list[int],
+                   gamma: float) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(schedule, epochs, milestones, gamma))
+
+
+def transforms(train: TrainSection, data: DataInfo) -> tuple["InputTransform", "InputTransform"]:
+    """(training transform with the configured crop and flip, un-augmented evaluation transform)."""
+    return (InputTransform(data.mean, data.std, resolve_padding(train.crop_padding, data.height), train.hflip),
+            InputTransform(data.mean, data.std))
 
 
 def epoch_rng(seed: int, epoch: int, rank: int) -> np.random.Generator:

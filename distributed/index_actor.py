@@ -11,8 +11,8 @@ import time
 import numpy as np
 import ray
 
-METRICS = ("ip", "l2")
-KINDS = ("flat", "ivf")
+from noisymix.mixing.method import NeighbourQuery
+from noisymix.mixing.mixnn import INDEX_KINDS, INDEX_METRICS
 
 
 class NeighbourIndex:
@@ -27,8 +27,9 @@ class NeighbourIndex:
 
         if dim < 1:
             raise ValueError(f"embedding dimension must be >= 1, got {dim}")
-        if metric not in METRICS or kind not in KINDS:
-            raise ValueError(f"metric must be one of {METRICS} and kind one of {KINDS}, got {metric!r}, {kind!r}")
+        if metric not in INDEX_METRICS or kind not in INDEX_KINDS:
+            raise ValueError(f"metric must be one of {INDEX_METRICS} and kind one of {INDEX_KINDS}, got {metric!r}, "
+                             f"{kind!r}")
         self.faiss, self.dim, self.metric, self.kind = faiss, dim, metric, kind
         self.nlist, self.nprobe = nlist, nprobe
         # Inside a num_cpus=0 actor OpenMP defaults to one thread; set it explicitly (stack-notes.md).
@@ -90,9 +91,6 @@ class NeighbourIndex:
         timings = {"index_refresh_s": refreshed - started, "index_query_s": time.perf_counter() - refreshed}
         return drop_self(ids, k), timings
 
-    def device(self) -> str:
-        return "gpu" if self.on_gpu else "cpu"
-
 
 def drop_self(ids: np.ndarray, k: int) -> np.ndarray:
     """Remove each row's own id (normally first; absent when ties or IVF probing miss it)."""
@@ -105,9 +103,8 @@ def drop_self(ids: np.ndarray, k: int) -> np.ndarray:
     return ids[keep].reshape(n, k).astype(np.int64)
 
 
-def index_actor(name: str, dim: int, metric: str, kind: str, threads: int, use_gpu: bool, nlist: int = 0,
-                nprobe: int = 8):
+def index_actor(name: str, dim: int, query: NeighbourQuery, threads: int = 1):
     """Get the named index actor, creating it if it does not exist (again, after a crash)."""
     actor_class = ray.remote(num_cpus=0, num_gpus=0)(NeighbourIndex)
     return actor_class.options(name=name, get_if_exists=True, max_concurrency=1).remote(
-        dim, metric, kind, nlist=nlist, nprobe=nprobe, threads=threads, use_gpu=use_gpu)
+        dim, query.metric, query.kind, nlist=query.nlist, nprobe=query.nprobe, threads=threads, use_gpu=query.gpu)

@@ -86,6 +86,7 @@ class PreActResNet18(nn.Module):
 
 
 MODELS = {"small_cnn": SmallCNN, "preact_resnet18": PreActResNet18}
+MODEL_CHOICES = ("auto", *MODELS)
 
 
 def create_model(name: str, in_channels: int, num_classes: int, image_size: int, width: int = 0) -> nn.Module:
@@ -95,6 +96,6 @@ def create_model(name: str, in_channels: int, num_classes: int, image_size: int,
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of auto, {', '.join(MODELS)}")
     kwargs = {"width": width} if width else {}
-    # channels_last: oneDNN's fast convolution layout on CPU (1.4x per step for the small CNN,
-    # benchmarks/results/step_cost.md) and the tensor-core layout on GPU; inputs of any layout work.
+    # channels_last: oneDNN's fast convolution layout on CPU (benchmarks/results/step_cost.md) and the
+    # tensor-core layout on GPU; inputs of any layout work.
     return MODELS[name](in_channels, num_classes, **kwargs).to(memory_format=torch.channels_last)

@@ -2,19 +2,41 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
+from typing import Optional
 
 import ray
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.util.queue import Empty, Queue
 
-from noisymix.distributed.worker import train_loop
+from noisymix.distributed.worker import WorkerJob, train_loop
+from noisymix.mixing.config import Section, check_range
+
+
+@dataclass
+class ResourcesSection(Section):
+    """Where and on what the run executes: Ray's address, the workers and what each reserves."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.0   # 0: share the cluster's CPUs evenly
+    loader_workers: int = 0
+    max_failures: int = 1
+    ray_address: Optional[str] = None
+    ray_logs: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        check_range("num_workers", self.num_workers, 1)
+        for key in ("cpus_per_worker", "loader_workers", "max_failures"):
+            check_range(key, getattr(self, key), 0)
 
 
 def start_ray(address: str | None = None, show_logs: bool = False) -> None:
@@ -40,32 +62,33 @@ def worker_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool) ->
     return cpus_per_worker, max(1, int(cpus_per_worker))
 
 
-def run_trainer(cfg: SimpleNamespace, loop_config: dict, run_dir: Path, on_message: Callable[[dict], None],
+def run_trainer(job: WorkerJob, resources: ResourcesSection, run_dir: Path, on_message: Callable[[object], None],
                 name: str) -> ray.train.Result:
-    """Fit the training loop on cfg.num_workers workers; each record a worker sends goes to on_message.
+    """Fit the training loop on resources.num_workers workers; each message a worker sends goes to on_message.
 
     A second call with the same run_dir and `name` resumes the first from its latest checkpoint
     (Ray Train's run snapshot): that is how a run continues after a selection between segments.
 
-    fit() runs in a thread while this thread drains the record queue, so the driver prints progress
+    fit() runs in a thread while this thread drains the message queue, so the driver prints progress
     and writes metrics as epochs finish. A worker group restarted after a failure resumes from the
     latest checkpoint (FailureConfig), and may send an epoch twice: consumers keep the last copy.
     """
-    cpus, threads = worker_resources(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu)
+    cpus, threads = worker_resources(resources.num_workers, resources.cpus_per_worker, resources.use_gpu)
     channel = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={**loop_config, "channel": channel, "threads": threads},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+        train_loop_config=dataclasses.replace(job, channel=channel, threads=threads,
+                                              loader_workers=resources.loader_workers),
+        scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
                                      resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(
             name=name,
             storage_path=str(Path(run_dir).resolve() / "ray"),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            failure_config=FailureConfig(max_failures=resources.max_failures),
             # The latest checkpoint is always kept too, so this holds the val-selected one and the resume point.
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_acc",
                                                checkpoint_score_order="max"),
-            logging_config=LoggingConfig(log_level="INFO" if cfg.ray_logs else "WARNING"),
+            logging_config=LoggingConfig(log_level="INFO" if resources.ray_logs else "WARNING"),
         ),
     )
     outcome: dict = {}

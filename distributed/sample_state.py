@@ -21,6 +21,8 @@ import torch.nn.functional as F
 
 from noisymix.distributed.engine import InputTransform, eval_outputs
 from noisymix.distributed.index_actor import index_actor
+from noisymix.mixing.gmm_select import GMMConfig
+from noisymix.mixing.method import EpochPlan, NeighbourQuery
 from noisymix.mixing.mixnn import update_soft_targets
 from noisymix.selection.gmm import clean_probability, normalise_losses, window_average
 
@@ -62,14 +64,16 @@ def broadcast(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def exact_pass(model, batches, transform: InputTransform, device, amp: bool, normalise_embeddings: bool):
-    """(ids, given labels, logits, embeddings) of this rank's samples, un-augmented, in eval mode."""
+def exact_pass(model, batches, transform: InputTransform, device, amp: bool, embeddings: str):
+    """(ids, given labels, logits, embeddings) of this rank's samples, un-augmented, in eval mode; the
+    embeddings L2-normalised ("l2"), raw ("raw") or not kept ("")."""
     out = {"ids": [], "labels": [], "logits": [], "z": []}
     for ids, labels, z, logits in eval_outputs(model, batches, transform, device, amp):
         out["ids"].append(torch.from_numpy(ids))
         out["labels"].append(torch.from_numpy(labels))
         out["logits"].append(logits)
-        out["z"].append(F.normalize(z, dim=1) if normalise_embeddings else z)
+        if embeddings:
+            out["z"].append(F.normalize(z, dim=1) if embeddings == "l2" else z)
     return {k: torch.cat(v) if v else torch.empty(0) for k, v in out.items()}
 
 
@@ -106,44 +110,28 @@ class SampleState:
                 digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()
 
-    def load_state_dict(self, state: dict) -> None:
-        self.given, self.targets, self.clean = state["given"], state["targets"], state["clean"]
-        self.neighbours, self.embeddings = state["neighbours"], state["embeddings"]
+    def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
+        def to(value):
+            return None if value is None else value.to(device)
+
+        self.given, self.targets, self.clean = to(state["given"]), to(state["targets"]), to(state["clean"])
+        self.neighbours, self.embeddings = to(state["neighbours"]), to(state["embeddings"])
         self.loss_history = [h.numpy() for h in state["loss_history"]]
 
 
-@dataclass
-class PassSettings:
-    """The MixNN/GMM knobs of the per-epoch refresh (docs/methods.md B1-B3)."""
-
-    epoch_updates_targets: bool
-    momentum: float
-    loss_window: int
-    gmm_max_iter: int
-    gmm_tol: float
-    gmm_reg_covar: float
-    seed: int
-    neighbours: int = 0               # K; 0 = no global neighbour table
-    index_name: str = ""
-    index_metric: str = "ip"
-    index_kind: str = "flat"
-    index_nlist: int = 0
-    index_nprobe: int = 8
-    index_threads: int = 1
-    index_gpu: bool = True
-    fixed_clean: np.ndarray | None = None  # `clean_from`: w for every id, in place of the GMM fit
-
-
 def refresh_state(state: SampleState, model, batches, transform: InputTransform, device, amp: bool,
-                  normalise_embeddings: bool, s: PassSettings) -> dict:
-    """One epoch-start refresh: pass -> gather -> GMM (rank 0, broadcast) -> EMA -> neighbours. Returns timings."""
+                  plan: EpochPlan, b1: GMMConfig, seed: int, fixed_clean: np.ndarray | None = None,
+                  index_name: str = "", index_threads: int = 1) -> dict:
+    """One epoch-start refresh: pass -> gather -> GMM (rank 0, broadcast) -> EMA -> neighbours. Returns timings.
+
+    The clean probabilities come from B1's GMM on the losses, or are `fixed_clean` (`clean_from`)."""
     rank = dist.get_rank() if _distributed() else 0
     timings, started = {}, time.perf_counter()
-    local = exact_pass(model, batches, transform, device, amp, normalise_embeddings)
+    local = exact_pass(model, batches, transform, device, amp, plan.embeddings)
     n = state.num_samples
     labels = gather_rows(local["ids"], local["labels"].to(device), n)
     logits = gather_rows(local["ids"], local["logits"], n)
-    z = gather_rows(local["ids"], local["z"], n)
+    z = gather_rows(local["ids"], local["z"], n) if plan.embeddings else None
     timings["pass_s"] = time.perf_counter() - started
     if not state.ready:
         state.given = labels.long()
@@ -151,33 +139,33 @@ def refresh_state(state: SampleState, model, batches, transform: InputTransform,
     # B1: loss against the current soft targets' argmax, on un-augmented inputs.
     losses = F.cross_entropy(logits, state.targets.argmax(dim=1), reduction="none").cpu().numpy()
     started = time.perf_counter()
-    state.loss_history = (state.loss_history + [normalise_losses(losses)])[-s.loss_window:]
+    state.loss_history = (state.loss_history + [normalise_losses(losses)])[-b1.loss_window:]
     w = torch.zeros(n, dtype=torch.float32, device=device)
-    info = {"degenerate": 0.0}
-    if rank == 0 and s.fixed_clean is not None:
-        w = torch.from_numpy(s.fixed_clean.astype(np.float32)).to(device)
+    degenerate = 0.0
+    if rank == 0 and fixed_clean is not None:
+        w = torch.from_numpy(fixed_clean.astype(np.float32)).to(device)
     elif rank == 0:
-        fit = clean_probability(window_average(state.loss_history, s.loss_window), max_iter=s.gmm_max_iter,
-                                tol=s.gmm_tol, reg_covar=s.gmm_reg_covar, seed=s.seed)
+        fit = clean_probability(window_average(state.loss_history, b1.loss_window), max_iter=b1.gmm_max_iter,
+                                tol=b1.gmm_tol, reg_covar=b1.gmm_reg_covar, seed=seed)
         w = torch.from_numpy(fit.w.astype(np.float32)).to(device)
-        info = {"degenerate": float(fit.degenerate)}
+        degenerate = float(fit.degenerate)
     state.clean = broadcast(w)
     timings["gmm_s"] = time.perf_counter() - started
-    # B2: t <- m t + (1 - m) p on the schedule the caller decided.
-    if s.epoch_updates_targets:
-        state.targets = update_soft_targets(state.targets, torch.softmax(logits, dim=1), s.momentum)
+    # B2: t <- m t + (1 - m) p on the schedule the method planned.
+    if plan.target_momentum is not None:
+        state.targets = update_soft_targets(state.targets, torch.softmax(logits, dim=1), plan.target_momentum)
     state.embeddings = z
-    if s.neighbours > 0:
+    if plan.neighbours is not None:
         started = time.perf_counter()
-        table = torch.zeros((n, s.neighbours), dtype=torch.int64, device=device)
+        table = torch.zeros((n, plan.neighbours.k), dtype=torch.int64, device=device)
         actor_timings = {"index_refresh_s": 0.0, "index_query_s": 0.0}
         if rank == 0:
-            ids, actor_timings = neighbour_table(z.cpu().numpy(), s)
+            ids, actor_timings = neighbour_table(z.cpu().numpy(), plan.neighbours, index_name, index_threads)
             table = torch.from_numpy(ids).to(device)
         state.neighbours = broadcast(table)
         timings["index_s"] = time.perf_counter() - started
         timings.update(actor_timings)
-    timings["gmm_degenerate"] = info["degenerate"]
+    timings["gmm_degenerate"] = degenerate
     return timings
 
 
@@ -185,19 +173,17 @@ def refresh_state(state: SampleState, model, batches, transform: InputTransform,
 _INDEX_ACTORS: dict[str, ray.actor.ActorHandle] = {}
 
 
-def neighbour_table(embeddings: np.ndarray, s: PassSettings) -> tuple[np.ndarray, dict[str, float]]:
-    """Ask the index actor for the N x K table and its refresh/query seconds; a dead actor is re-created
-    and refilled from this pass."""
+def neighbour_table(embeddings: np.ndarray, query: NeighbourQuery, name: str,
+                    threads: int = 1) -> tuple[np.ndarray, dict[str, float]]:
+    """Ask the index actor `name` for the N x K table and its refresh/query seconds; a dead actor is
+    re-created and refilled from this pass."""
     def ask():
-        if s.index_name not in _INDEX_ACTORS:
-            _INDEX_ACTORS[s.index_name] = index_actor(s.index_name, embeddings.shape[1], s.index_metric,
-                                                      s.index_kind, s.index_threads, s.index_gpu, s.index_nlist,
-                                                      s.index_nprobe)
-        actor = _INDEX_ACTORS[s.index_name]
-        return ray.get(actor.neighbour_table.remote(embeddings, s.neighbours))
+        if name not in _INDEX_ACTORS:
+            _INDEX_ACTORS[name] = index_actor(name, embeddings.shape[1], query, threads)
+        return ray.get(_INDEX_ACTORS[name].neighbour_table.remote(embeddings, query.k))
 
     try:
         return ask()
     except ray.exceptions.RayActorError:
-        _INDEX_ACTORS.pop(s.index_name, None)
+        _INDEX_ACTORS.pop(name, None)
         return ask()

@@ -23,6 +23,8 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 GIVEN_LABEL = "cls"
 TRUE_LABEL = "clean.cls"
+# The tar member of each label a method may train on (mixing.method.GIVEN / TRUE).
+LABEL_KEYS = {"given": GIVEN_LABEL, "true": TRUE_LABEL}
 
 
 class ShardError(ValueError):
@@ -226,3 +228,23 @@ def iterate_batches(dataset, loader_workers: int) -> Iterator[tuple[np.ndarray, 
     if loader_workers <= 0:
         return iter(dataset)
     return iter(wds.WebLoader(dataset, batch_size=None, num_workers=loader_workers))
+
+
+def load_split(data_dir: str, manifest: dict, split: str = "train",
+               label_key: str = GIVEN_LABEL) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, uint8 images, labels) of a whole split in id order: one exact pass over its shards.
+
+    label_key is the given label unless an evaluation asks for the true one.
+    """
+    stream = sample_stream(shard_urls(data_dir, manifest, split), label_key=label_key, batch_size=4096)
+    parts = list(stream)
+    ids = np.concatenate([p[0] for p in parts])
+    order = np.argsort(ids)
+    return ids[order], np.concatenate([p[1] for p in parts])[order], np.concatenate([p[2] for p in parts])[order]
+
+
+def load_labels(data_dir: str, manifest: dict, split: str = "train", label_key: str = GIVEN_LABEL) -> np.ndarray:
+    """The labels of a whole split in id order, read without the images (load_split's labels, cheaply)."""
+    pairs = np.array(list(label_stream(shard_urls(data_dir, manifest, split), label_key=label_key)),
+                     dtype=np.int64).reshape(-1, 2)
+    return pairs[np.argsort(pairs[:, 0]), 1]

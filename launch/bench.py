@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_curve
 
+from noisymix.distributed import shards
+from noisymix.distributed.artifacts import RunDir, write_json_atomic
 from noisymix.launch.bench_spec import Cell, Spec, same_computation
-from noisymix.launch.report import write_json_atomic
+from noisymix.launch.config import Config
+from noisymix.selection.report import NOISE_SCORE
 
 CELL_FILE = "cell.json"
-DETECTOR_METHODS = ("selectmix", "gmm_select", "mixnn")
 PR_POINTS = 100
 
 
@@ -49,30 +51,21 @@ def is_cached(work: Path, cell: Cell) -> bool:
     return record is not None and record["status"] == "done" and same_computation(record["config"], cell.config(work))
 
 
-def detector_curve(run_dir: Path, method: str, data_dir: str) -> dict | None:
-    """Precision-recall of the method's per-sample trust score against "the given label is wrong"."""
-    from noisymix.distributed import shards
-    from noisymix.distributed.folds import load_labels
-
-    if method not in DETECTOR_METHODS:
+def detector_curve(run: RunDir, config: Config) -> dict | None:
+    """Precision-recall of the method's per-sample noise score (label_issues.csv) against "the given label is
+    wrong"; None where the method has no score or the data no true labels."""
+    if not config.method.reports_labels:
         return None
-    manifest = shards.load_manifest(data_dir)
+    manifest = shards.load_manifest(config.data.data_dir)
     if not manifest["has_true_labels"]:
         return None
-    true = load_labels(data_dir, manifest, label_key=shards.TRUE_LABEL)
-    if method == "selectmix":
-        oof = np.load(run_dir / "oof.npz")
-        given, suspicion = oof["given"], 1.0 - oof["probs"][np.arange(len(oof["given"])), oof["given"]]
-        detector = "SelectMix: 1 - out-of-fold P[given label]"
-    else:
-        rows = np.genfromtxt(run_dir / "label_issues.csv", delimiter=",", names=True)
-        order = np.argsort(rows["id"])
-        given, suspicion = rows["given_label"][order].astype(np.int64), 1.0 - rows["clean_probability"][order]
-        detector = f"{method}: 1 - GMM clean probability"
-    noisy = given != true
+    true = shards.load_labels(config.data.data_dir, manifest, label_key=shards.TRUE_LABEL)
+    issues = run.label_issues()
+    noisy, suspicion = issues["given_label"] != true, issues[NOISE_SCORE]
     precision, recall, _ = precision_recall_curve(noisy, suspicion)
     keep = np.unique(np.linspace(0, len(precision) - 1, PR_POINTS).astype(int))
-    return {"detector": detector, "average_precision": float(average_precision_score(noisy, suspicion)),
+    return {"detector": f"{config.method.name}: {config.method.detector}",
+            "average_precision": float(average_precision_score(noisy, suspicion)),
             "precision": precision[keep].round(4).tolist(), "recall": recall[keep].round(4).tolist()}
 
 
@@ -88,10 +81,8 @@ def run_cell(work: Path, cell: Cell, log) -> dict:
               "started": time.time()}
     try:
         summary = train(config, log=lambda line: log(f"[{cell.id}] {line}"))
-        run_dir = Path(config.run_dir)
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        record.update(status="done", summary=summary, records=records,
-                      detector_curve=detector_curve(run_dir, config.method, config.data_dir))
+        run = RunDir(config.run.run_dir)
+        record.update(status="done", summary=summary, records=run.metrics(), detector_curve=detector_curve(run, config))
     except Exception as exc:  # noqa: BLE001 - a failed cell is reported in the table; the other cells still run
         record.update(status="failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
                       traceback=traceback.format_exc())

@@ -3,18 +3,15 @@ into the list of cells it runs before any cell starts."""
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from noisymix.launch.config import Config, ConfigError, build_config, unused_knobs, with_defaults
+from noisymix.launch.config import Config, ConfigError, build_config, computed_values, with_defaults
 
 SPEC_KEYS = ("name", "base", "settings", "methods", "clean_bound", "curves", "throughput")
-# Keys that say where a run lives or how it talks to Ray, not what it computes: left out of a cell's key.
-PLACEMENT_KEYS = ("run_dir", "data_dir", "ray_address", "ray_logs")
 SOURCES_WITH_PATH = ("idx", "cifar", "image_list")
 
 
@@ -44,18 +41,10 @@ class Cell:
                                        "run_dir": str(work / "cells" / self.dirname / "run")})
 
 
-def computed_values(config: Config | dict) -> dict:
-    """Every resolved config value that decides a cell's result, JSON-normalised: placement and the knobs
-    of other methods are left out."""
-    values = config.to_dict() if isinstance(config, Config) else config
-    skip = set(PLACEMENT_KEYS) | unused_knobs(values.get("method", ""))
-    return json.loads(json.dumps({k: v for k, v in values.items() if k not in skip}, default=str))
-
-
 def same_computation(recorded: dict, config: Config) -> bool:
     """Whether a cell recorded with config `recorded` computed what `config` asks for now. A key added to
     Config after the cell ran counts as unchanged while it holds its default (a new knob keeps old behaviour)."""
-    return computed_values(with_defaults(recorded)) == computed_values(config)
+    return computed_values(with_defaults(recorded)) == computed_values(config.to_dict())
 
 
 @dataclass
@@ -93,8 +82,9 @@ def _check_config(cell: Cell) -> None:
         config = build_config(overrides=cell.overrides)
     except ConfigError as exc:
         raise SpecError(f"cell {cell.id}: {exc}") from exc
-    if config.source in SOURCES_WITH_PATH and not (config.source_path and Path(config.source_path).exists()):
-        raise SpecError(f"cell {cell.id}: dataset source_path {config.source_path!r} does not exist "
+    data = config.data
+    if data.source in SOURCES_WITH_PATH and not (data.source_path and Path(data.source_path).exists()):
+        raise SpecError(f"cell {cell.id}: dataset source_path {data.source_path!r} does not exist "
                         f"(relative paths are read from the current directory, {Path.cwd()})")
 
 

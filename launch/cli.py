@@ -14,7 +14,7 @@ USAGE = """noisymix prepare [CONFIG.yaml] [key=value ...] [--force]
        noisymix bench   SPEC.yaml [--only CELL-PATTERN ...] [--report-only] [--work DIR] [--out DIR]
 
 With no arguments, `noisymix train` prepares scikit-learn's digits with 40% symmetric noise, trains
-SelectMix on them, then plain CE with the same settings, and prints both."""
+the default method on them, then plain CE with the same settings, and prints both."""
 
 
 def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
@@ -24,8 +24,20 @@ def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
     return None, items
 
 
+def _methods_epilog() -> str:
+    from noisymix.launch.config import RunSection
+    from noisymix.mixing.method import method_class, method_names
+
+    lines = [f"  {name:<11} {method_class(name).summary}" + (" (default)" if name == RunSection.method else "")
+             for name in method_names()]
+    return "methods (method=NAME):\n" + "\n".join(lines)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="noisymix", usage=USAGE,
+    # argparse formats usage and epilog with %: a literal percent sign must be doubled.
+    parser = argparse.ArgumentParser(prog="noisymix", usage=USAGE.replace("%", "%%"),
+                                     epilog=_methods_epilog().replace("%", "%%"),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
                                      description="Train image classifiers on noisy labels (SelectMix, MixNN, baselines).")
     commands = parser.add_subparsers(dest="command", required=True)
     prepare = commands.add_parser("prepare", help="write WebDataset shards and manifest.json for a dataset")
@@ -86,17 +98,19 @@ def main(argv: list[str] | None = None) -> int:
             return _bench(args)
         path, pairs = _split_args(args.items)
         config = build_config(path, parse_overrides(pairs))
+        if config.ignored:
+            print(f"note: method={config.method.name} has no knob(s) {', '.join(config.ignored)}: ignored", file=sys.stderr)
         if args.command == "prepare":
             from noisymix.launch.prepare import prepare
 
-            print(f"data_dir: {prepare(config, force=args.force)}")
+            print(f"data_dir: {prepare(config.data, config.run.seed, force=args.force)}")
             return 0
         from noisymix.launch.report import closing_table
         from noisymix.launch.train import train
 
         summaries = [train(config)]
         if not args.items:
-            # The newcomer's job: SelectMix, then plain CE on the same data, seed and schedule beside it.
+            # The newcomer's job: the default method, then plain CE on the same data, seed and schedule beside it.
             baseline = build_config(None, {"method": "ce"})
             summaries.append(train(baseline))
         print()

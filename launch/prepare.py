@@ -9,29 +9,75 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from sklearn.model_selection import train_test_split
 
 from noisymix.distributed import shards
 from noisymix.launch import noise
-from noisymix.launch.config import Config, with_defaults
-from noisymix.launch.sources import SourceData, SourceError, read_source
-
-# The keys of a config that decide what prepare writes; a data_dir prepared with other values is stale.
-DATA_KEYS = ("source", "source_path", "dataset", "train_subset", "image_size", "noise_type", "noise_rate", "noise_map",
-             "noise_file", "noise_file_key", "seed", "val_fraction", "num_shards")
+from noisymix.launch.sources import SOURCES, SourceData, SourceError, read_source
+from noisymix.mixing.config import ConfigError, Section, check_choice, check_range
 
 
-def data_spec(config: Config) -> dict:
-    return {key: getattr(config, key) for key in DATA_KEYS}
+@dataclass
+class DataSection(Section):
+    """What `prepare` writes: the source, the training subset, the image size, the synthetic noise, the
+    validation split and the shard count; and where (`data_dir`, `auto`: derived from the rest)."""
+
+    source: str = "digits"
+    source_path: Optional[str] = None
+    dataset: str = ""              # "": the source's name
+    train_subset: int = 0          # use this many of the source's training samples (stratified, seeded); 0 = all
+    image_size: int = 32
+    noise_type: str = "symmetric"
+    noise_rate: float = 0.4
+    noise_map: Optional[dict] = None
+    noise_file: Optional[str] = None
+    noise_file_key: Optional[str] = None
+    val_fraction: float = 0.1
+    num_shards: int = 8
+    data_dir: str = "auto"
+
+    def validate(self) -> None:
+        super().validate()
+        check_choice("source", self.source, SOURCES)
+        check_choice("noise_type", self.noise_type, noise.NOISE_TYPES)
+        check_range("noise_rate", self.noise_rate, 0.0, 1.0, hi_open=True)
+        check_range("val_fraction", self.val_fraction, 0.0, 0.5, lo_open=True)
+        for key in ("image_size", "num_shards"):
+            check_range(key, getattr(self, key), 1)
+        check_range("train_subset", self.train_subset, 0)
+        if self.noise_type == "none" and self.noise_rate != 0:
+            raise ConfigError(f"noise_type=none needs noise_rate=0, got {self.noise_rate}")
+        if self.noise_type == "file" and not self.noise_file:
+            raise ConfigError("noise_type=file needs noise_file")
+        if self.noise_map is not None:
+            try:
+                self.noise_map = {int(k): int(v) for k, v in self.noise_map.items()}
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"noise_map must map class ids to class ids, got {self.noise_map!r}") from exc
+
+    def resolve(self, seed: int) -> None:
+        """Fill the dataset name and an `auto` data_dir (named by dataset, subset, noise and seed)."""
+        if not self.dataset:
+            self.dataset = self.source if self.source in ("digits", "cifar") else Path(self.source_path or self.source).name
+        if self.data_dir == "auto":
+            rate = f"{round(self.noise_rate * 100):d}"
+            subset = f"-n{self.train_subset}" if self.train_subset else ""
+            self.data_dir = str(Path("data") / f"{self.dataset}{subset}-{self.noise_type}{rate}-seed{seed}")
+
+    def spec(self, seed: int) -> dict:
+        """The values that decide what prepare writes, as manifest.json holds them (JSON: class-map keys are
+        strings); a data_dir prepared with other values is stale."""
+        return json.loads(json.dumps({**{k: v for k, v in self.to_dict().items() if k != "data_dir"}, "seed": seed}))
 
 
-def _recorded_spec(manifest: dict) -> dict:
+def _recorded_spec(manifest: dict, seed: int) -> dict:
     """The data spec a manifest was written with; a key added after it was written held its default."""
-    values = with_defaults(manifest.get("spec", {}))
-    return {key: values[key] for key in DATA_KEYS}
+    return {**DataSection().spec(seed), **manifest.get("spec", {})}
 
 
 def _subsample(source: SourceData, size: int, seed: int) -> SourceData:
@@ -55,7 +101,7 @@ def _train_refs(source: SourceData) -> list[str]:
     return source.train_refs or [f"train:{k}" for k in range(len(source.train_labels))]
 
 
-def _inject(source: SourceData, config: Config) -> tuple[np.ndarray, np.ndarray | None]:
+def _inject(source: SourceData, config: DataSection, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
     """(given labels, true labels or None) of the source's train split."""
     if not source.train_labels_true:
         if config.noise_type != "none":
@@ -65,7 +111,7 @@ def _inject(source: SourceData, config: Config) -> tuple[np.ndarray, np.ndarray 
             )
         return source.train_labels.copy(), None
     given = noise.apply_noise(
-        source.train_labels, source.num_classes, config.noise_type, config.noise_rate, config.seed,
+        source.train_labels, source.num_classes, config.noise_type, config.noise_rate, seed,
         images=source.train_images, dataset=source.name, class_map=config.noise_map,
         noise_file=config.noise_file, noise_file_key=config.noise_file_key,
     )
@@ -86,19 +132,19 @@ def _channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     return flat.mean(axis=0).tolist(), np.maximum(flat.std(axis=0), 1e-3).tolist()
 
 
-def prepare(config: Config, force: bool = False, log=print) -> Path:
+def prepare(config: DataSection, seed: int, force: bool = False, log=print) -> Path:
     """Write the dataset of `config` to config.data_dir; reuse it when already prepared with the same spec."""
     target = Path(config.data_dir)
-    spec = data_spec(config)
+    spec = config.spec(seed)
     if (target / shards.MANIFEST).is_file():
         existing = shards.load_manifest(target)
-        recorded = _recorded_spec(existing)
+        recorded = _recorded_spec(existing, seed)
         if recorded == spec and not force:
             shards.check_shards(target, existing)
             log(f"data ready: {target} (already prepared with this spec)")
             return target
         if not force:
-            changed = sorted(k for k in spec if recorded[k] != spec[k])
+            changed = sorted(k for k in spec if recorded.get(k) != spec[k])
             raise SourceError(f"{target} was prepared with other settings ({', '.join(changed)} differ): "
                               "choose another data_dir or pass --force to rebuild it")
     elif target.exists() and any(target.iterdir()):
@@ -107,9 +153,9 @@ def prepare(config: Config, force: bool = False, log=print) -> Path:
     started = time.perf_counter()
     source = read_source(config.source, config.source_path, config.image_size, config.dataset or None)
     if config.train_subset:
-        source = _subsample(source, config.train_subset, config.seed)
-    given, true = _inject(source, config)
-    train_idx, val_idx = _split_val(given, config.val_fraction, config.seed)
+        source = _subsample(source, config.train_subset, seed)
+    given, true = _inject(source, config, seed)
+    train_idx, val_idx = _split_val(given, config.val_fraction, seed)
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
@@ -139,7 +185,7 @@ def prepare(config: Config, force: bool = False, log=print) -> Path:
             "std": std,
             "has_true_labels": true is not None,
             "noise": {
-                "type": config.noise_type, "rate": config.noise_rate, "seed": config.seed,
+                "type": config.noise_type, "rate": config.noise_rate, "seed": seed,
                 "map": config.noise_map, "file": config.noise_file,
                 "realised_rate": None if true is None else noise.realised_rate(given, true),
                 "realised_rate_train": None if true is None else noise.realised_rate(given[train_idx], true[train_idx]),

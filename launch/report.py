@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import os
 import time
-from pathlib import Path
 
 
 def select_epoch(history: list[dict]) -> dict:
@@ -45,13 +42,6 @@ def _median(values: list[float]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
     return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write next to the target and rename, so a reader never sees half a file."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(payload, indent=2, sort_keys=False))
-    os.replace(partial, path)
 
 
 class Progress:

@@ -1,4 +1,5 @@
-"""B2-B3: MixNN's soft-target correction and its synthetic samples built from nearest neighbours."""
+"""MixNN (methods.md B, "synthetic samples with soft labels"): B2's soft-target correction, B3's synthetic
+samples built from nearest neighbours weighted by B1's clean probabilities, and the method's schedule."""
 
 from __future__ import annotations
 
@@ -8,8 +9,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from noisymix.mixing.config import ConfigError, check_choice, check_epochs_or_auto, check_range
+from noisymix.mixing.gmm_select import CleanProbabilityMethod, GMMConfig
 from noisymix.mixing.losses import one_hot
-from noisymix.mixing.mixup import mixup_batch
+from noisymix.mixing.method import BatchContext, BatchRule, EpochPlan, NeighbourQuery, register
+from noisymix.mixing.mixup import MixupConfig, mixup_batch
+
+NEIGHBOUR_SOURCES = ("batch", "global")
+INDEX_METRICS = ("ip", "l2")
+INDEX_KINDS = ("flat", "ivf")
 
 
 def update_soft_targets(targets: torch.Tensor, predictions: torch.Tensor, momentum: float) -> torch.Tensor:
@@ -39,10 +47,6 @@ def synthetic_target(t_self: torch.Tensor, t_neighbours: torch.Tensor, weights: 
     return synthetic_sample(t_self, t_neighbours, weights)
 
 
-NEIGHBOUR_SOURCES = ("batch", "global")
-PHASES = ("warmup", "mixup", "neighbours")
-
-
 def in_batch_neighbours(embeddings: torch.Tensor, k: int) -> torch.Tensor:
     """Rows of the batch nearest to each row by inner product of (normalised) embeddings, self excluded."""
     similarity = embeddings @ embeddings.T
@@ -51,7 +55,7 @@ def in_batch_neighbours(embeddings: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @dataclass
-class MixNNTargets:
+class MixNNTargets(BatchRule):
     """MixNN's batch rule (methods.md B3) over a per-sample state with `targets`, `clean`, `embeddings`
     and, for global neighbours, `neighbours` (N x K ids) whose inputs `fetch_inputs(ids, rng)` returns.
 
@@ -59,14 +63,12 @@ class MixNNTargets:
     `neighbours`: each sample mixed with its K nearest neighbours, weighted by clean probability.
     """
 
-    num_classes: int
-    state: object
+    state: object = None
     k: int = 1
     eps: float = 1e-3
     alpha: float = 1.0
     neighbour_source: str = "batch"
     fetch_inputs: Callable[[np.ndarray, np.random.Generator], torch.Tensor] | None = None
-    phase: str = "warmup"
 
     def __post_init__(self):
         if self.neighbour_source not in NEIGHBOUR_SOURCES:
@@ -97,3 +99,72 @@ class MixNNTargets:
                                     self.eps)
         t_n = self.state.targets[neighbour_ids].to(device)
         return synthetic_sample(inputs, x_n, weights), synthetic_target(targets, t_n, weights)
+
+
+@dataclass
+class MixNNConfig(GMMConfig, MixupConfig):
+    """B2-B3's knobs on top of B1's and alpha: when targets move, the neighbours and the FAISS index."""
+
+    es: int = -1                   # -1: the authors' share, 60 of 300 epochs
+    update_every: int = -1         # -1: the authors' 10 of 300 epochs
+    soft_momentum: float = 0.9
+    knn: int = 1
+    weight_eps: float = 1e-3
+    neighbour_source: str = "global"
+    normalise_embeddings: bool = True
+    index_metric: str = "ip"
+    index_kind: str = "flat"
+    index_nlist: int = 0           # IVF lists; 0 = sqrt(N)
+    index_nprobe: int = 8          # IVF lists searched per query
+    index_gpu: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        check_choice("neighbour_source", self.neighbour_source, NEIGHBOUR_SOURCES)
+        check_choice("index_metric", self.index_metric, INDEX_METRICS)
+        check_choice("index_kind", self.index_kind, INDEX_KINDS)
+        check_epochs_or_auto("es", self.es)
+        check_epochs_or_auto("update_every", self.update_every, minimum=1)
+        check_range("soft_momentum", self.soft_momentum, 0.0, 1.0, hi_open=True)
+        check_range("weight_eps", self.weight_eps, 0.0, None, lo_open=True)
+        check_range("index_nlist", self.index_nlist, 0)
+        for key in ("knn", "index_nprobe"):
+            check_range(key, getattr(self, key), 1)
+
+    def resolve(self, epochs: int) -> None:
+        super().resolve(epochs)
+        if self.es == -1:
+            self.es = max(self.warmup, round(epochs / 5))
+        if self.update_every == -1:
+            self.update_every = max(1, round(epochs / 30))
+        if self.es < self.warmup:
+            raise ConfigError(f"es={self.es} must not come before warmup={self.warmup}")
+
+
+@register
+class MixNN(CleanProbabilityMethod):
+    name = "mixnn"
+    summary = "MixNN: mix each sample with its nearest neighbours, weighted by clean probability, on soft targets"
+    Config = MixNNConfig
+
+    def fetches_inputs_by_id(self) -> bool:
+        return self.config.neighbour_source == "global"
+
+    def plan(self, epoch: int) -> EpochPlan:
+        """CE warm-up; then Mixup on the soft targets until `es`; then neighbours, the soft targets moving
+        every `update_every` epochs (methods.md B). Each epoch after the warm-up starts with a refresh."""
+        c = self.config
+        if epoch < c.warmup:
+            return EpochPlan("warmup")
+        if epoch < c.es:
+            return EpochPlan("mixup", refresh=True)
+        moves = (epoch - c.es) % c.update_every == 0
+        index = NeighbourQuery(c.knn, c.index_metric, c.index_kind, c.index_nlist, c.index_nprobe, c.index_gpu)
+        return EpochPlan("neighbours", refresh=True, target_momentum=c.soft_momentum if moves else None,
+                         embeddings="l2" if c.normalise_embeddings else "raw",
+                         neighbours=index if c.neighbour_source == "global" else None)
+
+    def batch_rule(self, context: BatchContext) -> BatchRule:
+        c = self.config
+        return MixNNTargets(context.num_classes, state=context.state, k=c.knn, eps=c.weight_eps, alpha=c.alpha,
+                            neighbour_source=c.neighbour_source, fetch_inputs=context.fetch_inputs)

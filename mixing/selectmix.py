@@ -1,21 +1,28 @@
-"""A3: SelectMix's batch rule. Flagged samples mix with a trusted partner of their predicted class
-and train on a soft label saying what was mixed; the others train plainly on their given label.
+"""SelectMix (methods.md A): cross-validated selection (A1-A2, its knobs and schedule) and the batch rule
+(A3): flagged samples mix with a trusted partner of their predicted class and train on a soft label saying
+what was mixed; the others train plainly on their given label.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
 
+from noisymix.mixing.config import Section, check_choice, check_range
 from noisymix.mixing.losses import one_hot
-from noisymix.mixing.mixup import mix, sample_lambda
+from noisymix.mixing.method import BatchContext, BatchRule, EpochPlan, Method, register
+from noisymix.mixing.mixup import MixupConfig, mix, sample_lambda
+from noisymix.selection.report import LabelReport, evaluate_out_of_fold, out_of_fold_report
 
 PARTNER_SOURCES = ("batch", "buffer", "global")
 PARTNER_MODES = ("class", "random", "none")
 LABEL_MODES = ("mixed", "soft", "hard")
+LAMBDA_PER = ("sample", "batch")
+FOLD_SELECT = ("best", "last")
 
 
 def selectmix_soft_label(given_part: torch.Tensor, predicted: torch.Tensor, lam: torch.Tensor,
@@ -65,7 +72,7 @@ class ClassReservoir:
 
 
 @dataclass
-class SelectMixTargets:
+class SelectMixTargets(BatchRule):
     """The SelectMix batch rule over a mixing table (methods.md A3), with its ablations.
 
     partners: `class` (a trusted partner of c_i: SelectMix), `random` (any partner of the batch:
@@ -75,11 +82,10 @@ class SelectMixTargets:
     `fetch_inputs(ids, rng)` returns transformed like the batch).
     """
 
-    num_classes: int
-    uncertain: np.ndarray
-    predicted: np.ndarray
-    probs: np.ndarray
-    pools: list[np.ndarray]
+    uncertain: np.ndarray = None
+    predicted: np.ndarray = None
+    probs: np.ndarray = None
+    pools: list[np.ndarray] = None
     alpha: float = 1.0
     partners: str = "class"
     label: str = "mixed"
@@ -87,12 +93,12 @@ class SelectMixTargets:
     lambda_per: str = "sample"
     buffer_size: int = 256
     fetch_inputs: Callable[[np.ndarray, np.random.Generator], torch.Tensor] | None = None
-    counts: dict = field(default_factory=lambda: {"flagged": 0, "mixed": 0, "no_partner": 0})
+    counts: dict = field(default_factory=lambda: {"flagged": 0, "mixed": 0, "no_partner": 0}, kw_only=True)
 
     def __post_init__(self):
         for name, value, allowed in (("partners", self.partners, PARTNER_MODES), ("label", self.label, LABEL_MODES),
                                      ("partner_source", self.partner_source, PARTNER_SOURCES),
-                                     ("lambda_per", self.lambda_per, ("sample", "batch"))):
+                                     ("lambda_per", self.lambda_per, LAMBDA_PER)):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not one of {', '.join(allowed)}")
         if self.alpha <= 0:
@@ -169,3 +175,89 @@ class SelectMixTargets:
             if candidates.size:
                 choice[k], found[k] = candidates[rng.integers(candidates.size)], True
         return inputs[torch.from_numpy(choice).to(inputs.device)], found
+
+
+@dataclass
+class CrossValConfig(Section):
+    """A1-A2's selection stage: K folds trained `fold_epochs` each (predicting from their `best` epoch by
+    held-out agreement with the given labels, or the `last`), one Ray task of `fold_cpus`/`fold_gpus` each,
+    optionally re-run every `reselect_every` epochs from the main model; `oof_from` takes an earlier run's
+    oof.npz for the first selection instead of training folds; tau_low/tau_high are the table's thresholds."""
+
+    folds: int = 5
+    fold_epochs: int = 2
+    fold_select: str = "best"
+    fold_cpus: float = 1.0
+    fold_gpus: float = 0.0
+    fold_retries: int = 2
+    reselect_every: int = 0
+    oof_from: Optional[str] = None
+    tau_low: float = 0.0
+    tau_high: float = 0.0
+
+    def validate(self) -> None:
+        super().validate()
+        check_choice("fold_select", self.fold_select, FOLD_SELECT)
+        for key in ("tau_low", "tau_high"):
+            check_range(key, getattr(self, key), 0.0, 1.0)
+        check_range("folds", self.folds, 2)
+        for key in ("fold_epochs", "fold_cpus"):
+            check_range(key, getattr(self, key), 0, None, lo_open=True)
+        for key in ("fold_gpus", "fold_retries", "reselect_every"):
+            check_range(key, getattr(self, key), 0)
+
+    def selects_at(self, epoch: int) -> bool:
+        """The table is built before epoch 0 and rebuilt every `reselect_every` epochs."""
+        return epoch == 0 or (self.reselect_every > 0 and epoch % self.reselect_every == 0)
+
+
+@dataclass
+class SelectMixConfig(CrossValConfig, MixupConfig):
+    """A3's batch rule with its ablations (see SelectMixTargets)."""
+
+    partners: str = "class"
+    partner_source: str = "buffer"
+    selectmix_label: str = "mixed"
+    lambda_per: str = "sample"
+    buffer_size: int = 256
+
+    def validate(self) -> None:
+        super().validate()
+        check_choice("partners", self.partners, PARTNER_MODES)
+        check_choice("partner_source", self.partner_source, PARTNER_SOURCES)
+        check_choice("selectmix_label", self.selectmix_label, LABEL_MODES)
+        check_choice("lambda_per", self.lambda_per, LAMBDA_PER)
+        check_range("buffer_size", self.buffer_size, 0, None, lo_open=True)
+
+
+@register
+class SelectMix(Method):
+    name = "selectmix"
+    summary = "SelectMix: K-fold flags, then mix each flagged sample with a trusted one of its predicted class"
+    Config = SelectMixConfig
+    detector = "1 - out-of-fold P[given label]"
+    uses_out_of_fold = True
+
+    def fetches_inputs_by_id(self) -> bool:
+        return self.config.partner_source == "global" and self.config.partners == "class"
+
+    def out_of_fold_file(self) -> str | None:
+        return self.config.oof_from
+
+    def plan(self, epoch: int) -> EpochPlan:
+        return EpochPlan("selectmix", select=self.config.selects_at(epoch))
+
+    def batch_rule(self, context: BatchContext) -> BatchRule:
+        c, table = self.config, context.table
+        return SelectMixTargets(context.num_classes, table.uncertain, table.predicted, table.probs, table.pools,
+                                alpha=c.alpha, partners=c.partners, label=c.selectmix_label,
+                                partner_source=c.partner_source, lambda_per=c.lambda_per,
+                                buffer_size=c.buffer_size, fetch_inputs=context.fetch_inputs)
+
+    def label_report(self, table=None, state=None) -> LabelReport | None:
+        if table is None:
+            return None
+        return out_of_fold_report(table.probs, table.given, table.predicted, table.confidence, table.uncertain)
+
+    def evaluate(self, report: LabelReport, true: np.ndarray) -> dict:
+        return evaluate_out_of_fold(report, true)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
@@ -40,33 +41,60 @@ def assemble_out_of_fold(num_samples: int, fold_outputs: Iterable[tuple[np.ndarr
     return probs
 
 
-def load_out_of_fold(path, given: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """(P, fold of each id; -1 where unknown) from an earlier run's oof.npz, checked against these labels.
+def check_out_of_fold(arrays: dict[str, np.ndarray], given: np.ndarray, num_classes: int,
+                      source: str) -> tuple[np.ndarray, np.ndarray]:
+    """(P, fold of each id; -1 where unknown) of an earlier run's out-of-fold table, checked against these labels.
 
-    The file must hold `probs` (N x C rows on the simplex) and the `given` labels they were made for:
+    The table must hold `probs` (N x C rows on the simplex) and the `given` labels they were made for:
     predictions made for another dataset, noise draw or seed are refused, not silently misapplied.
     """
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError) as exc:
-        raise SelectionError(f"cannot read out-of-fold predictions from {path}: {exc}") from exc
-    missing = {"probs", "given"} - set(arrays)
-    if missing:
-        raise SelectionError(f"{path} lacks {', '.join(sorted(missing))}: not an oof.npz of a SelectMix run")
     probs, file_given = arrays["probs"], arrays["given"]
     if probs.shape != (len(given), num_classes):
-        raise SelectionError(f"{path} holds {probs.shape} probabilities; this data needs ({len(given)}, {num_classes})")
+        raise SelectionError(f"{source} holds {probs.shape} probabilities; this data needs ({len(given)}, {num_classes})")
     if not np.array_equal(file_given, given):
-        raise SelectionError(f"{path} was made for other given labels ({int(np.sum(file_given != given))} of "
+        raise SelectionError(f"{source} was made for other given labels ({int(np.sum(file_given != given))} of "
                              f"{len(given)} differ): another dataset, noise draw or seed")
     probs = probs.astype(np.float32)
     if not np.isfinite(probs).all() or (probs < 0).any() or not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
-        raise SelectionError(f"{path}: every row of probs must be a probability vector (finite, >= 0, sum 1)")
+        raise SelectionError(f"{source}: every row of probs must be a probability vector (finite, >= 0, sum 1)")
     fold_of = arrays.get("fold", np.full(len(given), -1))
     if fold_of.shape != given.shape:
         fold_of = np.full(len(given), -1)
     return probs, fold_of.astype(np.int64)
+
+
+@dataclass(frozen=True)
+class Fold:
+    """Fold `index`: train on positions `train`, predict positions `held`."""
+
+    index: int
+    train: np.ndarray
+    held: np.ndarray
+
+
+@dataclass
+class FoldOutput:
+    """What fitting a fold gives: the held-out ids, their predicted probabilities, and anything to report."""
+
+    held_ids: np.ndarray
+    probs: np.ndarray
+    info: dict
+
+
+def out_of_fold_probabilities(labels: np.ndarray, k: int, seed: int, fit_predict: Callable[[Fold], FoldOutput],
+                              map: Callable = map) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """A1 over any classifier: (out-of-fold P for every id, fold of each id, each fold's info in fold order).
+
+    `fit_predict(fold)` trains on the fold's train positions and predicts its held-out ones; `map` runs it
+    over the K folds (the built-in map in a loop, or one Ray task per fold) and returns outputs in order.
+    """
+    folds = [Fold(f, train, held) for f, (train, held) in enumerate(stratified_folds(labels, k, seed))]
+    outputs = list(map(fit_predict, folds))
+    probs = assemble_out_of_fold(len(labels), ((o.held_ids, o.probs) for o in outputs))
+    fold_of = np.empty(len(labels), dtype=np.int64)
+    for fold in folds:
+        fold_of[fold.held] = fold.index
+    return probs, fold_of, [o.info for o in outputs]
 
 
 def given_label_probability(probs: np.ndarray, given: np.ndarray) -> np.ndarray:

@@ -18,10 +18,10 @@ def detection_metrics(flagged: np.ndarray, noise_score: np.ndarray, given: np.nd
     }
 
 
-def selection_report(flagged: np.ndarray, predicted: np.ndarray, probs: np.ndarray, given: np.ndarray,
+def selection_report(flagged: np.ndarray, predicted: np.ndarray, noise_score: np.ndarray, given: np.ndarray,
                      true: np.ndarray) -> dict:
-    """SelectMix's detector: flagged = mismatch, score = 1 - P[i, y_i]; plus how often c_i is the true class."""
-    report = detection_metrics(flagged, 1.0 - probs[np.arange(len(given)), given], given, true)
+    """SelectMix's detector (flagged = mismatch, noise score = 1 - P[i, y_i]) and how often c_i is the true class."""
+    report = detection_metrics(flagged, noise_score, given, true)
     report["predicted_class_acc_on_flagged"] = float(np.mean(predicted[flagged] == true[flagged])) if flagged.any() else None
     report["predicted_class_acc"] = float(np.mean(predicted == true))
     return report

@@ -28,13 +28,15 @@ def trusted_pools(predicted: np.ndarray, given: np.ndarray, confidence: np.ndarr
 
 @dataclass
 class MixingTable:
-    """What the selection stage hands the training workers, one row per train id (ids are 0..N-1).
+    """What the selection stage hands the training workers, one row per train id (ids are 0..N-1), and the
+    given labels it was built for.
 
     pools[c] are the ids a flagged sample of predicted class c mixes with. A class whose trusted
     pool is empty falls back to every sample predicted as c (the authors' pool, tau_high = 0), which
     holds at least each flagged sample of that class itself; `fallback_classes` lists those classes.
     """
 
+    given: np.ndarray
     uncertain: np.ndarray
     predicted: np.ndarray
     confidence: np.ndarray
@@ -45,7 +47,7 @@ class MixingTable:
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Flat arrays for the object store and for oof.npz: pools as one id array plus offsets."""
         offsets = np.cumsum([0] + [len(p) for p in self.pools]).astype(np.int64)
-        return {"uncertain": self.uncertain, "predicted": self.predicted, "confidence": self.confidence,
+        return {"given": self.given, "uncertain": self.uncertain, "predicted": self.predicted, "confidence": self.confidence,
                 "probs": self.probs, "pool_ids": np.concatenate(self.pools).astype(np.int64),
                 "pool_offsets": offsets, "fallback_classes": np.asarray(self.fallback_classes, dtype=np.int64)}
 
@@ -53,7 +55,7 @@ class MixingTable:
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "MixingTable":
         offsets = arrays["pool_offsets"]
         pools = [arrays["pool_ids"][offsets[c]:offsets[c + 1]] for c in range(len(offsets) - 1)]
-        return cls(arrays["uncertain"], arrays["predicted"], arrays["confidence"], arrays["probs"], pools,
+        return cls(arrays["given"], arrays["uncertain"], arrays["predicted"], arrays["confidence"], arrays["probs"], pools,
                    [int(c) for c in arrays["fallback_classes"]])
 
 
@@ -72,4 +74,4 @@ def build_mixing_table(probs: np.ndarray, given: np.ndarray, tau_low: float = 0.
     fallback = [int(c) for c in needed if len(pools[c]) == 0]
     for c in fallback:
         pools[c] = np.flatnonzero(predicted == c)
-    return MixingTable(uncertain, predicted, confidence, probs.astype(np.float32), pools, fallback)
+    return MixingTable(np.asarray(given), uncertain, predicted, confidence, probs.astype(np.float32), pools, fallback)

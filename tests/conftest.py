@@ -1,4 +1,7 @@
-"""Shared fixtures: a tiny prepared dataset and one local Ray for the whole session."""
+"""Shared fixtures: a tiny prepared dataset and one local Ray for the whole session.
+
+Two tiers: a test that uses the `ray_session` fixture (a local Ray cluster) is marked `slow` here, and the
+default `python -m pytest` leaves slow tests out; `python -m pytest -m slow` runs them (CI runs both)."""
 
 from __future__ import annotations
 
@@ -27,7 +30,13 @@ def digits_dir(tmp_path_factory):
     """digits with 40% symmetric noise in 4 shards per split, prepared once per session."""
     base = tmp_path_factory.mktemp("digits")
     config = make_config(base)
-    return prepare(config, log=lambda *_: None)
+    return prepare(config.data, config.run.seed, log=lambda *_: None)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

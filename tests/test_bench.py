@@ -56,6 +56,8 @@ def test_the_committed_fashion_spec_is_valid(monkeypatch):
     assert sorted({c.seed for c in spec.cells if c.setting == "symmetric40" and c.group == "matrix"}) == [0, 1, 2]
     for other in ("fashion_mnist_long.yaml", "fashion_mnist_memorise.yaml"):
         assert {c.method for c in load_spec(root / "benchmarks" / other).cells} >= {"ce", "clean", "selectmix", "mixnn"}
+    ablations = {c.method for c in load_spec(root / "benchmarks" / "selectmix_ablations.yaml").cells}
+    assert {"ce", "clean", "selectmix", "random_partners", "selection_only", "folds3"} <= ablations
 
 
 ONE_SETTING = {"methods": {"ce": {"method": "ce"}}, "curves": {}}
@@ -94,11 +96,12 @@ def test_cli_refuses_a_bad_spec_with_one_line_and_runs_nothing(tmp_path, capsys)
 
 
 def fake_summary(config, acc):
-    return {"method": config.method, "test_acc": acc, "test_acc_last": acc - 0.01, "test_acc_best_test": acc + 0.01,
-            "wall_time_s": 10.0 * (2 if config.method == "gmm_select" else 1), "workers": config.num_workers,
-            "seed": config.seed, "stage_times_s": {"main_training": 9.0},
-            **({"detection": {"f1": 0.8}, "given_label_detection": {"f1": 0.85 + 0.01 * config.seed},
-                "corrected_label_acc": 0.7} if config.method == "gmm_select" else {})}
+    method, seed = config.method.name, config.run.seed
+    return {"method": method, "test_acc": acc, "test_acc_last": acc - 0.01, "test_acc_best_test": acc + 0.01,
+            "wall_time_s": 10.0 * (2 if method == "gmm_select" else 1), "workers": config.resources.num_workers,
+            "seed": seed, "stage_times_s": {"main_training": 9.0},
+            **({"detection": {"f1": 0.8}, "given_label_detection": {"f1": 0.85 + 0.01 * seed},
+                "corrected_label_acc": 0.7} if method == "gmm_select" else {})}
 
 
 # Headline accuracy of each fake cell: clean 0.9, CE 0.6 (+0.02 per seed), the others in between.
@@ -112,16 +115,16 @@ class FakeTrain:
         self.calls, self.fail = [], fail
 
     def __call__(self, config, log=print):
-        self.calls.append(config.run_dir)
-        if self.fail and self.fail in config.run_dir:
+        self.calls.append(config.run.run_dir)
+        if self.fail and self.fail in config.run.run_dir:
             raise RuntimeError("worker exploded\nsecond line")
-        run = Path(config.run_dir)
+        run = Path(config.run.run_dir)
         run.mkdir(parents=True)
-        method = "clean" if config.noise_type == "none" else config.method
-        acc = FAKE_ACC[method] + 0.02 * config.seed
+        method = "clean" if config.data.noise_type == "none" else config.method.name
+        acc = FAKE_ACC[method] + 0.02 * config.run.seed
         records = [{"epoch": e, "test_acc": acc - 0.1 + 0.05 * e, "val_acc": acc - 0.1 + 0.04 * e,
                     "epoch_time_s": 5.0, "samples_per_s_per_worker": 1000.0 if method != "gmm_select" else 800.0,
-                    "pass_s": 0.5 if method == "gmm_select" else 0.0} for e in range(config.epochs)]
+                    "pass_s": 0.5 if method == "gmm_select" else 0.0} for e in range(config.train.epochs)]
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         return fake_summary(config, acc)
 
@@ -133,7 +136,7 @@ def fake_train(monkeypatch):
     def install(fail=""):
         fake = FakeTrain(fail)
         monkeypatch.setattr(noisymix.launch.train, "train", fake)
-        monkeypatch.setattr(bench, "detector_curve", lambda run_dir, method, data_dir: None)
+        monkeypatch.setattr(bench, "detector_curve", lambda run, config: None)
         return fake
     return install
 

@@ -2,35 +2,36 @@ import pytest
 import yaml
 
 from noisymix.launch.config import Config, ConfigError, build_config, parse_overrides
+from noisymix.mixing.method import method_names
 
 
 def test_defaults_resolve_data_and_run_dirs():
     config = build_config()
-    assert config.method == "selectmix" and config.noise_type == "symmetric" and config.noise_rate == 0.4
-    assert config.data_dir.endswith("digits-symmetric40-seed0")
-    assert config.run_dir.startswith("runs/selectmix-digits-symmetric40-")
-    assert build_config(overrides={"train_subset": 500}).data_dir.endswith("digits-n500-symmetric40-seed0")
+    assert config.method.name == "selectmix" and config.data.noise_type == "symmetric" and config.data.noise_rate == 0.4
+    assert config.data.data_dir.endswith("digits-symmetric40-seed0")
+    assert config.run.run_dir.startswith("runs/selectmix-digits-symmetric40-")
+    assert build_config(overrides={"train_subset": 500}).data.data_dir.endswith("digits-n500-symmetric40-seed0")
 
 
 def test_overrides_parse_as_yaml_values():
     values = parse_overrides(["lr=0.1", "hflip=true", "milestones=[5, 8]", "noise_map={3: 5}", "source_path=/x/y"])
     assert values == {"lr": 0.1, "hflip": True, "milestones": [5, 8], "noise_map": {3: 5}, "source_path": "/x/y"}
     config = build_config(overrides=values)
-    assert config.lr == 0.1 and config.hflip is True and config.noise_map == {3: 5}
+    assert config.train.lr == 0.1 and config.train.hflip is True and config.data.noise_map == {3: 5}
 
 
 def test_recipe_then_overrides_and_saved_config_round_trips(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"method": "mixup", "epochs": 7, "alpha": 0.5}))
     config = build_config(recipe, {"epochs": 3})
-    assert (config.method, config.epochs, config.alpha) == ("mixup", 3, 0.5)
+    assert (config.method.name, config.train.epochs, config.method.config.alpha) == ("mixup", 3, 0.5)
     config.save(tmp_path / "saved.yaml")
     again = build_config(tmp_path / "saved.yaml")
     assert again.to_dict() == config.to_dict()
 
 
 def test_ints_are_accepted_for_floats():
-    assert build_config(overrides={"lr": 1}).lr == 1.0
+    assert build_config(overrides={"lr": 1}).train.lr == 1.0
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -71,6 +72,8 @@ def test_bad_override_syntax_and_recipe(tmp_path):
 
 def test_every_field_has_a_default():
     assert Config().validate()
+    for name in method_names():
+        assert build_config(overrides={"method": name}).method.name == name
 
 
 def test_shipped_recipes_validate():

@@ -7,10 +7,10 @@ from noisymix.distributed import shards
 from noisymix.distributed.engine import (InputTransform, accuracy_counts, build_optimizer, epoch_rng, lr_factor,
                                          random_crop_flip, train_epoch)
 from noisymix.distributed.models import create_model
-from noisymix.distributed.worker import load_state, save_state
+from noisymix.distributed.artifacts import load_checkpoint, save_checkpoint
 from noisymix.mixing.losses import one_hot, soft_target_cross_entropy
-from noisymix.mixing.methods import MixupTargets, PlainTargets
-from noisymix.mixing.mixup import mixup_batch, sample_lambda
+from noisymix.mixing.ce import PlainTargets
+from noisymix.mixing.mixup import MixupTargets, mixup_batch, sample_lambda
 
 
 def test_soft_target_ce_equals_ce_on_one_hot_targets():
@@ -125,8 +125,8 @@ def test_checkpoint_round_trip_loads_with_weights_only(tmp_path):
     model(torch.randn(4, 1, 8, 8)).sum().backward()
     optimizer.step()
     scheduler.step()
-    save_state(tmp_path / "state.pt", model, optimizer, scheduler, epoch=3, seed=7)
-    state = load_state(tmp_path / "state.pt")
+    save_checkpoint(tmp_path / "state.pt", model, optimizer, scheduler, epoch=3, seed=7)
+    state = load_checkpoint(tmp_path / "state.pt")
     fresh = create_model("small_cnn", 1, 10, 8, width=4)
     fresh.load_state_dict(state["model"])
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
@@ -138,4 +138,4 @@ def test_checkpoint_loader_refuses_arbitrary_objects(tmp_path):
 
     torch.save({"model": {}, "evil": np.random.default_rng(0)}, tmp_path / "evil.pt")
     with pytest.raises(pickle.UnpicklingError):
-        load_state(tmp_path / "evil.pt")
+        load_checkpoint(tmp_path / "evil.pt")

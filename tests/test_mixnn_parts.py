@@ -130,7 +130,7 @@ def test_mixnn_phases_and_bad_options():
 
 
 def test_gmm_select_keeps_only_samples_the_gmm_calls_clean():
-    from noisymix.mixing.methods import GMMSelectTargets
+    from noisymix.mixing.gmm_select import GMMSelectTargets
 
     method = GMMSelectTargets(2, FakeState(), 0.5, phase="select")
     _, t = method.batch(torch.tensor([0, 1, 2, 3]), inputs_of([0, 1, 2, 3]), torch.tensor([0, 0, 1, 1]),

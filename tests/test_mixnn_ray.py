@@ -9,10 +9,10 @@ import ray
 import torch
 
 from noisymix.distributed import shards
-from noisymix.distributed.folds import load_split
 from noisymix.distributed.index_actor import NeighbourIndex, drop_self, index_actor
-from noisymix.distributed.sample_state import PassSettings, neighbour_table
+from noisymix.distributed.sample_state import neighbour_table
 from noisymix.launch.cli import main
+from noisymix.mixing.method import NeighbourQuery
 from noisymix.selection.gmm import out_of_fold_clean_probability
 
 
@@ -24,7 +24,7 @@ def brute_force_neighbours(z, k):
 
 def test_index_actor_matches_brute_force_top_k(ray_session):
     z = np.random.default_rng(0).standard_normal((500, 12)).astype(np.float32)
-    actor = index_actor("test-index-brute", 12, "ip", "flat", threads=1, use_gpu=False)
+    actor = index_actor("test-index-brute", 12, NeighbourQuery(4, gpu=False))
     table, _ = ray.get(actor.neighbour_table.remote(z, 4))
     assert np.array_equal(table, brute_force_neighbours(z, 4))
     ray.kill(actor)
@@ -59,12 +59,10 @@ def test_drop_self_when_self_is_not_first():
 
 def test_a_dead_index_actor_is_recreated_and_refilled(ray_session):
     z = np.random.default_rng(1).standard_normal((200, 6)).astype(np.float32)
-    settings = PassSettings(epoch_updates_targets=False, momentum=0.9, loss_window=1, gmm_max_iter=10, gmm_tol=1e-2,
-                            gmm_reg_covar=5e-4, seed=0, neighbours=2, index_name="test-index-restart",
-                            index_gpu=False)
-    first, timings = neighbour_table(z, settings)
+    query = NeighbourQuery(2, gpu=False)
+    first, timings = neighbour_table(z, query, "test-index-restart")
     ray.kill(ray.get_actor("test-index-restart"))
-    again, _ = neighbour_table(z, settings)
+    again, _ = neighbour_table(z, query, "test-index-restart")
     assert np.array_equal(first, again) and np.array_equal(first, brute_force_neighbours(z, 2))
     assert set(timings) == {"index_refresh_s", "index_query_s"} and all(v > 0 for v in timings.values())
 
@@ -114,7 +112,7 @@ def test_clean_probabilities_from_an_out_of_fold_table_replace_the_gmm(ray_sessi
 
     The planted table is calibrated like folds trained at 80% noise: P[i, y_i] is 0.3 for a clean sample
     and 0.02 for a noisy one, so taken raw every w would be below 0.5."""
-    given = load_split(str(digits_dir), shards.load_manifest(digits_dir))[2]
+    given = shards.load_labels(str(digits_dir), shards.load_manifest(digits_dir))
     planted_clean = np.random.default_rng(0).uniform(size=len(given)) < 0.3
     p_given = np.where(planted_clean, 0.3, 0.02).astype(np.float32)
     probs = np.repeat(((1 - p_given) / 9)[:, None], 10, axis=1)
@@ -135,7 +133,7 @@ def test_clean_probabilities_from_an_out_of_fold_table_replace_the_gmm(ray_sessi
 
 
 def test_clean_probability_tables_for_other_labels_or_absent_are_refused(ray_session, digits_dir, tmp_path, capsys):
-    given = load_split(str(digits_dir), shards.load_manifest(digits_dir))[2]
+    given = shards.load_labels(str(digits_dir), shards.load_manifest(digits_dir))
     table = tmp_path / "oof.npz"
     np.savez(table, probs=np.eye(10, dtype=np.float32)[given], given=(given + 1) % 10)
     code = main(["train", "method=mixnn", f"data_dir={digits_dir}", f"run_dir={tmp_path / 'r'}", "num_shards=4",

@@ -13,6 +13,10 @@ from noisymix.launch.sources import SourceError, read_digits
 quiet = dict(log=lambda *_: None)
 
 
+def prepared(config, **kwargs):
+    return prepare(config.data, config.run.seed, **kwargs)
+
+
 def read_split(data_dir, split, label_key=shards.GIVEN_LABEL):
     manifest = shards.load_manifest(data_dir)
     samples = list(shards.sample_stream(shards.shard_urls(data_dir, manifest, split), label_key=label_key))
@@ -42,15 +46,14 @@ def test_shards_round_trip_images_labels_and_ids(digits_dir):
 
 
 def test_labels_only_reader_gives_the_full_reads_labels_in_id_order(digits_dir):
-    from noisymix.distributed.folds import load_labels
-
     manifest = shards.load_manifest(digits_dir)
     for split in ("train", "val"):
         for key in (shards.GIVEN_LABEL, shards.TRUE_LABEL):
-            labels = load_labels(str(digits_dir), manifest, split, key)
+            labels = shards.load_labels(str(digits_dir), manifest, split, key)
             assert labels.dtype == np.int64
             np.testing.assert_array_equal(labels, read_split(digits_dir, split, key)[2])
-    assert np.any(load_labels(str(digits_dir), manifest) != load_labels(str(digits_dir), manifest, label_key=shards.TRUE_LABEL))
+    assert np.any(shards.load_labels(str(digits_dir), manifest)
+                  != shards.load_labels(str(digits_dir), manifest, label_key=shards.TRUE_LABEL))
 
 
 def test_manifest_records_noise_split_and_checksums(digits_dir):
@@ -73,40 +76,40 @@ def test_val_split_is_stratified_by_given_label(digits_dir):
 
 
 def test_same_seed_gives_byte_identical_shards(tmp_path, digits_dir):
-    again = prepare(make_config(tmp_path), **quiet)
+    again = prepared(make_config(tmp_path), **quiet)
     first, second = shards.load_manifest(digits_dir), shards.load_manifest(again)
     assert [s["sha256"] for s in first["splits"]["train"]["shards"]] == \
            [s["sha256"] for s in second["splits"]["train"]["shards"]]
-    other = prepare(make_config(tmp_path / "other", seed=1), **quiet)
+    other = prepared(make_config(tmp_path / "other", seed=1), **quiet)
     assert shards.load_manifest(other)["splits"]["train"]["shards"][0]["sha256"] != \
            first["splits"]["train"]["shards"][0]["sha256"]
 
 
 def test_prepared_dir_is_reused_and_a_different_spec_refused(tmp_path):
     config = make_config(tmp_path)
-    target = prepare(config, **quiet)
+    target = prepared(config, **quiet)
     stamp = (target / shards.MANIFEST).stat().st_mtime_ns
-    assert prepare(config, **quiet) == target
+    assert prepared(config, **quiet) == target
     assert (target / shards.MANIFEST).stat().st_mtime_ns == stamp
     with pytest.raises(SourceError, match="noise_rate"):
-        prepare(make_config(tmp_path, noise_rate=0.2), **quiet)
-    rebuilt = prepare(make_config(tmp_path, noise_rate=0.2), force=True, **quiet)
+        prepared(make_config(tmp_path, noise_rate=0.2), **quiet)
+    rebuilt = prepared(make_config(tmp_path, noise_rate=0.2), force=True, **quiet)
     assert shards.load_manifest(rebuilt)["noise"]["rate"] == 0.2
 
 
 def test_manifest_written_before_a_data_key_existed_is_reused_while_the_key_holds_its_default(tmp_path):
-    target = prepare(make_config(tmp_path), **quiet)
+    target = prepared(make_config(tmp_path), **quiet)
     manifest = json.loads((target / shards.MANIFEST).read_text())
     del manifest["spec"]["train_subset"]
     (target / shards.MANIFEST).write_text(json.dumps(manifest))
-    assert prepare(make_config(tmp_path), **quiet) == target
+    assert prepared(make_config(tmp_path), **quiet) == target
     with pytest.raises(SourceError, match="train_subset"):
-        prepare(make_config(tmp_path, train_subset=500), **quiet)
+        prepared(make_config(tmp_path, train_subset=500), **quiet)
 
 
 def test_train_subset_is_stratified_seeded_and_points_at_the_source(tmp_path):
     source = read_digits()
-    target = prepare(make_config(tmp_path, train_subset=500, val_fraction=0.2), **quiet)
+    target = prepared(make_config(tmp_path, train_subset=500, val_fraction=0.2), **quiet)
     manifest = shards.load_manifest(target)
     assert manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"] == 500
     _, images, _ = read_split(target, "train")
@@ -122,16 +125,16 @@ def test_train_subset_is_stratified_seeded_and_points_at_the_source(tmp_path):
     for sample_id in (0, 123, 499):
         k = int(refs[sample_id].split(":")[1])
         assert np.array_equal(source.train_images[k], ordered[sample_id]), "samples.csv names the source sample"
-    again = prepare(make_config(tmp_path / "again", train_subset=500, val_fraction=0.2), **quiet)
+    again = prepared(make_config(tmp_path / "again", train_subset=500, val_fraction=0.2), **quiet)
     assert (again / "samples.csv").read_text() == (target / "samples.csv").read_text()
-    other = prepare(make_config(tmp_path / "other", train_subset=500, val_fraction=0.2, seed=1), **quiet)
+    other = prepared(make_config(tmp_path / "other", train_subset=500, val_fraction=0.2, seed=1), **quiet)
     assert (other / "samples.csv").read_text() != (target / "samples.csv").read_text()
 
 
 @pytest.mark.parametrize("size, message", [(10**6, "more than the 1437"), (5, "cannot hold every class")])
 def test_bad_train_subset_is_refused_before_anything_is_written(tmp_path, size, message):
     with pytest.raises(SourceError, match=message):
-        prepare(make_config(tmp_path, train_subset=size), **quiet)
+        prepared(make_config(tmp_path, train_subset=size), **quiet)
     assert not (tmp_path / "data").exists()
 
 
@@ -145,7 +148,7 @@ def test_interrupted_prepare_leaves_nothing_that_looks_complete(tmp_path, monkey
 
     monkeypatch.setattr(prepare_module.shards, "write_split", failing_write)
     with pytest.raises(KeyboardInterrupt):
-        prepare(make_config(tmp_path), **quiet)
+        prepared(make_config(tmp_path), **quiet)
     assert not (tmp_path / "data").exists()
     assert list(tmp_path.iterdir()) == [], "the staging directory is removed too"
 
@@ -154,7 +157,7 @@ def test_refuses_to_write_into_a_foreign_directory(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "notes.txt").write_text("mine")
     with pytest.raises(SourceError, match="not a prepared dataset"):
-        prepare(make_config(tmp_path), **quiet)
+        prepared(make_config(tmp_path), **quiet)
 
 
 def copy_dataset(src, dst):

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from noisymix.selection.crossval import assemble_out_of_fold, load_out_of_fold, stratified_folds
+from noisymix.distributed.artifacts import read_out_of_fold
+from noisymix.selection.crossval import assemble_out_of_fold, check_out_of_fold, stratified_folds
 from noisymix.selection.detection import detection_metrics, selection_report
 from noisymix.selection.mismatch import MixingTable, build_mixing_table, trusted_pools, uncertain_set
 
@@ -83,9 +84,14 @@ def test_detection_metrics_on_a_hand_made_case():
 
 def test_selection_report_scores_given_label_probability():
     true = np.array([0, 1, 0, 1, 2])
-    report = selection_report(uncertain_set(P.argmax(1), Y, P.max(1)), P.argmax(1), P, Y, true)
+    report = selection_report(uncertain_set(P.argmax(1), Y, P.max(1)), P.argmax(1), 1 - P[np.arange(len(Y)), Y], Y,
+                              true)
     assert report["recall"] == 1.0 and report["precision"] == 1.0
     assert report["predicted_class_acc_on_flagged"] == 1.0
+
+
+def load_out_of_fold(path, given, num_classes):
+    return check_out_of_fold(read_out_of_fold(path), given, num_classes, str(path))
 
 
 def _oof_file(path, **arrays):

@@ -2,30 +2,41 @@
 
 import csv
 import dataclasses
+import functools
 import json
 
 import numpy as np
 import pytest
 
 from noisymix.distributed import shards
-from noisymix.distributed.folds import fold_settings, load_split, run_folds_in_process, run_folds_parallel
+from noisymix.distributed.engine import DataInfo
+from noisymix.distributed.folds import FoldTrainer, ray_map
 from noisymix.launch.cli import main
 from noisymix.launch.config import build_config
+from noisymix.selection.crossval import out_of_fold_probabilities
 from noisymix.selection.mismatch import build_mixing_table
 
 
 @pytest.fixture(scope="module")
 def digits_train(digits_dir):
     manifest = shards.load_manifest(digits_dir)
-    ids, images, given = load_split(str(digits_dir), manifest)
+    ids, images, given = shards.load_split(str(digits_dir), manifest)
     return manifest, images, given
+
+
+def fold_trainer(manifest, images, given, **overrides):
+    """The fold stage's fit_predict for a selectmix config with these overrides."""
+    config = build_config(overrides={"method": "selectmix", "width": 8, **overrides})
+    return FoldTrainer(images, given, config.train, config.method.config, DataInfo.from_manifest(manifest),
+                       config.run.seed)
 
 
 def test_parallel_fold_tasks_give_the_table_of_sequential_folds(ray_session, digits_train):
     manifest, images, given = digits_train
-    settings = fold_settings(build_config(overrides={"fold_epochs": 1, "width": 8, "seed": 3}), manifest)
-    parallel, fold_par, _ = run_folds_parallel(ray_session.put(images), given, 3, settings)
-    sequential, fold_seq, _ = run_folds_in_process(images, given, 3, settings)
+    sequential_fit = fold_trainer(manifest, images, given, fold_epochs=1, seed=3)
+    parallel_fit = dataclasses.replace(sequential_fit, images=ray_session.put(images))
+    parallel, fold_par, _ = out_of_fold_probabilities(given, 3, 3, parallel_fit, map=ray_map)
+    sequential, fold_seq, _ = out_of_fold_probabilities(given, 3, 3, sequential_fit)
     assert np.array_equal(fold_par, fold_seq)
     np.testing.assert_allclose(parallel, sequential, rtol=1e-5, atol=1e-6)
     a, b = build_mixing_table(parallel, given), build_mixing_table(sequential, given)
@@ -35,9 +46,10 @@ def test_parallel_fold_tasks_give_the_table_of_sequential_folds(ray_session, dig
 
 def test_best_fold_epoch_agrees_with_the_given_labels_at_least_as_well_as_the_last(digits_train):
     manifest, images, given = digits_train
-    settings = fold_settings(build_config(overrides={"fold_epochs": 3, "width": 8, "seed": 1}), manifest)
-    last, folds, last_runs = run_folds_in_process(images, given, 3, dataclasses.replace(settings, keep="last"))
-    best, _, best_runs = run_folds_in_process(images, given, 3, dataclasses.replace(settings, keep="best"))
+    last_fit = fold_trainer(manifest, images, given, fold_epochs=3, seed=1, fold_select="last")
+    best_fit = fold_trainer(manifest, images, given, fold_epochs=3, seed=1, fold_select="best")
+    last, folds, last_runs = out_of_fold_probabilities(given, 3, 1, last_fit)
+    best, _, best_runs = out_of_fold_probabilities(given, 3, 1, best_fit)
     assert [r["kept_epoch"] for r in last_runs] == [3, 3, 3]
     assert all(1 <= r["kept_epoch"] <= 3 for r in best_runs)
     for f, run in enumerate(best_runs):
@@ -50,10 +62,10 @@ def test_best_fold_epoch_agrees_with_the_given_labels_at_least_as_well_as_the_la
 
 def test_a_failing_fold_task_is_named(ray_session, digits_train):
     manifest, images, given = digits_train
-    settings = fold_settings(build_config(overrides={"fold_epochs": 1}), manifest)
-    broken = dataclasses.replace(settings, model="no_such_model")
+    fit = fold_trainer(manifest, images, given, fold_epochs=1)
+    broken = dataclasses.replace(fit, train=dataclasses.replace(fit.train, model="no_such_model"))
     with pytest.raises(RuntimeError, match=r"fold \d of 3 failed"):
-        run_folds_parallel(ray_session.put(images), given, 3, broken, retries=1)
+        out_of_fold_probabilities(given, 3, 0, broken, map=functools.partial(ray_map, retries=1))
 
 
 def test_selectmix_end_to_end_on_two_workers(ray_session, digits_dir, tmp_path, capsys):
@@ -130,3 +142,4 @@ def test_out_of_fold_predictions_for_other_labels_are_refused(ray_session, digit
     code = main(["train", "method=selectmix", f"data_dir={digits_dir}", f"run_dir={tmp_path / 'r2'}", "num_shards=4",
                  f"oof_from={tmp_path / 'absent.npz'}"])
     assert code == 2 and "is not a file" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "r2").exists(), "refused before a run directory is made"

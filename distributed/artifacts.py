@@ -1,0 +1,173 @@
+"""Every file of a run directory, written and read here and nowhere else: config.yaml, metrics.jsonl,
+summary.json, label_issues.csv, oof.npz, the checkpoints and the audit files of the tests.
+
+Whole files are written next to their target and renamed, so a reader never sees half a file; summary.json
+is written last, and its presence means the run finished.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+
+from noisymix.mixing.config import ConfigError
+from noisymix.selection.crossval import SelectionError
+from noisymix.selection.report import LabelReport
+
+CHECKPOINT_FILE = "state.pt"
+CONFIG, METRICS, SUMMARY = "config.yaml", "metrics.jsonl", "summary.json"
+LABEL_ISSUES, OUT_OF_FOLD = "label_issues.csv", "oof.npz"
+MODEL_BEST, MODEL_LAST = "model_best.pt", "model_last.pt"
+AUDIT_IDS, STATE_DIGESTS = "audit_ids.npz", "state_digests.json"
+
+
+def write_atomic(path: Path, write) -> None:
+    """Call write(partial_path), then rename the partial file onto `path`."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    write(partial)
+    os.replace(partial, path)
+
+
+def write_json_atomic(path: Path, payload) -> None:
+    write_atomic(path, lambda p: p.write_text(json.dumps(payload, indent=2, sort_keys=False)))
+
+
+def unwrap(model):
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, seed: int, sample_state=None) -> None:
+    """Everything a resumed run needs; the RNG state is a function of (seed, epoch, rank): see epoch_rng."""
+    extra = {} if sample_state is None else {"sample_state": _to_cpu(sample_state.state_dict())}
+    torch.save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch, "seed": seed,
+                "torch_rng": torch.get_rng_state(), **extra}, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint saved by save_checkpoint, read with weights_only=True (no arbitrary unpickling)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _to_cpu(value):
+    """Tensors, and dicts and lists of them, on the CPU; anything else as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    return [_to_cpu(v) for v in value] if isinstance(value, list) else value
+
+
+def read_out_of_fold(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an oof.npz (never unpickled); `probs` and `given` must be there."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError) as exc:
+        raise SelectionError(f"cannot read out-of-fold predictions from {path}: {exc}") from exc
+    missing = {"probs", "given"} - set(arrays)
+    if missing:
+        raise SelectionError(f"{path} lacks {', '.join(sorted(missing))}: not an oof.npz of a SelectMix run")
+    return arrays
+
+
+def write_out_of_fold(path: Path, probs: np.ndarray, given: np.ndarray, **arrays: np.ndarray) -> None:
+    """oof.npz: out-of-fold probabilities P (N x C) and the given labels they were made for, plus any
+    per-id arrays (fold, predicted, confidence, uncertain)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+    def write(partial: Path) -> None:
+        with open(partial, "wb") as fh:
+            np.savez(fh, probs=probs, given=given, **arrays)
+
+    write_atomic(path, write)
+
+
+class RunDir:
+    """A run directory, as `noisymix train` leaves it."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @classmethod
+    def claim(cls, path: str | Path) -> "RunDir":
+        """A new run directory; one that already holds files is refused."""
+        path = Path(path)
+        if path.exists() and any(path.iterdir()):
+            raise ConfigError(f"run_dir {path} already holds a run; choose another run_dir")
+        path.mkdir(parents=True, exist_ok=True)
+        return cls(path)
+
+    def write_config(self, values: dict) -> None:
+        write_atomic(self / CONFIG, lambda p: p.write_text(yaml.safe_dump(values, sort_keys=False)))
+
+    def config_values(self) -> dict:
+        return yaml.safe_load((self / CONFIG).read_text())
+
+    def append_metrics(self, record: dict) -> None:
+        with open(self / METRICS, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def metrics(self) -> list[dict]:
+        path = self / METRICS
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+    def write_summary(self, summary: dict) -> None:
+        write_json_atomic(self / SUMMARY, summary)
+
+    def summary(self) -> dict | None:
+        path = self / SUMMARY
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def write_label_issues(self, report: LabelReport) -> None:
+        """One row per train id, the least trusted given labels first (ascending trust column)."""
+        columns = report.columns
+        names = ["id", *columns]
+        values = [np.arange(len(columns[report.trust])), *columns.values()]
+        order = np.argsort(columns[report.trust], kind="stable")
+
+        def write(path: Path) -> None:
+            with open(path, "w", newline="") as fh:
+                writer = csv.writer(fh)
+                writer.writerow(names)
+                for i in order:
+                    writer.writerow([f"{v[i]:.6f}" if np.issubdtype(v.dtype, np.floating) else int(v[i])
+                                     for v in values])
+
+        write_atomic(self / LABEL_ISSUES, write)
+
+    def label_issues(self) -> dict[str, np.ndarray]:
+        """label_issues.csv's columns in id order (ints stay ints)."""
+        with open(self / LABEL_ISSUES, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        rows.sort(key=lambda row: int(row["id"]))
+        return {name: np.array([float(r[name]) if "." in r[name] else int(r[name]) for r in rows])
+                for name in (rows[0] if rows else {})}
+
+    def write_out_of_fold(self, probs: np.ndarray, given: np.ndarray, **arrays: np.ndarray) -> None:
+        write_out_of_fold(self / OUT_OF_FOLD, probs, given, **arrays)
+
+    def out_of_fold(self) -> dict[str, np.ndarray]:
+        return read_out_of_fold(self / OUT_OF_FOLD)
+
+    def export_model(self, checkpoint_dir: str | Path, name: str) -> None:
+        """Copy a Ray Train checkpoint's state file to `name` (model_best.pt / model_last.pt)."""
+        source = Path(checkpoint_dir) / CHECKPOINT_FILE
+        write_atomic(self / name, lambda p: p.write_bytes(source.read_bytes()))
+
+    def write_audit(self, trained_ids: dict[tuple[int, int], np.ndarray], digests: list[dict]) -> None:
+        if digests:
+            (self / STATE_DIGESTS).write_text(json.dumps(digests, indent=1))
+        if trained_ids:
+            np.savez(self / AUDIT_IDS, **{f"epoch{e}_rank{r}": ids for (e, r), ids in sorted(trained_ids.items())})

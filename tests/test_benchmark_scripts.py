@@ -1,0 +1,76 @@
+"""The benchmark scripts are thin clients of the library: each imports, and its library calls work on
+tiny inputs, so a refactor cannot break them silently."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from noisymix.distributed import shards
+from noisymix.distributed.artifacts import RunDir, read_out_of_fold
+from noisymix.distributed.engine import InputTransform
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py"))
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_script_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_script_imports_and_has_a_main(name):
+    assert callable(load(name).main)
+
+
+def test_step_cost_steps_every_method_through_its_method_object():
+    step_cost = load("step_cost")
+    rng = np.random.default_rng(0)
+    true = np.arange(400) % 10
+    labels = np.where(rng.random(400) < 0.4, rng.integers(0, 10, 400), true)
+    images = rng.integers(0, 255, (400, 8, 8, 1), dtype=np.uint8)
+    transform = InputTransform((0.5,), (0.25,))
+    step_cost.NUM_SAMPLES = 400
+    rules = step_cost.batch_rules(labels, true, images, transform, rng)
+    assert {"ce", "mixup", "gmm_select", "selectmix (global)", "mixnn (global, K=3)"} <= set(rules)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batch = (np.arange(32), images[:32], labels[:32])
+    for rule in rules.values():
+        assert step_cost.time_steps(model, optimizer, rule, [batch], transform, rng) > 0
+
+
+def test_oracle_table_writes_the_true_labels_beside_the_given_ones(digits_dir, tmp_path):
+    held = load("oracle_table").write_oracle_table(digits_dir, tmp_path / "oracle" / "oof.npz")
+    manifest = shards.load_manifest(digits_dir)
+    true = shards.load_labels(str(digits_dir), manifest, label_key=shards.TRUE_LABEL)
+    table = read_out_of_fold(tmp_path / "oracle" / "oof.npz")
+    assert np.array_equal(table["probs"].argmax(1), true) and held["wrong_labels"] == int(np.sum(table["given"] != true))
+
+
+def test_fold_accuracy_scores_a_run_with_the_library_metrics(digits_dir, tmp_path):
+    fold_accuracy = load("fold_accuracy")
+    manifest = shards.load_manifest(digits_dir)
+    given = shards.load_labels(str(digits_dir), manifest)
+    true = shards.load_labels(str(digits_dir), manifest, label_key=shards.TRUE_LABEL)
+    predicted = true.copy()
+    predicted[:100] = (true[:100] + 1) % 10   # the folds err on the first 100 samples
+    run = RunDir(tmp_path)
+    run.write_config({"data_dir": str(digits_dir), "folds": 5, "fold_epochs": 2, "fold_select": "best"})
+    run.write_out_of_fold(np.eye(10, dtype=np.float32)[predicted], given)
+    row = fold_accuracy.fold_quality(tmp_path, 0.9)
+    assert row["oof_acc"] == pytest.approx(1 - 100 / len(true))
+    flagged, wrong = predicted != given, given != true
+    assert row["precision"] == pytest.approx(np.mean(wrong[flagged]))
+    assert fold_accuracy.required_clean_accuracy(0.4, 1.0, 0.9) == pytest.approx(1 - 0.4 * (1 / (0.9 / 1.1) - 1) / 0.6)
+
+
+def test_ddp_overhead_measures_steps():
+    ddp = load("ddp_overhead")
+    model = ddp.create_model("small_cnn", 1, 10, 28, 4)
+    assert ddp.steps_per_second(model, torch.optim.SGD(model.parameters(), lr=0.01), steps=1) > 0
