@@ -3,6 +3,7 @@ is configured, validated, saved and trained end to end through Ray like the buil
 
 import json
 import sys
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,3 +104,13 @@ def test_the_toy_trains_end_to_end_through_ray(ray_session, digits_dir, tmp_path
     n_train = json.loads((digits_dir / "manifest.json").read_text())["splits"]["train"]["count"]
     assert [r["samples_smoothed"] for r in RunDir(run).metrics()] == [n_train, n_train], "the workers ran its rule"
     assert RunDir(run).config_values()["smoothing"] == 0.3
+
+
+def test_the_readmes_method_example_registers_and_builds():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(example, "README.md", "exec"), {"__name__": "readme_example"})
+    config = build_config(overrides={"method": "smoothing", "smoothing": 0.2})
+    rule = config.method.batch_rule(BatchContext(num_classes=5))
+    _, targets = rule.batch(torch.arange(1), torch.zeros(1, 1), torch.tensor([2]), np.random.default_rng(0))
+    assert torch.allclose(targets, torch.tensor([[0.04, 0.04, 0.84, 0.04, 0.04]]))
