@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import contextlib
 import math
+import resource
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from noisymix.distributed.images import JpegCrops
 from noisymix.distributed.models import MODEL_CHOICES, create_model
+from noisymix.distributed.shards import NpyImages
 from noisymix.mixing.config import ConfigError, Section, check_choice, check_range
 from noisymix.mixing.losses import soft_target_cross_entropy
 
@@ -25,13 +29,19 @@ Batch = tuple[np.ndarray, np.ndarray, np.ndarray]  # ids, uint8 images (N, H, W,
 SCHEDULES = ("cosine", "multistep")
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 @dataclass
 class TrainSection(Section):
     """The model, the optimiser and its schedule, augmentation and the stream's shuffle: read by the
     training workers and, with the fold schedule's length, by the fold tasks."""
 
-    model: str = "auto"
+    model: str = "auto"            # auto: small_cnn below 32 px, preact_resnet18 from 32, resnet50 from 128
     width: int = 0                 # 0: the model's default width
+    pretrained: Optional[str] = None   # a state_dict file (torchvision's ResNet-50 layout); the classifier is new
     epochs: int = 30
     batch_size: int = 128
     lr: float = 0.05
@@ -40,8 +50,10 @@ class TrainSection(Section):
     schedule: str = "cosine"
     milestones: list = field(default_factory=list)
     gamma: float = 0.1
-    crop_padding: int = -1         # -1: an eighth of the image side
+    crop_padding: int = -1         # -1: an eighth of the image side (npy datasets: pad-and-crop on the device)
     hflip: bool = False
+    crop_size: int = 0             # JPEG datasets: RandomResizedCrop / centre-crop side; 0 = 224
+    crop_scale: float = 0.08       # JPEG datasets: the smallest share of the image a training crop covers
     amp: bool = False
     shuffle_buffer: int = 2000
 
@@ -54,17 +66,22 @@ class TrainSection(Section):
         check_range("lr", self.lr, 0.0, None, lo_open=True)
         for key in ("epochs", "batch_size"):
             check_range(key, getattr(self, key), 1)
-        for key in ("width", "shuffle_buffer", "weight_decay"):
+        for key in ("width", "shuffle_buffer", "weight_decay", "crop_size"):
             check_range(key, getattr(self, key), 0)
+        check_range("crop_scale", self.crop_scale, 0.0, 1.0, lo_open=True)
         if self.crop_padding < -1:
             raise ConfigError(f"crop_padding must be -1 (auto) or >= 0, got {self.crop_padding}")
         if not all(isinstance(m, int) and m > 0 for m in self.milestones) or self.milestones != sorted(self.milestones):
             raise ConfigError(f"milestones must be increasing positive epochs, got {self.milestones!r}")
 
 
+DEFAULT_CROP = 224
+
+
 @dataclass(frozen=True)
 class DataInfo:
-    """What training reads of a prepared dataset's manifest: classes, image shape, normalisation, counts."""
+    """What training reads of a prepared dataset's manifest: classes, the model's input side and channels,
+    normalisation, counts, and whether images are npy arrays or JPEGs cropped in the loader."""
 
     num_classes: int
     height: int
@@ -72,16 +89,30 @@ class DataInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     counts: dict
+    image_format: str = "npy"
 
     @classmethod
-    def from_manifest(cls, manifest: dict) -> "DataInfo":
-        height, _, channels = manifest["image_shape"]
+    def from_manifest(cls, manifest: dict, crop_size: int = 0) -> "DataInfo":
+        if manifest.get("image_format") == "jpeg":
+            height, channels = crop_size or DEFAULT_CROP, 3
+        else:
+            height, _, channels = manifest["image_shape"]
         return cls(manifest["num_classes"], height, channels, tuple(manifest["mean"]), tuple(manifest["std"]),
-                   {split: info["count"] for split, info in manifest["splits"].items()})
+                   {split: info["count"] for split, info in manifest["splits"].items()},
+                   manifest.get("image_format", "npy"))
 
 
 def build_model(train: TrainSection, data: DataInfo) -> nn.Module:
-    return create_model(train.model, data.channels, data.num_classes, data.height, train.width)
+    return create_model(train.model, data.channels, data.num_classes, data.height, train.width, train.pretrained)
+
+
+def image_stages(train: TrainSection, data: DataInfo, seed: int, epoch: int = 0):
+    """(training, evaluation) image stages of the loader: npy arrays as they are (augmented on the device),
+    or JPEG crops decoded in the loader (distributed.images.JpegCrops)."""
+    if data.image_format != "jpeg":
+        return NpyImages(), NpyImages()
+    return (JpegCrops(data.height, train=True, crop_scale=train.crop_scale, seed=seed, epoch=epoch),
+            JpegCrops(data.height, train=False))
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, schedule: str, epochs: int, milestones: list[int],
@@ -89,10 +120,17 @@ def build_schedule(optimizer: torch.optim.Optimizer, schedule: str, epochs: int,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(schedule, epochs, milestones, gamma))
 
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
 def transforms(train: TrainSection, data: DataInfo) -> tuple["InputTransform", "InputTransform"]:
-    """(training transform with the configured crop and flip, un-augmented evaluation transform)."""
-    return (InputTransform(data.mean, data.std, resolve_padding(train.crop_padding, data.height), train.hflip),
-            InputTransform(data.mean, data.std))
+    """(training transform, evaluation transform) on the device: normalisation (ImageNet's constants for a
+    pretrained model, else the dataset's), and for npy datasets the configured pad-and-crop and flip (JPEG
+    crops and flips happen in the loader)."""
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if train.pretrained else (data.mean, data.std)
+    if data.image_format == "jpeg":
+        return InputTransform(mean, std), InputTransform(mean, std)
+    return InputTransform(mean, std, resolve_padding(train.crop_padding, data.height), train.hflip), InputTransform(mean, std)
 
 
 def epoch_rng(seed: int, epoch: int, rank: int) -> np.random.Generator:

@@ -1,15 +1,15 @@
 """SelectMix's selection stage on Ray: K fold trainings as parallel Ray tasks -> out-of-fold table.
 
 `selection.crossval.out_of_fold_probabilities` is the algorithm; here are what it fits (`FoldTrainer`:
-a fresh model trained with the same `train_epoch` as the main trainer, on arrays the driver put in the
-object store once) and how it maps over folds (`ray_map`: one task per fold, retried, failures named).
+a fresh model trained with the same `train_epoch` as the main trainer, streaming the train shards) and
+how it maps over folds (`ray_map`: one task per fold, retried, failures named).
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,25 +19,17 @@ import torch
 from noisymix.distributed import shards
 from noisymix.distributed.artifacts import read_out_of_fold
 from noisymix.distributed.engine import (DataInfo, TrainSection, build_model, build_optimizer, build_schedule,
-                                         epoch_rng, predict, train_epoch, transforms)
+                                         epoch_rng, image_stages, peak_rss_mb, predict, train_epoch, transforms)
 from noisymix.mixing.ce import PlainTargets
 from noisymix.mixing.selectmix import CrossValConfig
 from noisymix.selection.crossval import Fold, FoldOutput, check_out_of_fold, out_of_fold_probabilities
 from noisymix.selection.mismatch import MixingTable, build_mixing_table
 
 
-def array_batches(images: np.ndarray, labels: np.ndarray, positions: np.ndarray, batch_size: int,
-                  rng: np.random.Generator | None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Batches of (ids, images, labels) over `positions`, shuffled by rng (None: in order)."""
-    order = positions if rng is None else rng.permutation(positions)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        yield chunk, images[chunk], labels[chunk]
-
-
 @dataclass
 class FoldTrainer:
     """fit_predict of one fold: train on K-1 folds with CE on the given labels, predict the held-out fold.
+    Both passes stream the train split's shards, keeping only the fold's ids (no split is ever held).
 
     fold_select=`last` predicts once, after the last epoch; `best` predicts after every epoch and keeps
     the epoch whose predictions agree most with the held-out GIVEN labels (the authors' rule; true
@@ -48,42 +40,54 @@ class FoldTrainer:
     held-out fold's given labels, so late re-selections can inherit what it memorised.
     """
 
-    images: np.ndarray | ray.ObjectRef    # ids are positions: the train split in id order
-    labels: np.ndarray
+    data_dir: str
+    manifest: dict
     train: TrainSection
     cv: CrossValConfig
-    data: DataInfo
     seed: int
     init_state: dict | None = None
 
     def __call__(self, fold: Fold) -> FoldOutput:
         started = time.perf_counter()
-        images = ray.get(self.images) if isinstance(self.images, ray.ObjectRef) else self.images
-        torch.set_num_threads(max(1, int(self.cv.fold_cpus)))
+        threads = max(1, int(self.cv.fold_cpus))
+        torch.set_num_threads(threads)
         device = torch.device("cuda" if self.cv.fold_gpus > 0 and torch.cuda.is_available() else "cpu")
+        data = DataInfo.from_manifest(self.manifest, self.train.crop_size)
         torch.manual_seed(self.seed * 1000 + fold.index)
-        model = build_model(self.train, self.data)
+        model = build_model(self.train, data)
         if self.init_state is not None:
             model.load_state_dict(self.init_state)
         model = model.to(device)
         optimizer = build_optimizer(model, self.train.lr, self.train.momentum, self.train.weight_decay)
         scheduler = build_schedule(optimizer, "cosine", self.cv.fold_epochs, [], 0.1)
-        train_transform, eval_transform = transforms(self.train, self.data)
-        rule = PlainTargets(self.data.num_classes)
+        train_transform, eval_transform = transforms(self.train, data)
+        rule = PlainTargets(data.num_classes)
+        urls = shards.shard_urls(self.data_dir, self.manifest, "train")
+        in_train = np.zeros(data.counts["train"], dtype=bool)
+        in_train[fold.train] = True
+        loaders = threads - 1     # the task's other CPUs decode in loader workers
         kept, best_agreement = None, -1.0  # (epoch, held ids, probabilities) of the predicting fold epoch
         for epoch in range(self.cv.fold_epochs):
             rng = epoch_rng(self.seed, epoch, 1000 + fold.index)
-            batches = array_batches(images, self.labels, fold.train, self.train.batch_size, rng)
-            train_epoch(model, optimizer, batches, rule, train_transform, device, rng, amp=self.train.amp)
+            shard_seed, shuffle_seed = (int(v) for v in rng.integers(2**31, size=2))
+            train_images, eval_images = image_stages(self.train, data, self.seed * 1000 + fold.index, epoch)
+            stream = shards.sample_stream(urls, images=train_images, shard_seed=shard_seed,
+                                          shuffle_buffer=self.train.shuffle_buffer, shuffle_seed=shuffle_seed,
+                                          batch_size=self.train.batch_size, only=shards.IdFilter(in_train))
+            train_epoch(model, optimizer, shards.iterate_batches(stream, loaders), rule, train_transform, device, rng,
+                        amp=self.train.amp)
             scheduler.step()
             if self.cv.fold_select == "best" or epoch == self.cv.fold_epochs - 1:
-                held = array_batches(images, self.labels, fold.held, 4 * self.train.batch_size, None)
-                held_ids, held_labels, probs = predict(model, held, eval_transform, device, self.train.amp)
+                held = shards.sample_stream(urls, images=eval_images, batch_size=4 * self.train.batch_size,
+                                            only=shards.IdFilter(~in_train))
+                held_ids, held_labels, probs = predict(model, shards.iterate_batches(held, loaders), eval_transform,
+                                                       device, self.train.amp)
                 agreement = float(np.mean(probs.argmax(axis=1) == held_labels))
                 if agreement >= best_agreement:
                     kept, best_agreement = (epoch + 1, held_ids, probs), agreement
         epoch, held_ids, probs = kept
-        return FoldOutput(held_ids, probs, {"seconds": time.perf_counter() - started, "kept_epoch": epoch})
+        return FoldOutput(held_ids, probs, {"seconds": time.perf_counter() - started, "kept_epoch": epoch,
+                                            "peak_rss_mb": peak_rss_mb()})
 
 
 @ray.remote
@@ -111,41 +115,35 @@ def ray_map(fn: Callable, items: Sequence, *, cpus: float = 1.0, gpus: float = 0
 @dataclass
 class Selection:
     """The selection stage's products: the table (with the given labels it is for), the fold of each id,
-    what each fold cost, and the object-store references the workers read."""
+    what each fold cost, and the object-store reference of what the workers read of the table."""
 
     table: MixingTable
     fold_of: np.ndarray
     fold_runs: list[dict]
     seconds: float
-    images_ref: ray.ObjectRef
     table_ref: ray.ObjectRef
 
 
 def select(cv: CrossValConfig, train: TrainSection, seed: int, data_dir: str, manifest: dict,
-           previous: Selection | None = None, init_state: dict | None = None) -> Selection:
+           previous: Selection | None = None, init_state: dict | None = None,
+           workers_read_probs: bool = False) -> Selection:
     """Run the K folds as Ray tasks and build the mixing table (methods.md A1-A2).
 
-    The first selection reads the train split once and puts its images in the object store, where
-    fold tasks and train workers read them zero-copy (they also serve inputs by id); a re-selection
-    reuses them and warm-starts the folds from `init_state`. With `oof_from`, the first selection takes
-    an earlier run's out-of-fold probabilities instead of training folds.
+    Each fold task streams the train shards itself; the driver reads the given labels only. A re-selection
+    warm-starts the folds from `init_state`. With `oof_from`, the first selection takes an earlier run's
+    out-of-fold probabilities instead of training folds. The workers get the table without its N x C
+    probabilities unless they read them (`workers_read_probs`: SelectMix's soft label).
     """
     started = time.perf_counter()
-    if previous is None:
-        ids, images, given = shards.load_split(data_dir, manifest)
-        if not np.array_equal(ids, np.arange(len(ids))):
-            raise shards.ShardError(f"train ids of {data_dir} are not 0..N-1: re-run prepare")
-        images_ref = ray.put(images)
-    else:
-        images_ref, given = previous.images_ref, previous.table.given
+    given = shards.load_labels(data_dir, manifest) if previous is None else previous.table.given
     if previous is None and cv.oof_from:
         probs, fold_of = check_out_of_fold(read_out_of_fold(cv.oof_from), given, manifest["num_classes"],
                                            cv.oof_from)
         fold_runs = []
     else:
-        trainer = FoldTrainer(images_ref, given, train, cv, DataInfo.from_manifest(manifest), seed, init_state)
+        trainer = FoldTrainer(data_dir, manifest, train, cv, seed, init_state)
         runner = functools.partial(ray_map, cpus=cv.fold_cpus, gpus=cv.fold_gpus, retries=cv.fold_retries)
         probs, fold_of, fold_runs = out_of_fold_probabilities(given, cv.folds, seed, trainer, map=runner)
     table = build_mixing_table(probs, given, cv.tau_low, cv.tau_high)
-    return Selection(table, fold_of, fold_runs, time.perf_counter() - started, images_ref,
-                     ray.put(table.to_arrays()))
+    return Selection(table, fold_of, fold_runs, time.perf_counter() - started,
+                     ray.put(table.to_arrays(for_workers=True, probs=workers_read_probs)))

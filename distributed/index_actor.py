@@ -11,6 +11,7 @@ import time
 import numpy as np
 import ray
 
+from noisymix.distributed.engine import peak_rss_mb
 from noisymix.mixing.method import NeighbourQuery
 from noisymix.mixing.mixnn import INDEX_KINDS, INDEX_METRICS
 
@@ -88,7 +89,8 @@ class NeighbourIndex:
         self.refresh(embeddings)
         refreshed = time.perf_counter()
         _, ids = self.search(embeddings, k + 1)
-        timings = {"index_refresh_s": refreshed - started, "index_query_s": time.perf_counter() - refreshed}
+        timings = {"index_refresh_s": refreshed - started, "index_query_s": time.perf_counter() - refreshed,
+                   "index_peak_rss_mb": peak_rss_mb()}
         return drop_self(ids, k), timings
 
 

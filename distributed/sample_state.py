@@ -158,7 +158,7 @@ def refresh_state(state: SampleState, model, batches, transform: InputTransform,
     if plan.neighbours is not None:
         started = time.perf_counter()
         table = torch.zeros((n, plan.neighbours.k), dtype=torch.int64, device=device)
-        actor_timings = {"index_refresh_s": 0.0, "index_query_s": 0.0}
+        actor_timings = {"index_refresh_s": 0.0, "index_query_s": 0.0, "index_peak_rss_mb": 0.0}
         if rank == 0:
             ids, actor_timings = neighbour_table(z.cpu().numpy(), plan.neighbours, index_name, index_threads)
             table = torch.from_numpy(ids).to(device)

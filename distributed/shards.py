@@ -1,8 +1,10 @@
-"""WebDataset shards: how samples are written, checked and streamed to ranks.
+"""WebDataset shards: how samples are written, checked, indexed and streamed to ranks.
 
-A sample is a tar group keyed by its zero-padded id: `<id>.input.npy` (uint8 H x W x C), `<id>.cls`
-(the given label) and, where known, `<id>.clean.cls` (the true label, for evaluation only). Readers pick tar members
-by name, so a stream opened for training never even extracts the true label.
+A sample is a tar group keyed by its zero-padded id: its image, `<id>.input.npy` (uint8 H x W x C, for
+small in-memory sources) or `<id>.jpg` (encoded bytes, for image lists), `<id>.cls` (the given label)
+and, where known, `<id>.clean.cls` (the true label, for evaluation only). Readers pick tar members by
+name, so a stream opened for training never even extracts the true label. A split's `<split>.index.npy`
+holds where each id's image lies in its shard, for reading images by id without holding the dataset.
 """
 
 from __future__ import annotations
@@ -11,16 +13,19 @@ import hashlib
 import io
 import json
 import random
-from functools import partial
-from collections.abc import Iterator, Sequence
+import tarfile
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import webdataset as wds
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2             # 2: JPEG samples and the per-split index; version 1 (npy only) still reads
+READABLE_VERSIONS = (1, 2)
+NPY_MEMBER, JPEG_MEMBER = "input.npy", "jpg"
 GIVEN_LABEL = "cls"
 TRUE_LABEL = "clean.cls"
 # The tar member of each label a method may train on (mixing.method.GIVEN / TRUE).
@@ -31,17 +36,22 @@ class ShardError(ValueError):
     """A shard or manifest that is missing, truncated, corrupt or inconsistent."""
 
 
-def encode_sample(sample_id: int, image: np.ndarray, label: int, true_label: int | None) -> dict:
-    """The tar members of one sample, as bytes: no pickle anywhere."""
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(image, dtype=np.uint8), allow_pickle=False)
-    sample = {"__key__": f"{sample_id:010d}", "input.npy": buf.getvalue(), GIVEN_LABEL: b"%d" % label}
+def encode_sample(sample_id: int, image: np.ndarray | bytes, label: int, true_label: int | None) -> dict:
+    """The tar members of one sample, as bytes: no pickle anywhere. An array is stored as npy, bytes (an
+    encoded JPEG) as they are."""
+    if isinstance(image, bytes):
+        sample = {"__key__": f"{sample_id:010d}", JPEG_MEMBER: image}
+    else:
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(image, dtype=np.uint8), allow_pickle=False)
+        sample = {"__key__": f"{sample_id:010d}", NPY_MEMBER: buf.getvalue()}
+    sample[GIVEN_LABEL] = b"%d" % label
     if true_label is not None:
         sample[TRUE_LABEL] = b"%d" % true_label
     return sample
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -49,22 +59,62 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def write_shard(path: Path, samples: Iterable[dict], member: str) -> tuple[dict, np.ndarray]:
+    """Write one tar shard; returns its manifest entry and the (id, offset, size) rows of its `member`."""
+    # A fixed integer mtime keeps tar headers plain ustar (a float mtime adds a PAX header per member,
+    # which halves read speed) and makes shards byte-identical for the same seed.
+    count = 0
+    with wds.TarWriter(str(path), encoder=False, mtime=0) as sink:
+        for sample in samples:
+            sink.write(sample)
+            count += 1
+    info = {"name": path.name, "count": count, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    return info, member_offsets(path, member)
+
+
+def member_offsets(path: Path, member: str) -> np.ndarray:
+    """(id, data offset, size) of every `<id>.<member>` in a tar, in file order."""
+    rows = []
+    with tarfile.open(path) as tar:
+        for info in tar:
+            key, _, ext = Path(info.name).name.partition(".")
+            if ext == member:
+                rows.append((int(key), info.offset_data, info.size))
+    return np.asarray(rows, dtype=np.int64).reshape(-1, 3)
+
+
 def write_split(directory: Path, split: str, ids: np.ndarray, images: np.ndarray, labels: np.ndarray,
                 true_labels: np.ndarray | None, num_shards: int) -> list[dict]:
-    """Write one split as num_shards tar files whose sizes differ by at most one sample."""
+    """Write one in-memory split as num_shards tar files whose sizes differ by at most one sample, and its index."""
     num_shards = max(1, min(num_shards, len(ids)))
-    shards = []
-    for index, part in enumerate(np.array_split(np.arange(len(ids)), num_shards)):
-        name = f"{split}-{index:06d}.tar"
-        # A fixed integer mtime keeps tar headers plain ustar (a float mtime adds a PAX header per
-        # member, which halves read speed) and makes shards byte-identical for the same seed.
-        with wds.TarWriter(str(directory / name), encoder=False, mtime=0) as sink:
-            for k in part:
-                true = None if true_labels is None else int(true_labels[k])
-                sink.write(encode_sample(int(ids[k]), images[k], int(labels[k]), true))
-        path = directory / name
-        shards.append({"name": name, "count": int(len(part)), "bytes": path.stat().st_size, "sha256": _sha256(path)})
+    shards, index = [], []
+    for number, part in enumerate(np.array_split(np.arange(len(ids)), num_shards)):
+        samples = (encode_sample(int(ids[k]), images[k], int(labels[k]),
+                                 None if true_labels is None else int(true_labels[k])) for k in part)
+        info, rows = write_shard(directory / shard_name(split, number), samples, NPY_MEMBER)
+        shards.append(info)
+        index.append(rows)
+    write_index(directory, split, shards, index)
     return shards
+
+
+def index_file(split: str) -> str:
+    return f"{split}.index.npy"
+
+
+def write_index(directory: Path, split: str, shards: list[dict], rows: list[np.ndarray]) -> None:
+    """`<split>.index.npy`: per id (row = id - the split's first id), the shard number, data offset and size
+    of its image member: 24 bytes per sample."""
+    table = np.concatenate([np.column_stack([np.full(len(r), n), r[:, 1:]]) for n, r in enumerate(rows)])
+    ids = np.concatenate([r[:, 0] for r in rows])
+    order = np.argsort(ids)
+    if len(ids) and not np.array_equal(ids[order], np.arange(ids.min(), ids.min() + len(ids))):
+        raise ShardError(f"the ids of split {split!r} are not consecutive")
+    np.save(Path(directory) / index_file(split), table[order].astype(np.int64), allow_pickle=False)
 
 
 def load_manifest(data_dir: str | Path) -> dict:
@@ -76,8 +126,9 @@ def load_manifest(data_dir: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ShardError(f"{path} is not valid JSON: {exc}") from exc
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ShardError(f"{path}: format_version {manifest.get('format_version')} is not {FORMAT_VERSION}")
+    if manifest.get("format_version") not in READABLE_VERSIONS:
+        raise ShardError(f"{path}: format_version {manifest.get('format_version')} is not one of {READABLE_VERSIONS}: "
+                         "prepare it again with this version")
     for split in ("train", "val", "test"):
         if split not in manifest.get("splits", {}):
             raise ShardError(f"{path} lists no {split!r} split")
@@ -96,12 +147,65 @@ def check_shards(data_dir: str | Path, manifest: dict, full: bool = False) -> No
             size = path.stat().st_size
             if size != shard["bytes"]:
                 raise ShardError(f"shard {path} has {size} bytes, the manifest says {shard['bytes']}: truncated or replaced")
-            if full and _sha256(path) != shard["sha256"]:
+            if full and file_sha256(path) != shard["sha256"]:
                 raise ShardError(f"shard {path} fails its sha256 check")
 
 
 def shard_urls(data_dir: str | Path, manifest: dict, split: str) -> list[str]:
     return [str(Path(data_dir) / shard["name"]) for shard in manifest["splits"][split]["shards"]]
+
+
+def image_member(manifest: dict) -> str:
+    """The tar member holding each sample's image: npy arrays, or JPEG bytes."""
+    return JPEG_MEMBER if manifest.get("image_format") == "jpeg" else NPY_MEMBER
+
+
+def sample_index(data_dir: str | Path, manifest: dict, split: str = "train") -> np.ndarray:
+    """The split's (shard number, offset, size) per id: its index file, or a scan of its shards (datasets
+    prepared before index files existed)."""
+    path = Path(data_dir) / index_file(split)
+    if path.is_file():
+        return np.load(path, allow_pickle=False)
+    member = image_member(manifest)
+    rows = [member_offsets(Path(url), member) for url in shard_urls(data_dir, manifest, split)]
+    table = np.concatenate([np.column_stack([np.full(len(r), n), r[:, 1:]]) for n, r in enumerate(rows)])
+    ids = np.concatenate([r[:, 0] for r in rows])
+    return table[np.argsort(ids)]
+
+
+class SampleReader:
+    """Images of one split by id, read straight from the shards at their indexed offsets (no decode):
+    what partner and neighbour lookups fetch instead of holding the dataset. Files open lazily, per process."""
+
+    def __init__(self, data_dir: str | Path, manifest: dict, split: str = "train"):
+        self.urls = shard_urls(data_dir, manifest, split)
+        self.index = sample_index(data_dir, manifest, split)
+        self.first_id = _first_id(manifest, split)
+        self._files: dict[int, object] = {}
+
+    def __getstate__(self):
+        return {**self.__dict__, "_files": {}}
+
+    def read(self, sample_id: int) -> bytes:
+        shard, offset, size = self.index[sample_id - self.first_id]
+        handle = self._files.get(shard)
+        if handle is None:
+            handle = self._files[shard] = open(self.urls[shard], "rb")
+        handle.seek(offset)
+        data = handle.read(size)
+        if len(data) != size:
+            raise ShardError(f"{self.urls[shard]}: sample {sample_id} is cut short ({len(data)} of {size} bytes)")
+        return data
+
+
+def _first_id(manifest: dict, split: str) -> int:
+    """Ids run train, then val, then test."""
+    first = 0
+    for name in ("train", "val", "test"):
+        if name == split:
+            return first
+        first += manifest["splits"][name]["count"]
+    raise ShardError(f"no split {split!r}")
 
 
 @dataclass(frozen=True)
@@ -137,18 +241,17 @@ def _member_filter(fields: Sequence[str]):
     return keep
 
 
-class NpyDecoder:
-    """np.load for a stream of same-shaped arrays: the .npy header is parsed once and then reused.
+class NpyImages:
+    """The image stage of npy shards: np.load for a stream of same-shaped arrays, the .npy header parsed
+    once and then reused (parsing it, a Python literal, costs more than the pixels of a small image)."""
 
-    Parsing the header (a Python literal) costs more than the pixels of a small image; samples of one
-    dataset share it, so later ones whose header bytes match are read with np.frombuffer.
-    """
+    member = NPY_MEMBER
 
     def __init__(self):
         self._header = b""
         self._layout: tuple[int, tuple, np.dtype] | None = None
 
-    def __call__(self, data: bytes) -> np.ndarray:
+    def __call__(self, data: bytes, sample_id: int = -1) -> np.ndarray:
         if self._layout is not None and data.startswith(self._header):
             offset, shape, dtype = self._layout
             return np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape)
@@ -162,10 +265,10 @@ class NpyDecoder:
         return np.frombuffer(data, dtype=dtype, offset=stream.tell()).reshape(shape)
 
 
-def _decode(sample: dict, label_key: str, decode_npy: NpyDecoder) -> tuple[int, np.ndarray, int]:
+def _decode(sample: dict, label_key: str, images) -> tuple[int, np.ndarray, int]:
     try:
-        image = decode_npy(sample["input.npy"])
-        return int(sample["__key__"]), image, int(sample[label_key])
+        sample_id = int(sample["__key__"])
+        return sample_id, images(sample[images.member], sample_id), int(sample[label_key])
     except KeyError as exc:
         raise ShardError(f"{sample.get('__url__')}: sample {sample.get('__key__')} lacks the field {exc}") from exc
     except ValueError as exc:
@@ -196,26 +299,42 @@ def _decode_label(sample: dict, label_key: str) -> tuple[int, int]:
         raise ShardError(f"{sample.get('__url__')}: sample {sample.get('__key__')} lacks the field {exc}") from exc
 
 
-def label_stream(urls: Sequence[str], *, label_key: str = GIVEN_LABEL) -> wds.WebDataset:
+def label_stream(urls: Sequence[str], *, label_key: str = GIVEN_LABEL, member: str = NPY_MEMBER) -> wds.WebDataset:
     """(id, label) of every sample in fixed order, the images never decoded or kept.
 
     The image member is still selected, so that a sample without its label raises as in sample_stream
     instead of vanishing from the stream (WebDataset drops a sample none of whose members are selected).
     """
-    return _shard_dataset(urls, ("input.npy", label_key)).map(partial(_decode_label, label_key=label_key))
+    return _shard_dataset(urls, (member, label_key)).map(partial(_decode_label, label_key=label_key))
 
 
-def sample_stream(urls: Sequence[str], *, label_key: str = GIVEN_LABEL, rank: int = 0, world_size: int = 1,
-                  shard_seed: int | None = None, shuffle_buffer: int = 0, shuffle_seed: int = 0,
-                  batch_size: int | None = None) -> wds.WebDataset:
+@dataclass(frozen=True)
+class IdFilter:
+    """Keep the samples whose id is marked in `keep` (row = id - first_id): a fold's training or held-out part."""
+
+    keep: np.ndarray
+    first_id: int = 0
+
+    def __call__(self, sample: dict) -> bool:
+        return bool(self.keep[int(sample["__key__"]) - self.first_id])
+
+
+def sample_stream(urls: Sequence[str], *, images=None, label_key: str = GIVEN_LABEL, rank: int = 0,
+                  world_size: int = 1, shard_seed: int | None = None, shuffle_buffer: int = 0, shuffle_seed: int = 0,
+                  batch_size: int | None = None, only: IdFilter | None = None) -> wds.WebDataset:
     """(id, image, label) samples, or collated batches, of this rank's shards.
 
-    Only the members `input.npy` and `label_key` are read from the tars. With shard_seed=None
-    the order is fixed (exact passes: evaluation, loss passes); otherwise shards are permuted with
-    shard_seed and samples shuffled in a buffer seeded by shuffle_seed.
+    `images` is the image stage (default NpyImages; distributed.images.JpegCrops for JPEG shards): it
+    decodes the member it names, in the loader worker. Only that member and `label_key` are read from the
+    tars; `only` drops samples by id before anything is decoded. With shard_seed=None the order is fixed
+    (exact passes: evaluation, loss passes); otherwise shards are permuted with shard_seed and samples
+    shuffled in a buffer seeded by shuffle_seed.
     """
-    dataset = _shard_dataset(urls, ("input.npy", label_key), rank, world_size, shard_seed).map(
-        partial(_decode, label_key=label_key, decode_npy=NpyDecoder()))
+    images = images if images is not None else NpyImages()
+    dataset = _shard_dataset(urls, (images.member, label_key), rank, world_size, shard_seed)
+    if only is not None:
+        dataset = dataset.select(only)
+    dataset = dataset.map(partial(_decode, label_key=label_key, images=images))
     if shuffle_buffer > 1:
         dataset = dataset.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=random.Random(shuffle_seed))
     if batch_size:
@@ -223,18 +342,24 @@ def sample_stream(urls: Sequence[str], *, label_key: str = GIVEN_LABEL, rank: in
     return dataset
 
 
+def _as_is(batch):
+    return batch
+
+
 def iterate_batches(dataset, loader_workers: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Run a batched stream in-process, or through a WebLoader with loader_workers processes."""
+    """Run a batched stream in-process, or through a WebLoader with loader_workers processes (batches come
+    back as the stream made them: numpy arrays, not torch's default conversion to tensors)."""
     if loader_workers <= 0:
         return iter(dataset)
-    return iter(wds.WebLoader(dataset, batch_size=None, num_workers=loader_workers))
+    return iter(wds.WebLoader(dataset, batch_size=None, num_workers=loader_workers, collate_fn=_as_is))
 
 
 def load_split(data_dir: str, manifest: dict, split: str = "train",
                label_key: str = GIVEN_LABEL) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ids, uint8 images, labels) of a whole split in id order: one exact pass over its shards.
+    """(ids, uint8 images, labels) of a whole (small, npy) split in id order: one exact pass over its shards.
 
-    label_key is the given label unless an evaluation asks for the true one.
+    label_key is the given label unless an evaluation asks for the true one. Tests and small scripts only:
+    training never holds a whole split.
     """
     stream = sample_stream(shard_urls(data_dir, manifest, split), label_key=label_key, batch_size=4096)
     parts = list(stream)
@@ -245,6 +370,6 @@ def load_split(data_dir: str, manifest: dict, split: str = "train",
 
 def load_labels(data_dir: str, manifest: dict, split: str = "train", label_key: str = GIVEN_LABEL) -> np.ndarray:
     """The labels of a whole split in id order, read without the images (load_split's labels, cheaply)."""
-    pairs = np.array(list(label_stream(shard_urls(data_dir, manifest, split), label_key=label_key)),
-                     dtype=np.int64).reshape(-1, 2)
+    stream = label_stream(shard_urls(data_dir, manifest, split), label_key=label_key, member=image_member(manifest))
+    pairs = np.array(list(stream), dtype=np.int64).reshape(-1, 2)
     return pairs[np.argsort(pairs[:, 0]), 1]

@@ -7,7 +7,6 @@ batch rule, and whether it keeps per-sample state. Records go to the driver as t
 from __future__ import annotations
 
 import contextlib
-import resource
 import tempfile
 import time
 from dataclasses import dataclass
@@ -24,7 +23,8 @@ from torch.nn.parallel import DistributedDataParallel
 from noisymix.distributed import shards
 from noisymix.distributed.artifacts import CHECKPOINT_FILE, load_checkpoint, save_checkpoint, unwrap
 from noisymix.distributed.engine import (DataInfo, InputTransform, TrainSection, accuracy_counts, build_model,
-                                         build_optimizer, build_schedule, epoch_rng, train_epoch, transforms)
+                                         build_optimizer, build_schedule, epoch_rng, image_stages, peak_rss_mb,
+                                         train_epoch, transforms)
 from noisymix.distributed.sample_state import SampleState, refresh_state
 from noisymix.mixing.config import Section
 from noisymix.mixing.method import BatchContext, EpochPlan, Method
@@ -56,7 +56,6 @@ class WorkerJob:
     loader_workers: int = 0
     index_name: str = ""
     table: ray.ObjectRef | None = None          # the out-of-fold mixing table's arrays
-    train_images: ray.ObjectRef | None = None   # the train split in id order: inputs by id
     fixed_clean: ray.ObjectRef | None = None    # w for every id (`clean_from`)
     channel: object = None                      # a ray.util.queue.Queue to the driver
 
@@ -102,7 +101,7 @@ def train_loop(job: WorkerJob) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()  # Ray
     torch.set_num_threads(job.threads)
-    data, train = DataInfo.from_manifest(job.manifest), job.train
+    data, train = DataInfo.from_manifest(job.manifest, job.train.crop_size), job.train
     torch.manual_seed(job.seed)
     model = ray.train.torch.prepare_model(build_model(train, data))  # Ray
     optimizer = build_optimizer(model, train.lr, train.momentum, train.weight_decay)
@@ -110,11 +109,14 @@ def train_loop(job: WorkerJob) -> None:
     state = SampleState(data.counts["train"], data.num_classes) if job.method.uses_sample_state else None
     resumed_from = restore(ray.train.get_checkpoint(), model, optimizer, scheduler, state, device)  # Ray
     train_transform, eval_transform = transforms(train, data)
-    rule = job.method.batch_rule(batch_context(job, data, state, train_transform, device))
-    streams = Streams(job, rank, world)
+    context = batch_context(job, data, state, train_transform, device)
+    rule = job.method.batch_rule(context)
+    streams = Streams(job, data, rank, world)
     for epoch in range(resumed_from or 0, job.stop_epoch):
         started, plan = time.perf_counter(), job.method.plan(epoch)
         rule.phase = plan.phase
+        if context.fetch_inputs is not None:
+            context.fetch_inputs.epoch = epoch
         refresh = {}
         if plan.refresh:
             refresh = refresh_state(state, unwrap(model), streams.exact("train"), eval_transform, device, train.amp,
@@ -164,18 +166,34 @@ def restore(checkpoint, model, optimizer, scheduler, state: SampleState | None, 
     return saved["epoch"] + 1
 
 
+@dataclass
+class InputsById:
+    """Training inputs by id (partners, neighbours): read from the shards at their indexed offsets, decoded
+    and cropped like the epoch's training stream, then transformed on the device with the batch's rng."""
+
+    reader: shards.SampleReader
+    train: TrainSection
+    data: DataInfo
+    seed: int
+    transform: InputTransform
+    device: torch.device
+    epoch: int = 0
+
+    def __call__(self, ids: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        stage = image_stages(self.train, self.data, self.seed, self.epoch)[0]
+        images = np.stack([stage(self.reader.read(int(i)), int(i)) for i in ids])
+        return self.transform(images, self.device, rng)
+
+
 def batch_context(job: WorkerJob, data: DataInfo, state: SampleState | None, transform: InputTransform,
                   device: torch.device) -> BatchContext:
-    """What the method's batch rule reads: the table and the inputs by id come from the object store,
-    where the driver put them once (read zero-copy, shared by the node's workers)."""
+    """What the method's batch rule reads: the table from the object store (put there once by the driver,
+    read zero-copy by the node's workers), and inputs by id from the shards."""
     table = None if job.table is None else MixingTable.from_arrays(ray.get(job.table))
     fetch = None
     if job.method.fetches_inputs_by_id():
-        images = ray.get(job.train_images)
-
-        def fetch(ids: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
-            return transform(images[ids], device, rng)
-
+        reader = shards.SampleReader(job.data_dir, job.manifest, "train")
+        fetch = InputsById(reader, job.train, data, job.seed, transform, device)
     return BatchContext(data.num_classes, table=table, state=state, fetch_inputs=fetch)
 
 
@@ -184,6 +202,7 @@ class Streams:
     """This rank's shard streams: the shuffled training stream of an epoch, and exact passes of a split."""
 
     job: WorkerJob
+    data: DataInfo
     rank: int
     world: int
 
@@ -194,15 +213,17 @@ class Streams:
     def train(self, epoch: int):
         """Shards re-dealt to ranks with a seeded permutation each epoch, samples shuffled in a seeded buffer."""
         job = self.job
+        images = image_stages(job.train, self.data, job.seed, epoch)[0]
         stream = shards.sample_stream(
-            self.urls["train"], label_key=shards.LABEL_KEYS[job.method.label_key], rank=self.rank,
+            self.urls["train"], images=images, label_key=shards.LABEL_KEYS[job.method.label_key], rank=self.rank,
             world_size=self.world, shard_seed=job.seed * 100_003 + epoch, shuffle_buffer=job.train.shuffle_buffer,
             shuffle_seed=int(epoch_rng(job.seed, epoch, self.rank).integers(2**31)), batch_size=job.train.batch_size)
         return shards.iterate_batches(stream, job.loader_workers)
 
     def exact(self, split: str):
         """Every sample of this rank's shards of `split` once, in order, with its given label."""
-        stream = shards.sample_stream(self.urls[split], rank=self.rank, world_size=self.world,
+        images = image_stages(self.job.train, self.data, self.job.seed)[1]
+        stream = shards.sample_stream(self.urls[split], images=images, rank=self.rank, world_size=self.world,
                                       batch_size=4 * self.job.train.batch_size)
         return shards.iterate_batches(stream, self.job.loader_workers)
 
@@ -232,7 +253,7 @@ def epoch_metrics(job: WorkerJob, epoch: int, plan: EpochPlan, stats, counts: di
     """The epoch's record, summed over ranks; a training pass that missed samples stops the run."""
     totals = _all_reduce([stats.loss_sum, stats.samples, stats.samples / max(stats.seconds, 1e-9), *accuracy], device)
     loss_sum, samples, rate_sum, val_correct, val_total, test_correct, test_total = totals
-    (peak_rss_mb,) = _all_reduce([_peak_rss_mb()], device, dist.ReduceOp.MAX)
+    (peak_rss,) = _all_reduce([peak_rss_mb()], device, dist.ReduceOp.MAX)
     method_counts = dict(zip(counts, map(int, _all_reduce([float(v) for v in counts.values()], device))))
     expected = job.manifest["splits"]["train"]["count"]
     if int(samples) != expected:
@@ -242,7 +263,7 @@ def epoch_metrics(job: WorkerJob, epoch: int, plan: EpochPlan, stats, counts: di
         "epoch": epoch, "phase": plan.phase, "train_loss": loss_sum / samples, "val_acc": val_correct / max(val_total, 1),
         "test_acc": test_correct / max(test_total, 1), "lr": lr, "epoch_time_s": time.perf_counter() - started,
         "train_time_s": stats.seconds, "samples_per_s_per_worker": rate_sum / world, "workers": world,
-        "resumed_from_epoch": resumed_from, "peak_rss_mb_per_worker": peak_rss_mb,
+        "resumed_from_epoch": resumed_from, "peak_rss_mb_per_worker": peak_rss,
         **{f"samples_{key}": value for key, value in method_counts.items()}, **refresh,
     }
 
@@ -267,7 +288,3 @@ def _all_reduce(values: list[float], device: torch.device, op=dist.ReduceOp.SUM)
     dist.all_reduce(tensor, op=op)
     return tensor.tolist()
 
-
-def _peak_rss_mb() -> float:
-    """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -12,6 +12,7 @@ from noisymix.launch.config import ConfigError, build_config, parse_overrides
 USAGE = """noisymix prepare [CONFIG.yaml] [key=value ...] [--force]
        noisymix train   [CONFIG.yaml] [key=value ...]
        noisymix bench   SPEC.yaml [--only CELL-PATTERN ...] [--report-only] [--work DIR] [--out DIR]
+       noisymix synth   out=DIR [train=N test=N classes=C min_size=PX max_size=PX noise_rate=R ...]
 
 With no arguments, `noisymix train` prepares scikit-learn's digits with 40% symmetric noise, trains
 the default method on them, then plain CE with the same settings, and prints both."""
@@ -45,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("--force", action="store_true", help="rebuild data_dir even if prepared with other settings")
     train = commands.add_parser("train", help="train a method (prepares the data first if needed)")
     train.add_argument("items", nargs="*", help="[CONFIG.yaml] key=value ...")
+    synth = commands.add_parser("synth", help="write a synthetic image-list dataset of JPEGs (to measure scale)")
+    synth.add_argument("items", nargs="*", help="key=value ... (launch/synth.py: SynthSection)")
     bench = commands.add_parser("bench", help="run a benchmark spec (cached, resumable) and write its report")
     bench.add_argument("spec", help="benchmark spec YAML, e.g. benchmarks/fashion_mnist.yaml")
     bench.add_argument("--only", nargs="+", metavar="PATTERN", help="run only cells whose id matches a glob, "
@@ -56,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
+    from noisymix.distributed.models import PretrainedError
     from noisymix.distributed.shards import ShardError
     from noisymix.launch.noise import NoiseError
     from noisymix.launch.sources import SourceError
@@ -63,7 +67,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
     from noisymix.launch.bench_spec import SpecError
 
-    return ConfigError, NoiseError, SourceError, ShardError, SelectionError, SpecError, FileNotFoundError
+    return ConfigError, NoiseError, SourceError, ShardError, SelectionError, SpecError, PretrainedError, FileNotFoundError
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -96,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "bench":
             return _bench(args)
+        if args.command == "synth":
+            from noisymix.launch.synth import SynthSection, synthesize
+
+            print(f"source_path: {synthesize(SynthSection.from_values(parse_overrides(args.items)))}")
+            return 0
         path, pairs = _split_args(args.items)
         config = build_config(path, parse_overrides(pairs))
         if config.ignored:

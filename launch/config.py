@@ -19,7 +19,7 @@ import yaml
 from noisymix.distributed.engine import TrainSection
 from noisymix.distributed.runner import ResourcesSection
 from noisymix.distributed.worker import AuditSection
-from noisymix.launch.prepare import DataSection
+from noisymix.launch.prepare import RETIRED_DATA_KEYS, DataSection
 from noisymix.mixing.config import ConfigError, Section, check_range
 from noisymix.mixing.method import Method, method_class, method_knobs
 
@@ -75,19 +75,16 @@ class Config:
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
-    def validate(self) -> "Config":
-        """Checks that span sections (each section checked its own keys)."""
+    def resolve(self) -> "Config":
+        """Fill the `auto` values: data_dir from the data spec, loader workers and the method's shares of the
+        run and of the devices, run_dir from method, data and time; then check what spans sections."""
+        self.data.resolve(self.run.seed)
+        self.resources.resolve()
+        self.method.resolve(self.train.epochs, self.resources.use_gpu)
         readers = self.resources.num_workers * max(1, self.resources.loader_workers)
         if self.data.num_shards < readers:
             raise ConfigError(f"num_shards={self.data.num_shards} cannot feed num_workers x loader_workers = "
                               f"{readers} readers; raise num_shards")
-        return self
-
-    def resolve(self) -> "Config":
-        """Fill the `auto` values: data_dir from the data spec, the method's epoch shares, run_dir from
-        method, data and time."""
-        self.data.resolve(self.run.seed)
-        self.method.resolve(self.train.epochs)
         if self.run.run_dir == "auto":
             d = self.data
             stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -107,6 +104,9 @@ def _route(values: dict) -> tuple[dict[str, dict], dict, tuple[str, ...]]:
     sections: dict[str, dict] = {name: {} for name in SECTIONS}
     knobs, ignored, unknown = {}, [], []
     for key, value in values.items():
+        if key in RETIRED_DATA_KEYS:
+            raise ConfigError(f"{key} is retired: image lists keep their aspect ratio, stored with shorter side "
+                              "stored_size, and train on crops of crop_size")
         if key in owner:
             sections[owner[key]][key] = value
         elif key in own:
@@ -122,12 +122,12 @@ def _route(values: dict) -> tuple[dict[str, dict], dict, tuple[str, ...]]:
 
 
 def config_from_values(values: dict) -> Config:
-    """A validated, unresolved Config from flat values; missing keys keep their defaults."""
+    """A Config from flat values, each section validated (not yet resolved); missing keys keep their defaults."""
     sections, knobs, ignored = _route(values)
     typed = {name: SECTIONS[name].from_values(sections[name]) for name in SECTIONS}
     cls = method_class(typed["run"].method)
     method = cls(cls.Config.from_values(knobs))
-    return Config(**typed, method=method, ignored=ignored).validate()
+    return Config(**typed, method=method, ignored=ignored)
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -169,13 +169,14 @@ def with_defaults(recorded: dict) -> dict:
     behaviour (its default, or BEFORE_KEY_EXISTED), so what was computed then still counts as computed with it."""
     method = recorded.get("method", RunSection.method)
     defaults = Config(run=RunSection(method=method)).to_dict()
-    return {**defaults, **BEFORE_KEY_EXISTED.get(method, {}), **recorded}
+    kept = {k: v for k, v in recorded.items() if k not in RETIRED_DATA_KEYS}
+    return {**defaults, **BEFORE_KEY_EXISTED.get(method, {}), **kept}
 
 
 def config_from_record(recorded: dict) -> Config:
     """The Config of a run directory's config.yaml, from this version or an older one (which saved every
-    method's knobs: the others are set aside). Its values are already resolved."""
-    return config_from_values(with_defaults(recorded))
+    method's knobs: the others are set aside). Its values were resolved when it was saved."""
+    return config_from_values(with_defaults(recorded)).resolve()
 
 
 def computed_values(values: dict) -> dict:

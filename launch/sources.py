@@ -20,8 +20,7 @@ class SourceError(ValueError):
 class SourceData:
     """A dataset as read from its source: train and test arrays, before noise and splitting.
 
-    `train_labels_true` says whether train_labels are the true classes (synthetic noise can then be
-    injected and measured) or already-noisy given labels of a real-noise dataset (true unknown).
+    train_labels are the true classes: synthetic noise is injected into them and measured against them.
     """
 
     name: str
@@ -30,7 +29,6 @@ class SourceData:
     train_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
-    train_labels_true: bool = True
     class_names: list[str] = field(default_factory=list)
     train_refs: list[str] | None = None
 
@@ -185,54 +183,8 @@ def read_cifar(directory: str | Path) -> SourceData:
     return SourceData(name, num_classes, *train, *test, class_names=[str(c) for c in range(num_classes)])
 
 
-def _read_list(list_path: Path, root: Path, image_size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    from PIL import Image, UnidentifiedImageError
-
-    images, labels, refs = [], [], []
-    lines = list_path.read_text().splitlines()
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        parts = line.rsplit(maxsplit=1)
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-            raise SourceError(f"{list_path}:{lineno}: expected 'relative/path.jpg label', got {line!r}")
-        rel, label = parts[0], int(parts[1])
-        try:
-            with Image.open(root / rel) as img:
-                img = img.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
-                images.append(np.asarray(img, dtype=np.uint8))
-        except (OSError, UnidentifiedImageError) as exc:
-            raise SourceError(f"{list_path}:{lineno}: cannot decode image {root / rel}: {exc}") from exc
-        labels.append(label)
-        refs.append(rel)
-    if not images:
-        raise SourceError(f"{list_path} lists no images")
-    return np.stack(images), np.asarray(labels, dtype=np.int64), refs
-
-
-def read_image_list(directory: str | Path, image_size: int = 32, name: str | None = None) -> SourceData:
-    """A Clothing1M/WebVision-style folder: train.txt and test.txt of 'relative/path.jpg label' lines.
-
-    The train labels are the dataset's own (noisy) labels, so the true train labels are unknown;
-    test labels are taken as true. classes.txt, if present, names the classes one per line.
-    """
-    directory = Path(directory)
-    for required in ("train.txt", "test.txt"):
-        if not (directory / required).is_file():
-            raise SourceError(f"image-list source {directory} has no {required}")
-    train_images, train_labels, refs = _read_list(directory / "train.txt", directory, image_size)
-    test_images, test_labels, _ = _read_list(directory / "test.txt", directory, image_size)
-    names_file = directory / "classes.txt"
-    class_names = names_file.read_text().split("\n") if names_file.is_file() else []
-    class_names = [n for n in class_names if n.strip()]
-    num_classes = len(class_names) or int(max(train_labels.max(), test_labels.max())) + 1
-    return SourceData(name or directory.name, num_classes, train_images, train_labels, test_images, test_labels,
-                      train_labels_true=False, class_names=class_names or [str(c) for c in range(num_classes)],
-                      train_refs=refs)
-
-
-def read_source(source: str, path: str | None, image_size: int = 32, name: str | None = None) -> SourceData:
-    """Dispatch on the source kind named in the config."""
+def read_source(source: str, path: str | None, name: str | None = None) -> SourceData:
+    """An in-memory source by the kind named in the config (image lists are streamed: launch.image_lists)."""
     if source == "digits":
         return read_digits()
     if source not in SOURCES:
@@ -243,4 +195,4 @@ def read_source(source: str, path: str | None, image_size: int = 32, name: str |
         return read_idx(path, name)
     if source == "cifar":
         return read_cifar(path)
-    return read_image_list(path, image_size, name)
+    raise SourceError(f"source {source!r} is not read into memory; prepare streams it")

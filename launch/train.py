@@ -13,6 +13,7 @@ import numpy as np
 import ray
 
 from noisymix.distributed import shards
+from noisymix.distributed.engine import DataInfo, build_model, peak_rss_mb
 from noisymix.distributed.artifacts import (CHECKPOINT_FILE, MODEL_BEST, MODEL_LAST, RunDir, load_checkpoint,
                                             read_out_of_fold)
 from noisymix.distributed.folds import Selection, select
@@ -97,7 +98,7 @@ class SelectionRounds:
             self.log(f"selection at epoch {epoch}: {cv.folds} folds x {cv.fold_epochs} epochs from {start}, as Ray "
                      f"tasks (predictions of the {cv.fold_select} fold epoch)")
         selection = select(cv, self.config.train, self.config.run.seed, self.data_dir, self.manifest,
-                           self.latest, init_state)
+                           self.latest, init_state, self.config.method.workers_read_probs())
         table = selection.table
         self.run.write_out_of_fold(table.probs, table.given, fold=selection.fold_of, predicted=table.predicted,
                                    confidence=table.confidence, uncertain=table.uncertain)
@@ -131,6 +132,13 @@ def preflight(config: Config, log) -> tuple[str, dict]:
         given = shards.load_labels(data_dir, manifest)
         for path in tables:
             check_out_of_fold(read_out_of_fold(path), given, manifest["num_classes"], path)
+    data = DataInfo.from_manifest(manifest, config.train.crop_size)
+    if config.train.pretrained:
+        build_model(config.train, data)   # a file that does not fit stops here, not on every worker
+    for split, info in manifest["splits"].items():
+        if data.image_format == "jpeg" and info["min_side"] < data.height:
+            raise ConfigError(f"crop_size={data.height} is larger than the smallest stored image of the {split} split "
+                              f"({info['min_side']} px): lower crop_size, or prepare with a larger stored_size")
     for split in ("train", "val", "test"):
         count = len(manifest["splits"][split]["shards"])
         if count < config.resources.num_workers:
@@ -190,6 +198,7 @@ def finish(config: Config, run: RunDir, recorder: RunRecorder, rounds: Selection
         run.write_label_issues(recorder.report)
         summary.update(recorder.method.evaluate(recorder.report, recorder.true) if recorder.true is not None else {})
     summary["stage_times_s"] = stage_times
+    summary["driver_peak_rss_mb"] = peak_rss_mb()
     summary["run_dir"] = str(run.path)
     run.write_summary(summary)
     return summary
@@ -218,9 +227,7 @@ def train(config: Config, log=print) -> dict:
         for first, stop in segments(method, config.train.epochs):
             if rounds is not None:
                 selection = rounds.run_round(first, None if result is None else model_weights(result.checkpoint))
-                job = dataclasses.replace(job, table=selection.table_ref, train_images=selection.images_ref)
-            elif method.fetches_inputs_by_id() and job.train_images is None:
-                job = dataclasses.replace(job, train_images=ray.put(shards.load_split(data_dir, manifest)[1]))
+                job = dataclasses.replace(job, table=selection.table_ref)
             segment_started = time.perf_counter()
             # Segments share the Ray Train run name: each resumes from the previous one's checkpoint.
             result = run_trainer(dataclasses.replace(job, stop_epoch=stop), config.resources, run.path,

@@ -31,7 +31,7 @@ class Section:
         """A validated section from (a subset of) its keys; the others keep their defaults."""
         unknown = sorted(set(values) - set(cls.keys()))
         if unknown:
-            raise ConfigError(f"{cls.__name__} has no key(s) {', '.join(unknown)}")
+            raise ConfigError(f"unknown key(s): {', '.join(unknown)} (known keys: {', '.join(cls.keys())})")
         section = cls(**{key: coerce(cls, key, value) for key, value in values.items()})
         section.validate()
         return section

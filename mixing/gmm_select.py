@@ -50,7 +50,7 @@ class CleanProbabilityMethod(Method):
     detector = "1 - GMM clean probability"
     uses_sample_state = True
 
-    def resolve(self, epochs: int) -> None:
+    def resolve(self, epochs: int, use_gpu: bool = False) -> None:
         self.config.resolve(epochs)
 
     def fixed_clean_file(self) -> str | None:

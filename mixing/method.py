@@ -112,8 +112,8 @@ class Method:
         """Whether the method holds beliefs about each given label (label_issues.csv, detection metrics)."""
         return self.uses_out_of_fold or self.uses_sample_state
 
-    def resolve(self, epochs: int) -> None:
-        """Fill `auto` knobs that depend on the run's length (called once, before the run)."""
+    def resolve(self, epochs: int, use_gpu: bool = False) -> None:
+        """Fill `auto` knobs that depend on the run's length or its devices (called once, before the run)."""
 
     def fetches_inputs_by_id(self) -> bool:
         return False
@@ -125,6 +125,10 @@ class Method:
     def fixed_clean_probability(self, probs: np.ndarray, given: np.ndarray, seed: int):
         """The fixed clean probabilities (a selection.gmm.CleanProbability) from fixed_clean_file's table."""
         raise NotImplementedError
+
+    def workers_read_probs(self) -> bool:
+        """Whether the batch rule reads the out-of-fold table's N x C probabilities (else they stay on the driver)."""
+        return False
 
     def out_of_fold_file(self) -> str | None:
         """An earlier run's out-of-fold table to use for the first selection instead of training folds."""

@@ -35,19 +35,28 @@ def selectmix_soft_label(given_part: torch.Tensor, predicted: torch.Tensor, lam:
 class ClassReservoir:
     """Per-class reservoir of trusted inputs seen in the stream (reservoir sampling, no extra I/O).
 
-    Holds up to `capacity` transformed inputs per class; each class's slots are a uniform sample of
-    every trusted input of that class added so far.
+    Holds up to `capacity` transformed inputs per class, fewer where `max_bytes` over all classes asks for it
+    (at least one each); each class's slots are a uniform sample of every trusted input of that class added
+    so far.
     """
 
-    def __init__(self, num_classes: int, capacity: int):
+    def __init__(self, num_classes: int, capacity: int, max_bytes: int = 0):
         if capacity < 1:
             raise ValueError(f"buffer capacity must be >= 1, got {capacity}")
-        self.capacity = capacity
+        self.capacity, self.max_bytes = capacity, max_bytes
         self.slots: list[torch.Tensor | None] = [None] * num_classes
         self.filled = np.zeros(num_classes, dtype=np.int64)
         self.seen = np.zeros(num_classes, dtype=np.int64)
 
+    def _fit_capacity(self, inputs: torch.Tensor) -> None:
+        """Shrink the per-class capacity so that every class's slots together stay within max_bytes."""
+        per_input = inputs[0].numel() * inputs.element_size()
+        if self.max_bytes:
+            self.capacity = max(1, min(self.capacity, self.max_bytes // (len(self.slots) * per_input)))
+
     def add(self, inputs: torch.Tensor, classes: np.ndarray, rng: np.random.Generator) -> None:
+        if not self.filled.any() and len(inputs):
+            self._fit_capacity(inputs)
         for row, c in enumerate(classes):
             if self.slots[c] is None:
                 self.slots[c] = inputs.new_empty((self.capacity, *inputs.shape[1:]))
@@ -92,6 +101,7 @@ class SelectMixTargets(BatchRule):
     partner_source: str = "buffer"
     lambda_per: str = "sample"
     buffer_size: int = 256
+    buffer_bytes: int = 0
     fetch_inputs: Callable[[np.ndarray, np.random.Generator], torch.Tensor] | None = None
     counts: dict = field(default_factory=lambda: {"flagged": 0, "mixed": 0, "no_partner": 0}, kw_only=True)
 
@@ -112,7 +122,8 @@ class SelectMixTargets(BatchRule):
         self.pool_ids = np.concatenate(self.pools).astype(np.int64) if self.pools else np.empty(0, np.int64)
         self.pool_sizes = np.array([len(p) for p in self.pools], dtype=np.int64)
         self.pool_starts = np.concatenate([[0], np.cumsum(self.pool_sizes)[:-1]]).astype(np.int64)
-        self.reservoir = ClassReservoir(self.num_classes, self.buffer_size) if self.partner_source == "buffer" else None
+        self.reservoir = (ClassReservoir(self.num_classes, self.buffer_size, self.buffer_bytes)
+                          if self.partner_source == "buffer" else None)
 
     def batch(self, ids: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor,
               rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,7 +199,7 @@ class CrossValConfig(Section):
     fold_epochs: int = 2
     fold_select: str = "best"
     fold_cpus: float = 1.0
-    fold_gpus: float = 0.0
+    fold_gpus: float = -1.0        # -1: one GPU per fold task when the workers train on GPUs, else none
     fold_retries: int = 2
     reselect_every: int = 0
     oof_from: Optional[str] = None
@@ -203,8 +214,14 @@ class CrossValConfig(Section):
         check_range("folds", self.folds, 2)
         for key in ("fold_epochs", "fold_cpus"):
             check_range(key, getattr(self, key), 0, None, lo_open=True)
-        for key in ("fold_gpus", "fold_retries", "reselect_every"):
+        for key in ("fold_retries", "reselect_every"):
             check_range(key, getattr(self, key), 0)
+        if self.fold_gpus != -1:
+            check_range("fold_gpus", self.fold_gpus, 0.0)
+
+    def resolve(self, use_gpu: bool) -> None:
+        if self.fold_gpus == -1:
+            self.fold_gpus = 1.0 if use_gpu else 0.0
 
     def selects_at(self, epoch: int) -> bool:
         """The table is built before epoch 0 and rebuilt every `reselect_every` epochs."""
@@ -220,6 +237,7 @@ class SelectMixConfig(CrossValConfig, MixupConfig):
     selectmix_label: str = "mixed"
     lambda_per: str = "sample"
     buffer_size: int = 256
+    buffer_bytes: int = 2**28      # the reservoir's cap over all classes (256 MiB): fewer slots for large inputs
 
     def validate(self) -> None:
         super().validate()
@@ -228,6 +246,7 @@ class SelectMixConfig(CrossValConfig, MixupConfig):
         check_choice("selectmix_label", self.selectmix_label, LABEL_MODES)
         check_choice("lambda_per", self.lambda_per, LAMBDA_PER)
         check_range("buffer_size", self.buffer_size, 0, None, lo_open=True)
+        check_range("buffer_bytes", self.buffer_bytes, 0)
 
 
 @register
@@ -238,8 +257,14 @@ class SelectMix(Method):
     detector = "1 - out-of-fold P[given label]"
     uses_out_of_fold = True
 
+    def resolve(self, epochs: int, use_gpu: bool = False) -> None:
+        self.config.resolve(use_gpu)
+
     def fetches_inputs_by_id(self) -> bool:
         return self.config.partner_source == "global" and self.config.partners == "class"
+
+    def workers_read_probs(self) -> bool:
+        return self.config.selectmix_label == "soft"
 
     def out_of_fold_file(self) -> str | None:
         return self.config.oof_from
@@ -252,7 +277,8 @@ class SelectMix(Method):
         return SelectMixTargets(context.num_classes, table.uncertain, table.predicted, table.probs, table.pools,
                                 alpha=c.alpha, partners=c.partners, label=c.selectmix_label,
                                 partner_source=c.partner_source, lambda_per=c.lambda_per,
-                                buffer_size=c.buffer_size, fetch_inputs=context.fetch_inputs)
+                                buffer_size=c.buffer_size, buffer_bytes=c.buffer_bytes,
+                                fetch_inputs=context.fetch_inputs)
 
     def label_report(self, table=None, state=None) -> LabelReport | None:
         if table is None:

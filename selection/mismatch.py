@@ -36,27 +36,33 @@ class MixingTable:
     holds at least each flagged sample of that class itself; `fallback_classes` lists those classes.
     """
 
-    given: np.ndarray
+    given: np.ndarray | None
     uncertain: np.ndarray
     predicted: np.ndarray
-    confidence: np.ndarray
-    probs: np.ndarray
+    confidence: np.ndarray | None
+    probs: np.ndarray | None
     pools: list[np.ndarray]
     fallback_classes: list[int]
 
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        """Flat arrays for the object store and for oof.npz: pools as one id array plus offsets."""
+    def to_arrays(self, for_workers: bool = False, probs: bool = True) -> dict[str, np.ndarray]:
+        """Flat arrays for the object store: pools as one id array plus offsets. The workers' copy leaves out
+        the given labels and confidences they never read, and the N x C probabilities unless asked."""
         offsets = np.cumsum([0] + [len(p) for p in self.pools]).astype(np.int64)
-        return {"given": self.given, "uncertain": self.uncertain, "predicted": self.predicted, "confidence": self.confidence,
-                "probs": self.probs, "pool_ids": np.concatenate(self.pools).astype(np.int64),
-                "pool_offsets": offsets, "fallback_classes": np.asarray(self.fallback_classes, dtype=np.int64)}
+        arrays = {"uncertain": self.uncertain, "predicted": self.predicted,
+                  "pool_ids": np.concatenate(self.pools).astype(np.int64), "pool_offsets": offsets,
+                  "fallback_classes": np.asarray(self.fallback_classes, dtype=np.int64)}
+        if not for_workers:
+            arrays.update(given=self.given, confidence=self.confidence)
+        if probs:
+            arrays["probs"] = self.probs
+        return arrays
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "MixingTable":
         offsets = arrays["pool_offsets"]
         pools = [arrays["pool_ids"][offsets[c]:offsets[c + 1]] for c in range(len(offsets) - 1)]
-        return cls(arrays["given"], arrays["uncertain"], arrays["predicted"], arrays["confidence"], arrays["probs"], pools,
-                   [int(c) for c in arrays["fallback_classes"]])
+        return cls(arrays.get("given"), arrays["uncertain"], arrays["predicted"], arrays.get("confidence"),
+                   arrays.get("probs"), pools, [int(c) for c in arrays["fallback_classes"]])
 
 
 def build_mixing_table(probs: np.ndarray, given: np.ndarray, tau_low: float = 0.0, tau_high: float = 0.0) -> MixingTable:

@@ -74,3 +74,15 @@ def test_ddp_overhead_measures_steps():
     ddp = load("ddp_overhead")
     model = ddp.create_model("small_cnn", 1, 10, 28, 4)
     assert ddp.steps_per_second(model, torch.optim.SGD(model.parameters(), lr=0.01), steps=1) > 0
+
+
+def test_the_gpu_check_runs_as_a_cpu_dry_run_through_its_shell_wrapper(tmp_path):
+    import json
+    import subprocess
+
+    out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout[out.stdout.index("{"):])
+    assert report["device"] == "cpu" and report["training"]["images_per_s"] > 0
+    assert report["index"]["flat"]["seconds"] > 0 and 0.5 < report["index"]["ivf_recall_at_1"] <= 1.0

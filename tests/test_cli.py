@@ -73,7 +73,7 @@ def real_noise_list(tmp_path):
 
 def test_clean_method_refused_without_true_labels(tmp_path, capsys, real_noise_list):
     code, out = run_cli(capsys, "train", "method=clean", "source=image_list", f"source_path={real_noise_list}",
-                        "noise_type=none", "noise_rate=0", "num_shards=1", "val_fraction=0.25", "image_size=8",
+                        "noise_type=none", "noise_rate=0", "num_shards=1", "val_fraction=0.25", "prepare_workers=1",
                         f"data_dir={tmp_path / 'd'}", f"run_dir={tmp_path / 'r'}")
     assert code == 2 and "method=clean trains on true labels" in out.err
     assert not (tmp_path / "r").exists()

@@ -71,7 +71,7 @@ def test_bad_override_syntax_and_recipe(tmp_path):
 
 
 def test_every_field_has_a_default():
-    assert Config().validate()
+    assert Config().resolve()
     for name in method_names():
         assert build_config(overrides={"method": name}).method.name == name
 

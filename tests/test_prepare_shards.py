@@ -228,11 +228,11 @@ def test_more_ranks_than_shards_is_refused():
 def test_npy_decoder_matches_numpy_and_refuses_object_arrays():
     import io
 
-    decode = shards.NpyDecoder()
+    decode = shards.NpyImages()
     for k in range(3):
         image = np.random.default_rng(k).integers(0, 255, (4, 4, 3), dtype=np.uint8)
         assert np.array_equal(decode(shards.encode_sample(k, image, 0, None)["input.npy"]), image)
     buf = io.BytesIO()
     np.save(buf, np.array([None, 1], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError):
-        shards.NpyDecoder()(buf.getvalue())
+        shards.NpyImages()(buf.getvalue())

@@ -128,3 +128,13 @@ def test_bad_options(kw, message):
     table, _ = make_table()
     with pytest.raises(ValueError, match=message):
         method(table, **kw)
+
+
+def test_the_reservoir_keeps_within_its_byte_cap_and_one_slot_per_class_at_least():
+    rng = np.random.default_rng(0)
+    capped = ClassReservoir(4, capacity=256, max_bytes=4 * 10 * 3 * 8 * 8 * 4)   # room for 10 inputs per class
+    capped.add(torch.zeros(40, 3, 8, 8), np.arange(40) % 4, rng)
+    assert capped.capacity == 10 and capped.filled.tolist() == [10, 10, 10, 10]
+    tiny = ClassReservoir(4, capacity=256, max_bytes=1)
+    tiny.add(torch.zeros(8, 3, 8, 8), np.arange(8) % 4, rng)
+    assert tiny.capacity == 1 and sum(s.numel() for s in tiny.slots) == 4 * 3 * 8 * 8

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from noisymix.distributed import shards
-from noisymix.distributed.engine import DataInfo
 from noisymix.distributed.folds import FoldTrainer, ray_map
 from noisymix.launch.cli import main
 from noisymix.launch.config import build_config
@@ -24,19 +23,17 @@ def digits_train(digits_dir):
     return manifest, images, given
 
 
-def fold_trainer(manifest, images, given, **overrides):
+def fold_trainer(digits_dir, manifest, **overrides):
     """The fold stage's fit_predict for a selectmix config with these overrides."""
     config = build_config(overrides={"method": "selectmix", "width": 8, **overrides})
-    return FoldTrainer(images, given, config.train, config.method.config, DataInfo.from_manifest(manifest),
-                       config.run.seed)
+    return FoldTrainer(str(digits_dir), manifest, config.train, config.method.config, config.run.seed)
 
 
-def test_parallel_fold_tasks_give_the_table_of_sequential_folds(ray_session, digits_train):
+def test_parallel_fold_tasks_give_the_table_of_sequential_folds(ray_session, digits_dir, digits_train):
     manifest, images, given = digits_train
-    sequential_fit = fold_trainer(manifest, images, given, fold_epochs=1, seed=3)
-    parallel_fit = dataclasses.replace(sequential_fit, images=ray_session.put(images))
-    parallel, fold_par, _ = out_of_fold_probabilities(given, 3, 3, parallel_fit, map=ray_map)
-    sequential, fold_seq, _ = out_of_fold_probabilities(given, 3, 3, sequential_fit)
+    fit = fold_trainer(digits_dir, manifest, fold_epochs=1, seed=3)
+    parallel, fold_par, _ = out_of_fold_probabilities(given, 3, 3, fit, map=ray_map)
+    sequential, fold_seq, _ = out_of_fold_probabilities(given, 3, 3, fit)
     assert np.array_equal(fold_par, fold_seq)
     np.testing.assert_allclose(parallel, sequential, rtol=1e-5, atol=1e-6)
     a, b = build_mixing_table(parallel, given), build_mixing_table(sequential, given)
@@ -44,10 +41,10 @@ def test_parallel_fold_tasks_give_the_table_of_sequential_folds(ray_session, dig
     assert all(np.array_equal(p, q) for p, q in zip(a.pools, b.pools))
 
 
-def test_best_fold_epoch_agrees_with_the_given_labels_at_least_as_well_as_the_last(digits_train):
+def test_best_fold_epoch_agrees_with_the_given_labels_at_least_as_well_as_the_last(digits_dir, digits_train):
     manifest, images, given = digits_train
-    last_fit = fold_trainer(manifest, images, given, fold_epochs=3, seed=1, fold_select="last")
-    best_fit = fold_trainer(manifest, images, given, fold_epochs=3, seed=1, fold_select="best")
+    last_fit = fold_trainer(digits_dir, manifest, fold_epochs=3, seed=1, fold_select="last")
+    best_fit = fold_trainer(digits_dir, manifest, fold_epochs=3, seed=1, fold_select="best")
     last, folds, last_runs = out_of_fold_probabilities(given, 3, 1, last_fit)
     best, _, best_runs = out_of_fold_probabilities(given, 3, 1, best_fit)
     assert [r["kept_epoch"] for r in last_runs] == [3, 3, 3]
@@ -60,9 +57,9 @@ def test_best_fold_epoch_agrees_with_the_given_labels_at_least_as_well_as_the_la
             np.testing.assert_allclose(best[held], last[held], rtol=1e-5, atol=1e-6)
 
 
-def test_a_failing_fold_task_is_named(ray_session, digits_train):
+def test_a_failing_fold_task_is_named(ray_session, digits_dir, digits_train):
     manifest, images, given = digits_train
-    fit = fold_trainer(manifest, images, given, fold_epochs=1)
+    fit = fold_trainer(digits_dir, manifest, fold_epochs=1)
     broken = dataclasses.replace(fit, train=dataclasses.replace(fit.train, model="no_such_model"))
     with pytest.raises(RuntimeError, match=r"fold \d of 3 failed"):
         out_of_fold_probabilities(given, 3, 0, broken, map=functools.partial(ray_map, retries=1))

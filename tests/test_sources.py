@@ -122,32 +122,6 @@ def write_image_list(root, labels=(0, 1, 2, 1)):
     return root
 
 
-def test_image_list_decodes_and_resizes(tmp_path):
-    data = sources.read_image_list(write_image_list(tmp_path), image_size=8)
-    assert data.train_images.shape == (4, 8, 8, 3) and data.num_classes == 3
-    assert data.class_names == ["shirt", "coat", "knitwear"]
-    assert data.train_refs == ["img/0.png", "img/1.png", "img/2.png", "img/3.png"]
-    assert not data.train_labels_true
-    assert int(data.train_images[2].mean()) == 80
-
-
-def test_image_list_bad_line_and_undecodable_image(tmp_path):
-    write_image_list(tmp_path)
-    (tmp_path / "train.txt").write_text("img/0.png zero\n")
-    with pytest.raises(SourceError, match="train.txt:1"):
-        sources.read_image_list(tmp_path)
-    (tmp_path / "img" / "bad.png").write_bytes(b"not an image")
-    (tmp_path / "train.txt").write_text("img/bad.png 0\n")
-    with pytest.raises(SourceError, match="cannot decode image"):
-        sources.read_image_list(tmp_path)
-
-
-def test_image_list_label_outside_classes(tmp_path):
-    write_image_list(tmp_path, labels=(0, 1, 5))
-    with pytest.raises(SourceError, match=r"label 5 of sample 2 is outside \[0, 3\)"):
-        sources.read_image_list(tmp_path)
-
-
 def test_digits_default_split_is_fixed():
     a, b = sources.read_digits(), sources.read_digits()
     assert a.train_images.shape[1:] == (8, 8, 1) and len(a.test_labels) == 360

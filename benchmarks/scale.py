@@ -1,0 +1,196 @@
+"""Scale: prepare, the loader and SelectMix / MixNN end to end on synthetic JPEG sets of N and 4N images,
+with every process's peak memory, extrapolated to Clothing1M (1M images, 14 classes) and WebVision (2.4M,
+1000 classes).
+
+Per N (synthetic 200-500 px JPEGs, `noisymix synth`):
+  - a bare loop on one core (PIL decode + shorter-side resize to 256), the reference rate;
+  - prepare with 1 and 2 writer processes (stored_size 256): images/s per core against the bare loop, the
+    writers' and the driver's peak RSS; prepare with stored_size 0: shard bytes against the source bytes;
+  - the loader: decode + RandomResizedCrop(224) + flip, images/s per loader process against the bare loop;
+  - SelectMix (global partners) and MixNN (global neighbours) on 2 workers at 64 px crops (a CPU budget:
+    memory, not accuracy, is measured): peak RSS of the driver, the workers, the fold tasks, the index actor.
+
+    python benchmarks/scale.py [--sizes 20000 80000] [--work runs/scale] [--out benchmarks/results/scale]
+
+Writes OUT.json and OUT.md; data under WORK is reused by a re-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from noisymix.distributed import shards
+from noisymix.distributed.engine import peak_rss_mb
+from noisymix.distributed.images import JpegCrops
+from noisymix.launch.config import build_config
+from noisymix.launch.prepare import prepare
+from noisymix.launch.synth import SynthSection, synthesize
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_SHARE, CLASSES = 10, 14
+TARGETS = {"clothing1m": (1_000_000, 14), "webvision": (2_400_000, 1000)}
+
+
+def bare_loop(source: Path, count: int) -> float:
+    """Images/s of the reference loop on one core: open, decode to RGB, resize the shorter side to 256."""
+    lines = (source / "train.txt").read_text().splitlines()[:count]
+    started = time.perf_counter()
+    for line in lines:
+        with Image.open(source / line.split()[0]) as image:
+            image = image.convert("RGB")
+            scale = 256 / min(image.size)
+            image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
+    return len(lines) / (time.perf_counter() - started)
+
+
+def timed_prepare(source: Path, data_dir: Path, workers: int, stored_size: int, log) -> dict:
+    config = build_config(overrides={"source": "image_list", "source_path": str(source), "noise_type": "none",
+                                     "noise_rate": 0.0, "num_shards": 16, "prepare_workers": workers,
+                                     "stored_size": stored_size, "data_dir": str(data_dir)})
+    started = time.perf_counter()
+    target = prepare(config.data, config.run.seed, log=log)
+    seconds = time.perf_counter() - started
+    manifest = shards.load_manifest(target)
+    images = sum(info["count"] for info in manifest["splits"].values())
+    shard_bytes = sum(s["bytes"] for info in manifest["splits"].values() for s in info["shards"])
+    return {"workers": workers, "stored_size": stored_size, "seconds": seconds, "images": images,
+            "images_per_s": images / seconds, "images_per_s_per_core": images / seconds / workers,
+            "shard_bytes": shard_bytes, **manifest.get("prepare", {})}
+
+
+def loader_rate(data_dir: Path, loader_workers: int, count: int) -> float:
+    """Images/s through the training loader: decode + RandomResizedCrop(224) + flip in loader processes."""
+    manifest = shards.load_manifest(data_dir)
+    stream = shards.sample_stream(shards.shard_urls(data_dir, manifest, "train"),
+                                  images=JpegCrops(224, train=True), batch_size=64)
+    seen, started = 0, None
+    for batch in shards.iterate_batches(stream, loader_workers):
+        started = started or time.perf_counter()    # the first batch pays the processes' start
+        seen += len(batch[0])
+        if seen >= count:
+            break
+    return (seen - 64) / (time.perf_counter() - started)
+
+
+def end_to_end(data_dir: Path, source: Path, run_dir: Path, method: dict, log) -> dict:
+    from noisymix.distributed.artifacts import RunDir
+    from noisymix.launch.train import train
+
+    config = build_config(overrides={"source": "image_list", "source_path": str(source), "noise_type": "none",
+                                     "noise_rate": 0.0, "num_shards": 16, "data_dir": str(data_dir),
+                                     "run_dir": str(run_dir), "crop_size": 64, "model": "small_cnn", "width": 8,
+                                     "num_workers": 2, "cpus_per_worker": 1, "loader_workers": 0, **method})
+    started = time.perf_counter()
+    summary = train(config, log=log)
+    records = RunDir(run_dir).metrics()
+    folds = [f for s in summary.get("selections", []) for f in s["folds"]]
+    return {"method": summary["method"], "wall_s": time.perf_counter() - started,
+            "driver_peak_rss_mb": summary["driver_peak_rss_mb"],
+            "worker_peak_rss_mb": max(r["peak_rss_mb_per_worker"] for r in records),
+            "fold_task_peak_rss_mb": max((f["peak_rss_mb"] for f in folds), default=None),
+            "index_actor_peak_rss_mb": max((r.get("index_peak_rss_mb", 0.0) for r in records), default=0.0) or None}
+
+
+def measure(n: int, work: Path, log) -> dict:
+    source = work / f"synth-{n}"
+    if not (source / "train.txt").is_file():
+        synthesize(SynthSection.from_values({"out": str(source), "train": n, "test": n // TEST_SHARE,
+                                             "classes": CLASSES, "noise_rate": 0.3}), log=log)
+    source_bytes = sum(p.stat().st_size for p in (source / "images").rglob("*.jpg"))
+    row = {"n": n, "source_bytes": source_bytes, "bare_loop_images_per_s": bare_loop(source, 1000)}
+    row["prepare"] = [timed_prepare(source, work / f"data-{n}-w{w}", w, 256, log) for w in (1, 2)]
+    row["prepare_as_is"] = timed_prepare(source, work / f"data-{n}-asis", 2, 0, log)
+    row["loader_images_per_s"] = {w: loader_rate(work / f"data-{n}-w2", w, 3000) for w in (1, 2)}
+    row["end_to_end"] = [end_to_end(work / f"data-{n}-w2", source, work / f"run-{n}-{name}", method, log)
+                         for name, method in (("selectmix", {"method": "selectmix", "partner_source": "global",
+                                                              "fold_epochs": 1, "epochs": 1}),
+                                              ("mixnn", {"method": "mixnn", "epochs": 3, "warmup": 1, "es": 2}))]
+    return row
+
+
+def extrapolate(rows: list[dict]) -> list[dict]:
+    """Per-process peak RSS at a target size, from the measured fixed part and per-sample slope (two sizes),
+    and prepare hours on 16 cores at the measured per-core rate."""
+    small, large = rows[0], rows[-1]
+    out = []
+    for name, (n, _) in TARGETS.items():
+        entry = {"dataset": name, "n": n}
+        rate = statistics.median(p["images_per_s_per_core"] for p in large["prepare"])
+        entry["prepare_hours_16_cores"] = n / (rate * 16) / 3600
+        for k, (a, b) in enumerate(zip(small["end_to_end"], large["end_to_end"])):
+            for key in ("driver_peak_rss_mb", "worker_peak_rss_mb", "fold_task_peak_rss_mb", "index_actor_peak_rss_mb"):
+                if a.get(key) and b.get(key):
+                    slope = (b[key] - a[key]) / (large["n"] - small["n"])
+                    entry[f"{a['method']}.{key}"] = b[key] + slope * (n - large["n"])
+        out.append(entry)
+    return out
+
+
+def markdown(results: dict) -> str:
+    rows = results["rows"]
+    lines = ["# Scale: prepare, loader and end-to-end memory on synthetic JPEG sets", "",
+             f"Command: `{results['command']}`. Machine: {results['machine']}, {os.cpu_count()} cores. Synthetic "
+             f"JPEGs of 200-500 px, {CLASSES} classes (`noisymix synth`), test = N/{TEST_SHARE}; stored_size 256, "
+             "16 shards per split. Peak RSS is each process's ru_maxrss.", "",
+             "## Prepare and loader", "",
+             "| N | source MB | bare loop img/s (1 core) | prepare 1 writer: img/s, per core vs bare | prepare 2 writers: "
+             "img/s, per core vs bare | writer / driver peak RSS MB | shard bytes / source bytes (stored as is) | "
+             "loader img/s per process (1 / 2 processes) vs bare |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        bare = r["bare_loop_images_per_s"]
+        p1, p2 = r["prepare"]
+        loader = r["loader_images_per_s"]
+        per_process = [loader[1], loader[2] / 2]
+        lines.append(
+            f"| {r['n']:,} | {r['source_bytes'] / 2**20:,.0f} | {bare:,.0f} | {p1['images_per_s']:,.0f}, "
+            f"{p1['images_per_s_per_core'] / bare:.2f}x | {p2['images_per_s']:,.0f}, {p2['images_per_s_per_core'] / bare:.2f}x | "
+            f"{p2['writer_peak_rss_mb']:,.0f} / {p2['driver_peak_rss_mb']:,.0f} | "
+            f"{r['prepare_as_is']['shard_bytes'] / r['source_bytes']:.3f} | "
+            f"{per_process[0]:,.0f} / {per_process[1]:,.0f}, {per_process[0] / bare:.2f}x / {per_process[1] / bare:.2f}x |")
+    lines += ["", "## End to end (2 workers x 1 CPU, 64 px crops, small CNN width 8)", "",
+              "| N | method | wall s | driver MB | worker MB | fold task MB | index actor MB |", "|---|---|---|---|---|---|---|"]
+    fmt = lambda v: "-" if v is None else f"{v:,.0f}"
+    for r in rows:
+        for e in r["end_to_end"]:
+            lines.append(f"| {r['n']:,} | {e['method']} | {e['wall_s']:,.0f} | {fmt(e['driver_peak_rss_mb'])} | "
+                         f"{fmt(e['worker_peak_rss_mb'])} | {fmt(e['fold_task_peak_rss_mb'])} | "
+                         f"{fmt(e['index_actor_peak_rss_mb'])} |")
+    lines += ["", "## Extrapolated (linear in N from the two sizes)", "",
+              "| dataset | N | prepare h on 16 cores | " + " | ".join(k for k in results["extrapolated"][0]
+                                                              if "." in k) + " |",
+              "|---|---|---|" + "---|" * sum("." in k for k in results["extrapolated"][0])]
+    for e in results["extrapolated"]:
+        lines.append(f"| {e['dataset']} | {e['n']:,} | {e['prepare_hours_16_cores']:.2f} | "
+                     + " | ".join(f"{v:,.0f}" for k, v in e.items() if "." in k) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 80_000])
+    parser.add_argument("--work", type=Path, default=Path("runs/scale"))
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale")
+    args = parser.parse_args()
+    log = lambda line: print(line, flush=True)
+    rows = [measure(n, args.work, log) for n in args.sizes]
+    results = {"command": f"python benchmarks/scale.py --sizes {' '.join(map(str, args.sizes))}",
+               "machine": platform.processor() or platform.machine(), "rows": rows,
+               "extrapolated": extrapolate(rows), "bench_process_peak_rss_mb": peak_rss_mb()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
+    args.out.with_suffix(".md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
