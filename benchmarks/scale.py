@@ -9,6 +9,7 @@ Per N (synthetic 200-500 px JPEGs, `noisymix synth`):
   - the loader: decode + RandomResizedCrop(224) + flip, images/s per loader process against the bare loop;
   - SelectMix (global partners) and MixNN (global neighbours) on 2 workers at 64 px crops (a CPU budget:
     memory, not accuracy, is measured): peak RSS of the driver, the workers, the fold tasks, the index actor.
+Every prepare and training run is its own `noisymix` process with its own Ray, so each peak is its own.
 
     python benchmarks/scale.py [--sizes 20000 80000] [--work runs/scale] [--out benchmarks/results/scale]
 
@@ -18,22 +19,21 @@ Writes OUT.json and OUT.md; data under WORK is reused by a re-run.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from noisymix.distributed import shards
-from noisymix.distributed.engine import peak_rss_mb
+from noisymix.distributed.artifacts import RunDir
 from noisymix.distributed.images import JpegCrops
-from noisymix.launch.config import build_config
-from noisymix.launch.prepare import prepare
 from noisymix.launch.synth import SynthSection, synthesize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,14 +53,22 @@ def bare_loop(source: Path, count: int) -> float:
     return len(lines) / (time.perf_counter() - started)
 
 
-def timed_prepare(source: Path, data_dir: Path, workers: int, stored_size: int, log) -> dict:
-    config = build_config(overrides={"source": "image_list", "source_path": str(source), "noise_type": "none",
-                                     "noise_rate": 0.0, "num_shards": 16, "prepare_workers": workers,
-                                     "stored_size": stored_size, "data_dir": str(data_dir)})
+def noisymix(*args: str) -> None:
+    """Run one noisymix command in its own process (and its own Ray), so each peak RSS is its own."""
+    subprocess.run([sys.executable, "-m", "noisymix.launch.cli", *args], check=True)
+
+
+def list_keys(source: Path, data_dir: Path) -> list[str]:
+    return ["source=image_list", f"source_path={source}", "noise_type=none", "noise_rate=0", "num_shards=16",
+            f"data_dir={data_dir}"]
+
+
+def timed_prepare(source: Path, data_dir: Path, workers: int, stored_size: int) -> dict:
     started = time.perf_counter()
-    target = prepare(config.data, config.run.seed, log=log)
+    if not (data_dir / shards.MANIFEST).is_file():
+        noisymix("prepare", *list_keys(source, data_dir), f"prepare_workers={workers}", f"stored_size={stored_size}")
     seconds = time.perf_counter() - started
-    manifest = shards.load_manifest(target)
+    manifest = shards.load_manifest(data_dir)
     images = sum(info["count"] for info in manifest["splits"].values())
     shard_bytes = sum(s["bytes"] for info in manifest["splits"].values() for s in info["shards"])
     return {"workers": workers, "stored_size": stored_size, "seconds": seconds, "images": images,
@@ -82,17 +90,13 @@ def loader_rate(data_dir: Path, loader_workers: int, count: int) -> float:
     return (seen - 64) / (time.perf_counter() - started)
 
 
-def end_to_end(data_dir: Path, source: Path, run_dir: Path, method: dict, log) -> dict:
-    from noisymix.distributed.artifacts import RunDir
-    from noisymix.launch.train import train
-
-    config = build_config(overrides={"source": "image_list", "source_path": str(source), "noise_type": "none",
-                                     "noise_rate": 0.0, "num_shards": 16, "data_dir": str(data_dir),
-                                     "run_dir": str(run_dir), "crop_size": 64, "model": "small_cnn", "width": 8,
-                                     "num_workers": 2, "cpus_per_worker": 1, "loader_workers": 0, **method})
+def end_to_end(data_dir: Path, source: Path, run_dir: Path, method: list[str]) -> dict:
     started = time.perf_counter()
-    summary = train(config, log=log)
-    records = RunDir(run_dir).metrics()
+    if not (run_dir / "summary.json").is_file():
+        shutil.rmtree(run_dir, ignore_errors=True)
+        noisymix("train", *list_keys(source, data_dir), f"run_dir={run_dir}", "crop_size=64", "model=small_cnn",
+                 "width=8", "num_workers=2", "cpus_per_worker=1", "loader_workers=0", *method)
+    summary, records = RunDir(run_dir).summary(), RunDir(run_dir).metrics()
     folds = [f for s in summary.get("selections", []) for f in s["folds"]]
     return {"method": summary["method"], "wall_s": time.perf_counter() - started,
             "driver_peak_rss_mb": summary["driver_peak_rss_mb"],
@@ -108,13 +112,13 @@ def measure(n: int, work: Path, log) -> dict:
                                              "classes": CLASSES, "noise_rate": 0.3}), log=log)
     source_bytes = sum(p.stat().st_size for p in (source / "images").rglob("*.jpg"))
     row = {"n": n, "source_bytes": source_bytes, "bare_loop_images_per_s": bare_loop(source, 1000)}
-    row["prepare"] = [timed_prepare(source, work / f"data-{n}-w{w}", w, 256, log) for w in (1, 2)]
-    row["prepare_as_is"] = timed_prepare(source, work / f"data-{n}-asis", 2, 0, log)
+    row["prepare"] = [timed_prepare(source, work / f"data-{n}-w{w}", w, 256) for w in (1, 2)]
+    row["prepare_as_is"] = timed_prepare(source, work / f"data-{n}-asis", 2, 0)
     row["loader_images_per_s"] = {w: loader_rate(work / f"data-{n}-w2", w, 3000) for w in (1, 2)}
-    row["end_to_end"] = [end_to_end(work / f"data-{n}-w2", source, work / f"run-{n}-{name}", method, log)
-                         for name, method in (("selectmix", {"method": "selectmix", "partner_source": "global",
-                                                              "fold_epochs": 1, "epochs": 1}),
-                                              ("mixnn", {"method": "mixnn", "epochs": 3, "warmup": 1, "es": 2}))]
+    row["end_to_end"] = [end_to_end(work / f"data-{n}-w2", source, work / f"run-{n}-{name}", method)
+                         for name, method in (("selectmix", ["method=selectmix", "partner_source=global",
+                                                             "fold_epochs=1", "epochs=1"]),
+                                              ("mixnn", ["method=mixnn", "epochs=3", "warmup=1", "es=2"]))]
     return row
 
 
@@ -184,8 +188,7 @@ def main() -> None:
     log = lambda line: print(line, flush=True)
     rows = [measure(n, args.work, log) for n in args.sizes]
     results = {"command": f"python benchmarks/scale.py --sizes {' '.join(map(str, args.sizes))}",
-               "machine": platform.processor() or platform.machine(), "rows": rows,
-               "extrapolated": extrapolate(rows), "bench_process_peak_rss_mb": peak_rss_mb()}
+               "machine": platform.processor() or platform.machine(), "rows": rows, "extrapolated": extrapolate(rows)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
     args.out.with_suffix(".md").write_text(markdown(results))

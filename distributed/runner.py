@@ -7,44 +7,15 @@ import os
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import ray
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.util.queue import Empty, Queue
 
+from noisymix.distributed.settings import ResourcesSection
 from noisymix.distributed.worker import WorkerJob, train_loop
-from noisymix.mixing.config import Section, check_range
-
-
-GPU_LOADER_WORKERS = 4
-
-
-@dataclass
-class ResourcesSection(Section):
-    """Where and on what the run executes: Ray's address, the workers and what each reserves."""
-
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 0.0   # 0: share the cluster's CPUs evenly
-    loader_workers: int = -1       # decoding processes per worker; -1: 4 with a GPU, none on CPU
-    max_failures: int = 1
-    ray_address: Optional[str] = None
-    ray_logs: bool = False
-
-    def validate(self) -> None:
-        super().validate()
-        check_range("num_workers", self.num_workers, 1)
-        for key in ("cpus_per_worker", "max_failures"):
-            check_range(key, getattr(self, key), 0)
-        check_range("loader_workers", self.loader_workers, -1)
-
-    def resolve(self) -> None:
-        if self.loader_workers == -1:
-            self.loader_workers = GPU_LOADER_WORKERS if self.use_gpu else 0
 
 
 def start_ray(address: str | None = None, show_logs: bool = False) -> None:

@@ -26,18 +26,9 @@ from noisymix.distributed.engine import (DataInfo, InputTransform, TrainSection,
                                          build_optimizer, build_schedule, epoch_rng, image_stages, peak_rss_mb,
                                          train_epoch, transforms)
 from noisymix.distributed.sample_state import SampleState, refresh_state
-from noisymix.mixing.config import Section
+from noisymix.distributed.settings import AuditSection
 from noisymix.mixing.method import BatchContext, EpochPlan, Method
 from noisymix.selection.mismatch import MixingTable
-
-
-@dataclass
-class AuditSection(Section):
-    """Checks a run can carry out on itself: send each rank's trained ids per epoch (audit_ids.npz, the
-    exactly-once guarantee) and a digest of each rank's per-sample state after every refresh."""
-
-    audit_ids: bool = False
-    audit_state: bool = False
 
 
 @dataclass

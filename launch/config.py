@@ -17,8 +17,7 @@ from pathlib import Path
 import yaml
 
 from noisymix.distributed.engine import TrainSection
-from noisymix.distributed.runner import ResourcesSection
-from noisymix.distributed.worker import AuditSection
+from noisymix.distributed.settings import AuditSection, ResourcesSection
 from noisymix.launch.prepare import RETIRED_DATA_KEYS, DataSection
 from noisymix.mixing.config import ConfigError, Section, check_range
 from noisymix.mixing.method import Method, method_class, method_knobs
