@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,8 @@ from noisymix.selection.crossval import SelectionError
 from noisymix.selection.report import LabelReport
 
 CHECKPOINT_FILE = "state.pt"
-CONFIG, METRICS, SUMMARY = "config.yaml", "metrics.jsonl", "summary.json"
+CONFIG, METRICS, SUMMARY, STATUS = "config.yaml", "metrics.jsonl", "summary.json", "status.json"
+RAY_STORAGE, RAY_RUN = "ray", "train"   # Ray Train's storage inside the run directory, and the run's fixed name
 LABEL_ISSUES, OUT_OF_FOLD = "label_issues.csv", "oof.npz"
 MODEL_BEST, MODEL_LAST = "model_best.pt", "model_last.pt"
 AUDIT_IDS, STATE_DIGESTS = "audit_ids.npz", "state_digests.json"
@@ -100,15 +102,6 @@ class RunDir:
     def __truediv__(self, name: str) -> Path:
         return self.path / name
 
-    @classmethod
-    def claim(cls, path: str | Path) -> "RunDir":
-        """A new run directory; one that already holds files is refused."""
-        path = Path(path)
-        if path.exists() and any(path.iterdir()):
-            raise ConfigError(f"run_dir {path} already holds a run; choose another run_dir")
-        path.mkdir(parents=True, exist_ok=True)
-        return cls(path)
-
     def write_config(self, values: dict) -> None:
         write_atomic(self / CONFIG, lambda p: p.write_text(yaml.safe_dump(values, sort_keys=False)))
 
@@ -120,8 +113,37 @@ class RunDir:
             fh.write(json.dumps(record) + "\n")
 
     def metrics(self) -> list[dict]:
+        """One record per epoch, in epoch order; an epoch run again (after a failure or an interruption) keeps
+        its last line."""
         path = self / METRICS
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+        if not path.is_file():
+            return []
+        records = {}
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                records[record["epoch"]] = record
+        return [records[epoch] for epoch in sorted(records)]
+
+    def write_status(self, state: str, stage: str, **info) -> None:
+        """status.json: running / interrupted / failed / finished, the stage, and what a resume needs."""
+        write_json_atomic(self / STATUS, {"state": state, "stage": stage, "updated_unix": time.time(), **info})
+
+    def status(self) -> dict | None:
+        path = self / STATUS
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    @property
+    def ray_storage(self) -> Path:
+        return self.path.resolve() / RAY_STORAGE
+
+    def latest_checkpoint_epoch(self) -> int | None:
+        """The epoch of Ray Train's latest registered checkpoint (its own snapshot file), if any."""
+        snapshot = self.ray_storage / RAY_RUN / "checkpoint_manager_snapshot.json"
+        if not snapshot.is_file():
+            return None
+        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+        return None if latest is None else int(latest["metrics"]["epoch"])
 
     def write_summary(self, summary: dict) -> None:
         write_json_atomic(self / SUMMARY, summary)

@@ -8,16 +8,19 @@ how it maps over folds (`ray_map`: one task per fold, retried, failures named).
 from __future__ import annotations
 
 import functools
+import json
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import ray
 import torch
 
 from noisymix.distributed import shards
-from noisymix.distributed.artifacts import read_out_of_fold
+from noisymix.distributed.artifacts import read_out_of_fold, write_atomic
 from noisymix.distributed.engine import (DataInfo, TrainSection, build_model, build_optimizer, build_schedule,
                                          epoch_rng, image_stages, peak_rss_mb, predict, train_epoch, transforms)
 from noisymix.mixing.ce import PlainTargets
@@ -74,8 +77,11 @@ class FoldTrainer:
             stream = shards.sample_stream(urls, images=train_images, shard_seed=shard_seed,
                                           shuffle_buffer=self.train.shuffle_buffer, shuffle_seed=shuffle_seed,
                                           batch_size=self.train.batch_size, only=shards.IdFilter(in_train))
-            train_epoch(model, optimizer, shards.iterate_batches(stream, loaders), rule, train_transform, device, rng,
-                        amp=self.train.amp)
+            stats = train_epoch(model, optimizer, shards.iterate_batches(stream, loaders), rule, train_transform,
+                                device, rng, amp=self.train.amp)
+            if stats.samples != len(fold.train):
+                raise shards.ShardError(f"fold {fold.index}, epoch {epoch}: read {stats.samples} training samples of "
+                                        f"{len(fold.train)}: a shard is short or unreadable (noisymix verify DATA_DIR)")
             scheduler.step()
             if self.cv.fold_select == "best" or epoch == self.cv.fold_epochs - 1:
                 held = shards.sample_stream(urls, images=eval_images, batch_size=4 * self.train.batch_size,
@@ -95,21 +101,60 @@ def _run(fn, item):
     return fn(item)
 
 
-def ray_map(fn: Callable, items: Sequence, *, cpus: float = 1.0, gpus: float = 0.0, retries: int = 2) -> list:
-    """fn over items as parallel Ray tasks (fn put in the object store once); results in order. A task that
-    dies is retried `retries` times by Ray; after that the error names the item and the others are cancelled."""
+class FoldCache:
+    """The finished folds of one selection round, kept in the run directory (held-out ids, probabilities,
+    info), so a resumed run trains only the folds it had not finished."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+
+    def _path(self, index: int) -> Path:
+        return self.directory / f"fold{index}.npz"
+
+    def load(self, index: int) -> FoldOutput | None:
+        path = self._path(index)
+        if not path.is_file():
+            return None
+        with np.load(path, allow_pickle=False) as data:
+            return FoldOutput(data["held_ids"], data["probs"], json.loads(str(data["info"])))
+
+    def clear(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def save(self, index: int, output: FoldOutput) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+        def write(partial: Path) -> None:
+            with open(partial, "wb") as fh:
+                np.savez(fh, held_ids=output.held_ids, probs=output.probs, info=np.array(json.dumps(output.info)))
+
+        write_atomic(self._path(index), write)
+
+
+def ray_map(fn: Callable, items: Sequence, *, cpus: float = 1.0, gpus: float = 0.0, retries: int = 2,
+            cache: FoldCache | None = None) -> list:
+    """fn over items as parallel Ray tasks (fn put in the object store once); results in order. Items the cache
+    holds are not run again, and each result is cached as it arrives. A task that dies is retried `retries`
+    times by Ray; after that the error names the item and the other tasks are cancelled (so are they on an
+    interrupt)."""
+    results = {k: cache.load(k) for k in range(len(items))} if cache is not None else {}
     fn_ref = ray.put(fn)
     task = _run.options(num_cpus=cpus, num_gpus=gpus, max_retries=retries, retry_exceptions=False)
-    pending = [task.remote(fn_ref, item) for item in items]
-    outputs = []
-    for position, ref in enumerate(pending):
-        try:
-            outputs.append(ray.get(ref))
-        except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError) as exc:
-            for other in pending:
-                ray.cancel(other, force=True)
-            raise RuntimeError(f"fold {position} of {len(items)} failed after {retries} retries: {exc}") from exc
-    return outputs
+    pending = {task.remote(fn_ref, items[k]): k for k in range(len(items)) if results.get(k) is None}
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            k = pending.pop(ready[0])
+            try:
+                results[k] = ray.get(ready[0])
+            except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError) as exc:
+                raise RuntimeError(f"fold {k} of {len(items)} failed after {retries} retries: {exc}") from exc
+            if cache is not None:
+                cache.save(k, results[k])
+    finally:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+    return [results[k] for k in range(len(items))]
 
 
 @dataclass
@@ -126,7 +171,7 @@ class Selection:
 
 def select(cv: CrossValConfig, train: TrainSection, seed: int, data_dir: str, manifest: dict,
            previous: Selection | None = None, init_state: dict | None = None,
-           workers_read_probs: bool = False) -> Selection:
+           workers_read_probs: bool = False, cache: FoldCache | None = None) -> Selection:
     """Run the K folds as Ray tasks and build the mixing table (methods.md A1-A2).
 
     Each fold task streams the train shards itself; the driver reads the given labels only. A re-selection
@@ -142,8 +187,17 @@ def select(cv: CrossValConfig, train: TrainSection, seed: int, data_dir: str, ma
         fold_runs = []
     else:
         trainer = FoldTrainer(data_dir, manifest, train, cv, seed, init_state)
-        runner = functools.partial(ray_map, cpus=cv.fold_cpus, gpus=cv.fold_gpus, retries=cv.fold_retries)
+        runner = functools.partial(ray_map, cpus=cv.fold_cpus, gpus=cv.fold_gpus, retries=cv.fold_retries,
+                                   cache=cache)
         probs, fold_of, fold_runs = out_of_fold_probabilities(given, cv.folds, seed, trainer, map=runner)
     table = build_mixing_table(probs, given, cv.tau_low, cv.tau_high)
     return Selection(table, fold_of, fold_runs, time.perf_counter() - started,
                      ray.put(table.to_arrays(for_workers=True, probs=workers_read_probs)))
+
+
+def restore_selection(arrays: dict[str, np.ndarray], cv: CrossValConfig, workers_read_probs: bool = False) -> Selection:
+    """The latest selection of an interrupted run, rebuilt from its oof.npz (the same table: it is a function
+    of the out-of-fold probabilities, the given labels and the thresholds)."""
+    table = build_mixing_table(arrays["probs"], arrays["given"], cv.tau_low, cv.tau_high)
+    fold_of = arrays.get("fold", np.full(len(table.given), -1))
+    return Selection(table, fold_of, [], 0.0, ray.put(table.to_arrays(for_workers=True, probs=workers_read_probs)))

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import queue
+import signal
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +33,7 @@ def start_ray(address: str | None = None, show_logs: bool = False) -> None:
         # previous one to be taken: that paces every epoch shorter than 2 s (the digits job).
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     ray.init(address=address, dashboard_host="127.0.0.1", logging_level="WARNING", log_to_driver=show_logs)
+    forward_sigterm_as_sigint()   # after ray.init, whose own SIGTERM handler aborts the process
 
 
 def worker_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool) -> tuple[float, int]:
@@ -41,16 +44,47 @@ def worker_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool) ->
     return cpus_per_worker, max(1, int(cpus_per_worker))
 
 
+class ResourceError(RuntimeError):
+    """A request the cluster cannot place: asked against available, named."""
+
+
+def check_resources(resources: ResourcesSection, tasks: list[tuple[str, float, float]], log,
+                    poll_s: float = 10.0) -> None:
+    """Refuse within seconds what the cluster cannot place, instead of waiting on it silently: the worker group
+    (num_workers x its CPUs and GPUs) and each kind of task or actor the method runs (what, CPUs, GPUs each).
+    With wait_for_resources the driver waits, saying what it waits for, until the cluster grows."""
+    while True:
+        total = ray.cluster_resources()
+        cpus, _ = worker_resources(resources.num_workers, resources.cpus_per_worker, resources.use_gpu)
+        least = resources.min_workers if resources.elastic else resources.num_workers
+        asks = [(f"{'min_workers' if resources.elastic else 'num_workers'}={least} x {cpus:g} CPU{'s' * (cpus != 1)}",
+                 least * cpus, least * float(resources.use_gpu)), *tasks]
+        short = [(what, need_cpu, need_gpu) for what, need_cpu, need_gpu in asks
+                 if need_cpu > total.get("CPU", 0.0) + 1e-9 or need_gpu > total.get("GPU", 0.0) + 1e-9]
+        if not short:
+            return
+        what, need_cpu, need_gpu = short[0]
+        message = (f"{what} needs {need_cpu:g} CPUs and {need_gpu:g} GPUs; the cluster has {total.get('CPU', 0):g} "
+                   f"CPUs and {total.get('GPU', 0):g} GPUs")
+        if not resources.wait_for_resources:
+            raise ResourceError(f"{message}: ask for less, or set wait_for_resources=true on an autoscaling cluster")
+        log(f"waiting for resources: {message} (wait_for_resources=true; Ctrl-C stops)")
+        time.sleep(poll_s)
+
+
 def run_trainer(job: WorkerJob, resources: ResourcesSection, run_dir: Path, on_message: Callable[[object], None],
                 name: str) -> ray.train.Result:
-    """Fit the training loop on resources.num_workers workers; each message a worker sends goes to on_message.
+    """Fit the training loop on resources.num_workers workers (min_workers..num_workers when elastic: Ray Train
+    restarts a group that lost a worker with those left, and grows it when the cluster does); each message a
+    worker sends goes to on_message.
 
     A second call with the same run_dir and `name` resumes the first from its latest checkpoint
-    (Ray Train's run snapshot): that is how a run continues after a selection between segments.
+    (Ray Train's run snapshot): that is how a run continues after a selection between segments, and after
+    an interruption.
 
-    fit() runs in a thread while this thread drains the message queue, so the driver prints progress
-    and writes metrics as epochs finish. A worker group restarted after a failure resumes from the
-    latest checkpoint (FailureConfig), and may send an epoch twice: consumers keep the last copy.
+    A thread drains the message queue while fit() runs, so the driver prints progress and writes metrics as
+    epochs finish. A worker group restarted after a failure resumes from the latest checkpoint
+    (FailureConfig), and may send an epoch twice: consumers keep the last copy.
     """
     cpus, threads = worker_resources(resources.num_workers, resources.cpus_per_worker, resources.use_gpu)
     channel = Queue(actor_options={"num_cpus": 0})
@@ -58,8 +92,10 @@ def run_trainer(job: WorkerJob, resources: ResourcesSection, run_dir: Path, on_m
         train_loop,
         train_loop_config=dataclasses.replace(job, channel=channel, threads=threads,
                                               loader_workers=resources.loader_workers),
-        scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
-                                     resources_per_worker={"CPU": cpus}),
+        scaling_config=ScalingConfig(
+            num_workers=(resources.min_workers, resources.num_workers) if resources.elastic else resources.num_workers,
+            use_gpu=resources.use_gpu, resources_per_worker={"CPU": cpus},
+            elastic_resize_monitor_interval_s=resources.resize_check_s),
         run_config=RunConfig(
             name=name,
             storage_path=str(Path(run_dir).resolve() / "ray"),
@@ -70,26 +106,34 @@ def run_trainer(job: WorkerJob, resources: ResourcesSection, run_dir: Path, on_m
             logging_config=LoggingConfig(log_level="INFO" if resources.ray_logs else "WARNING"),
         ),
     )
-    outcome: dict = {}
+    done = threading.Event()
 
-    def fit():
-        try:
-            outcome["result"] = trainer.fit()
-        except BaseException as exc:  # handed to the main thread, re-raised there
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=fit, name="noisymix-fit", daemon=True)
-    thread.start()
-    try:
-        while thread.is_alive() or not channel.empty():
+    def drain():
+        while not (done.is_set() and channel.empty()):
             try:
                 on_message(channel.get(timeout=0.5))
             except (Empty, queue.Empty):
                 continue
-    finally:
-        thread.join()
-        channel.shutdown()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"]
 
+    drainer = threading.Thread(target=drain, name="noisymix-records", daemon=True)
+    drainer.start()
+    try:
+        # In the main thread, Ray Train installs its Ctrl-C handler: the first SIGINT aborts the worker
+        # group gracefully (fit() then raises SystemExit); the latest checkpoint stays for a resume.
+        return trainer.fit()
+    except SystemExit as exc:
+        raise TrainingInterrupted("training was interrupted (Ctrl-C or SIGTERM)") from exc
+    finally:
+        done.set()
+        drainer.join()
+        channel.shutdown()
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """The user stopped the run (SIGINT, or SIGTERM forwarded as SIGINT); checkpoints are kept."""
+
+
+def forward_sigterm_as_sigint() -> None:
+    """A scheduler's SIGTERM stops a run the way Ctrl-C does (Ray Train's graceful abort)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))

@@ -5,10 +5,11 @@ Read by the Ray driver and workers; kept free of Ray so that composing a config 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Optional
 
-from noisymix.mixing.config import Section, check_range
+from noisymix.mixing.config import ConfigError, Section, check_range
 
 GPU_LOADER_WORKERS = 4
 
@@ -17,17 +18,34 @@ GPU_LOADER_WORKERS = 4
 class ResourcesSection(Section):
     """Where and on what the run executes: Ray's address, the workers and what each reserves."""
 
-    num_workers: int = 1
+    num_workers: int = 1           # or MIN-MAX / [MIN, MAX]: an elastic worker group (sets min_workers)
+    min_workers: int = 0           # elastic: 0 means fixed at num_workers; else run on MIN..num_workers workers
+    resize_check_s: float = 60.0   # elastic: how often a healthy group looks for more resources to grow into
     use_gpu: bool = False
     cpus_per_worker: float = 0.0   # 0: share the cluster's CPUs evenly
     loader_workers: int = -1       # decoding processes per worker; -1: 4 with a GPU, none on CPU
     max_failures: int = 1
     ray_address: Optional[str] = None
     ray_logs: bool = False
+    wait_for_resources: bool = False   # an autoscaling cluster: wait (visibly) for what it lacks, instead of stopping
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, object]):
+        """num_workers=MIN-MAX (or a two-item list) is the elastic form of min_workers=MIN num_workers=MAX."""
+        values = dict(values)
+        if isinstance(values.get("num_workers"), (str, list, tuple)):
+            values["min_workers"], values["num_workers"] = worker_range(values["num_workers"])
+        return super().from_values(values)
+
+    @property
+    def elastic(self) -> bool:
+        return 0 < self.min_workers < self.num_workers
 
     def validate(self) -> None:
         super().validate()
         check_range("num_workers", self.num_workers, 1)
+        check_range("min_workers", self.min_workers, 0, self.num_workers)
+        check_range("resize_check_s", self.resize_check_s, 0)
         for key in ("cpus_per_worker", "max_failures"):
             check_range(key, getattr(self, key), 0)
         check_range("loader_workers", self.loader_workers, -1)
@@ -35,6 +53,18 @@ class ResourcesSection(Section):
     def resolve(self) -> None:
         if self.loader_workers == -1:
             self.loader_workers = GPU_LOADER_WORKERS if self.use_gpu else 0
+
+
+def worker_range(value) -> tuple[int, int]:
+    """(MIN, MAX) from "MIN-MAX" or [MIN, MAX]."""
+    parts = value.split("-") if isinstance(value, str) else list(value)
+    try:
+        low, high = (int(str(part).strip()) for part in parts)
+    except ValueError:
+        low = high = None
+    if low is None or not 1 <= low <= high:
+        raise ConfigError(f"num_workers must be a number, MIN-MAX or [MIN, MAX] with 1 <= MIN <= MAX, got {value!r}")
+    return low, high
 
 
 @dataclass

@@ -135,20 +135,59 @@ def load_manifest(data_dir: str | Path) -> dict:
     return manifest
 
 
-def check_shards(data_dir: str | Path, manifest: dict, full: bool = False) -> None:
-    """Every shard of the manifest exists with its recorded size (and checksum when full=True)."""
+VERIFIED = ".verified.json"   # shards whose checksum was checked, by name: {size, mtime_ns, sha256}
+
+
+def check_shards(data_dir: str | Path, manifest: dict, full: bool = False, cached: bool = False) -> int:
+    """Every shard of the manifest exists with its recorded size; with full=True its sha256 is checked too,
+    and with cached=True only where the shard's size or mtime changed since the last check recorded in
+    data_dir/.verified.json (kept when the folder is writable). Returns how many checksums were computed."""
+    data_dir = Path(data_dir)
+    verified = _read_verified(data_dir) if cached else {}
+    computed = 0
     for split, info in manifest["splits"].items():
         if not info["shards"]:
             raise ShardError(f"split {split!r} of {data_dir} has no shards")
         for shard in info["shards"]:
-            path = Path(data_dir) / shard["name"]
+            path = data_dir / shard["name"]
             if not path.is_file():
                 raise ShardError(f"shard {path} is missing")
-            size = path.stat().st_size
-            if size != shard["bytes"]:
-                raise ShardError(f"shard {path} has {size} bytes, the manifest says {shard['bytes']}: truncated or replaced")
-            if full and file_sha256(path) != shard["sha256"]:
-                raise ShardError(f"shard {path} fails its sha256 check")
+            stat = path.stat()
+            if stat.st_size != shard["bytes"]:
+                raise ShardError(f"shard {path} has {stat.st_size} bytes, the manifest says {shard['bytes']}: "
+                                 "truncated or replaced; prepare the dataset again")
+            seen = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": shard["sha256"]}
+            if full and verified.get(shard["name"]) != seen:
+                computed += 1
+                if file_sha256(path) != shard["sha256"]:
+                    raise ShardError(f"shard {path} fails its sha256 check: its bytes changed since prepare "
+                                     "(corrupt or replaced); prepare the dataset again")
+                verified[shard["name"]] = seen
+    if cached and computed:
+        _write_verified(data_dir, verified)
+    return computed
+
+
+def _read_verified(data_dir: Path) -> dict:
+    try:
+        return json.loads((data_dir / VERIFIED).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_verified(data_dir: Path, verified: dict) -> None:
+    """Best effort: a read-only dataset is checked again on its next use."""
+    partial = data_dir / f".{VERIFIED}.partial"
+    try:
+        partial.write_text(json.dumps(verified))
+        partial.replace(data_dir / VERIFIED)
+    except OSError:
+        partial.unlink(missing_ok=True)
+
+
+def count_split(data_dir: str | Path, manifest: dict, split: str) -> int:
+    """How many samples a full read of the split yields (labels only, no image decoded)."""
+    return sum(1 for _ in label_stream(shard_urls(data_dir, manifest, split), member=image_member(manifest)))
 
 
 def shard_urls(data_dir: str | Path, manifest: dict, split: str) -> list[str]:

@@ -114,7 +114,7 @@ def train_loop(job: WorkerJob) -> None:
                                     plan, job.method.config, job.seed, fixed_clean(job), job.index_name, job.threads)
             send_state(job, epoch, rank, state)
         stats, ids = run_epoch(model, optimizer, streams.train(epoch), rule, train_transform, device,
-                               epoch_rng(job.seed, epoch, rank), train.amp, job.audit.audit_ids)
+                               epoch_rng(job.seed, epoch, rank), train.amp, job.audit.audit_ids, epoch)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         metrics = epoch_metrics(job, epoch, plan, stats, rule.counts, refresh, evaluate(model, streams, eval_transform,
@@ -219,16 +219,20 @@ class Streams:
         return shards.iterate_batches(stream, self.job.loader_workers)
 
 
-def run_epoch(model, optimizer, batches, rule, transform, device, rng, amp: bool, audit_ids: bool):
-    """One training epoch; returns its stats and, when audited, the ids it trained on."""
+def run_epoch(model, optimizer, batches, rule, transform, device, rng, amp: bool, audit_ids: bool, epoch: int):
+    """One training epoch; returns its stats and, when audited, the ids it trained on. A non-finite loss
+    stops the run, naming the epoch and steps."""
     seen: list[np.ndarray] = []
     rule.counts.update(dict.fromkeys(rule.counts, 0))
     # Ranks hold different sample counts (whole shards each); Join lets a rank that runs out first
     # shadow the others' gradient all-reduces instead of hanging DDP.
     joiner = Join([model]) if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
     with joiner:
-        stats = train_epoch(model, optimizer, batches, rule, transform, device, rng, amp=amp,
-                            on_batch=seen.append if audit_ids else None)
+        try:
+            stats = train_epoch(model, optimizer, batches, rule, transform, device, rng, amp=amp,
+                                on_batch=seen.append if audit_ids else None)
+        except FloatingPointError as exc:
+            raise FloatingPointError(f"epoch {epoch}: {exc}") from exc
     return stats, np.concatenate(seen) if seen else np.empty(0, np.int64)
 
 
@@ -246,10 +250,11 @@ def epoch_metrics(job: WorkerJob, epoch: int, plan: EpochPlan, stats, counts: di
     loss_sum, samples, rate_sum, val_correct, val_total, test_correct, test_total = totals
     (peak_rss,) = _all_reduce([peak_rss_mb()], device, dist.ReduceOp.MAX)
     method_counts = dict(zip(counts, map(int, _all_reduce([float(v) for v in counts.values()], device))))
-    expected = job.manifest["splits"]["train"]["count"]
-    if int(samples) != expected:
-        raise shards.ShardError(f"epoch {epoch}: the ranks read {int(samples)} training samples, the manifest "
-                                f"lists {expected}: a shard is short or unreadable")
+    for split, read in (("train", samples), ("val", val_total), ("test", test_total)):
+        expected = job.manifest["splits"][split]["count"]
+        if int(read) != expected:
+            raise shards.ShardError(f"epoch {epoch}: the ranks read {int(read)} {split} samples, the manifest lists "
+                                    f"{expected}: a shard is short or unreadable (noisymix verify DATA_DIR)")
     return {
         "epoch": epoch, "phase": plan.phase, "train_loss": loss_sum / samples, "val_acc": val_correct / max(val_total, 1),
         "test_acc": test_correct / max(test_total, 1), "lr": lr, "epoch_time_s": time.perf_counter() - started,

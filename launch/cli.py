@@ -8,14 +8,32 @@ import sys
 from pathlib import Path
 
 from noisymix.launch.config import ConfigError, build_config, parse_overrides
+from noisymix.launch.errors import one_line
 
 USAGE = """noisymix prepare [CONFIG.yaml] [key=value ...] [--force]
        noisymix train   [CONFIG.yaml] [key=value ...]
+       noisymix train   resume=RUN_DIR [num_workers=N ...]   (continue an interrupted or failed run)
        noisymix bench   SPEC.yaml [--only CELL-PATTERN ...] [--report-only] [--work DIR] [--out DIR]
+       noisymix verify  DATA_DIR   (every shard's checksum and every split's count against manifest.json)
        noisymix synth   out=DIR [train=N test=N classes=C min_size=PX max_size=PX noise_rate=R ...]
 
 With no arguments, `noisymix train` prepares scikit-learn's digits with 40% symmetric noise, trains
 the default method on them, then plain CE with the same settings, and prints both."""
+
+
+def _resumed_config(overrides: dict):
+    """The config saved in resume=RUN_DIR; only where and on what it runs may change (resources)."""
+    from noisymix.distributed.artifacts import CONFIG, RunDir
+    from noisymix.distributed.settings import ResourcesSection
+    from noisymix.launch.config import config_from_record
+
+    run_dir = Path(str(overrides.pop("resume")))
+    if not (run_dir / CONFIG).is_file():
+        raise ConfigError(f"resume={run_dir}: no {CONFIG} there (not a noisymix run directory)")
+    other = sorted(set(overrides) - set(ResourcesSection.keys()))
+    if other:
+        raise ConfigError(f"resume takes the run's own settings; only resources may change, not {', '.join(other)}")
+    return config_from_record({**RunDir(run_dir).config_values(), **overrides, "run_dir": str(run_dir)})
 
 
 def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
@@ -46,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("--force", action="store_true", help="rebuild data_dir even if prepared with other settings")
     train = commands.add_parser("train", help="train a method (prepares the data first if needed)")
     train.add_argument("items", nargs="*", help="[CONFIG.yaml] key=value ...")
+    verify = commands.add_parser("verify", help="check a prepared dataset: checksums and counts against its manifest")
+    verify.add_argument("data_dir", type=Path)
     synth = commands.add_parser("synth", help="write a synthetic image-list dataset of JPEGs (to measure scale)")
     synth.add_argument("items", nargs="*", help="key=value ... (launch/synth.py: SynthSection)")
     bench = commands.add_parser("bench", help="run a benchmark spec (cached, resumable) and write its report")
@@ -56,18 +76,6 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--work", type=Path, help="where cells keep data and run directories (default runs/bench/NAME)")
     bench.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where the report is written")
     return parser
-
-
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from noisymix.distributed.models import PretrainedError
-    from noisymix.distributed.shards import ShardError
-    from noisymix.launch.noise import NoiseError
-    from noisymix.launch.sources import SourceError
-    from noisymix.selection.crossval import SelectionError
-
-    from noisymix.launch.bench_spec import SpecError
-
-    return ConfigError, NoiseError, SourceError, ShardError, SelectionError, SpecError, PretrainedError, FileNotFoundError
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -86,13 +94,19 @@ def _bench(args: argparse.Namespace) -> int:
     return 1 if outcome["failed"] else 0
 
 
-def _root_cause(exc: BaseException) -> BaseException:
-    """Ray wraps a worker's exception (TrainingFailedError -> WorkerGroupError -> the worker's own)."""
-    failures = getattr(exc, "worker_failures", None)
-    if failures:
-        return _root_cause(next(iter(failures.values())))
-    cause = exc.__cause__
-    return _root_cause(cause) if cause is not None and cause is not exc else exc
+def _verify(data_dir: Path) -> int:
+    from noisymix.distributed import shards
+
+    manifest = shards.load_manifest(data_dir)
+    shards.check_shards(data_dir, manifest, full=True)
+    for split, info in manifest["splits"].items():
+        count = shards.count_split(data_dir, manifest, split)
+        if count != info["count"]:
+            raise shards.ShardError(f"the {split} split of {data_dir} holds {count} readable samples, the manifest "
+                                    f"lists {info['count']}")
+        print(f"{split}: {len(info['shards'])} shards, {count} samples, checksums match")
+    print(f"verified: {data_dir}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,13 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "bench":
             return _bench(args)
+        if args.command == "verify":
+            return _verify(args.data_dir)
         if args.command == "synth":
             from noisymix.launch.synth import SynthSection, synthesize
 
             print(f"source_path: {synthesize(SynthSection.from_values(parse_overrides(args.items)))}")
             return 0
         path, pairs = _split_args(args.items)
-        config = build_config(path, parse_overrides(pairs))
+        overrides = parse_overrides(pairs)
+        config = _resumed_config(overrides) if "resume" in overrides else build_config(path, overrides)
         if config.ignored:
             print(f"note: method={config.method.name} has no knob(s) {', '.join(config.ignored)}: ignored", file=sys.stderr)
         if args.command == "prepare":
@@ -126,12 +143,15 @@ def main(argv: list[str] | None = None) -> int:
         print(closing_table(summaries))
         print(f"run_dir: {summaries[0]['run_dir']}")
         return 0
-    except Exception as exc:  # noqa: BLE001 - narrowed below: only our input errors become one-line messages
-        cause = _root_cause(exc)
-        if isinstance(cause, _known_errors()) or isinstance(exc, _known_errors()):
-            print(f"noisymix: error: {exc if isinstance(exc, _known_errors()) else cause}", file=sys.stderr)
-            return 2
-        raise
+    except KeyboardInterrupt as exc:
+        print(f"noisymix: {exc or 'interrupted'}", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - narrowed below: what a user can cause becomes one line
+        message = one_line(exc)
+        if message is None:
+            raise
+        print(f"noisymix: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

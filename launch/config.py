@@ -137,10 +137,20 @@ def parse_overrides(pairs: list[str]) -> dict:
         if not sep or not key:
             raise ConfigError(f"override {pair!r} is not key=value")
         try:
-            overrides[key.strip()] = yaml.safe_load(raw) if raw != "" else ""
+            overrides[key.strip()] = _number_or(yaml.safe_load(raw)) if raw != "" else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {pair!r}: value does not parse: {exc}") from exc
     return overrides
+
+
+def _number_or(value):
+    """YAML 1.1 reads 1e-3 and 1e30 as strings (it wants 1.0e-3); a shell user means numbers."""
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            return value
+    return value
 
 
 def read_recipe(path: str | Path) -> dict:
@@ -186,3 +196,11 @@ def computed_values(values: dict) -> dict:
     others = {key for keys in method_knobs().values() for key in keys} - own
     skip = set(PLACEMENT_KEYS) | others
     return json.loads(json.dumps({k: v for k, v in values.items() if k not in skip}, default=str))
+
+
+def changed_settings(recorded: dict, config: Config) -> list[str]:
+    """The keys whose values differ between a run's recorded config and `config`, besides where it runs and
+    on what (placement, resources, audits): what may not change when a run is resumed."""
+    free = set(ResourcesSection.keys()) | set(AuditSection.keys())
+    before, now = computed_values(with_defaults(recorded)), computed_values(config.to_dict())
+    return sorted(k for k in set(before) | set(now) if k not in free and before.get(k) != now.get(k))

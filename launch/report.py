@@ -34,8 +34,17 @@ def summarize(history: list[dict], config: dict, manifest: dict, wall_time_s: fl
         "train_time_s": sum(record["train_time_s"] for record in history),
         "samples_per_s_per_worker": _median([record["samples_per_s_per_worker"] for record in history]),
         "workers": last["workers"],
+        "workers_per_epoch": [record["workers"] for record in history],
+        "worker_groups": worker_groups(history),
         "peak_rss_mb_per_worker": max(record["peak_rss_mb_per_worker"] for record in history),
     }
+
+
+def worker_groups(history: list[dict]) -> list[dict]:
+    """Each worker group the run had: the epoch it started at and its size. A new group starts with the run,
+    after a lost worker, an elastic resize, a resume, or a selection round between training segments."""
+    return [{"epoch": record["epoch"], "workers": record["workers"]} for record in history
+            if record["epoch"] == 0 or record.get("resumed_from_epoch") == record["epoch"]]
 
 
 def _median(values: list[float]) -> float:
@@ -53,6 +62,9 @@ class Progress:
 
     def epoch(self, record: dict) -> None:
         self.done += 1
+        if record["epoch"] > 0 and record.get("resumed_from_epoch") == record["epoch"]:
+            self.log(f"worker group started from the epoch {record['epoch']} checkpoint with {record['workers']} "
+                     f"worker{'s' * (record['workers'] != 1)}")
         elapsed = time.perf_counter() - self.started
         remaining = self.epochs - record["epoch"] - 1
         eta = elapsed / self.done * remaining

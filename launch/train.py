@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import time
 import uuid
 from pathlib import Path
@@ -14,12 +15,13 @@ import ray
 
 from noisymix.distributed import shards
 from noisymix.distributed.engine import DataInfo, build_model, peak_rss_mb
-from noisymix.distributed.artifacts import (CHECKPOINT_FILE, MODEL_BEST, MODEL_LAST, RunDir, load_checkpoint,
-                                            read_out_of_fold)
-from noisymix.distributed.folds import Selection, select
-from noisymix.distributed.runner import run_trainer, start_ray
+from noisymix.distributed.artifacts import (CHECKPOINT_FILE, CONFIG, MODEL_BEST, MODEL_LAST, RAY_RUN, RunDir,
+                                            load_checkpoint, read_out_of_fold)
+from noisymix.distributed.folds import FoldCache, Selection, restore_selection, select
+from noisymix.distributed.runner import check_resources, run_trainer, start_ray
 from noisymix.distributed.worker import EpochRecord, StateDigest, StateSnapshot, TrainedIds, WorkerJob
-from noisymix.launch.config import Config, ConfigError
+from noisymix.launch.config import Config, ConfigError, changed_settings
+from noisymix.launch.errors import one_line
 from noisymix.launch.prepare import prepare
 from noisymix.launch.report import Progress, summarize
 from noisymix.mixing.method import TRUE, Method
@@ -34,7 +36,7 @@ class RunRecorder:
     def __init__(self, run: RunDir, method: Method, epochs: int, true_labels: np.ndarray | None, log):
         self.run, self.method, self.true = run, method, true_labels
         self.progress = Progress(epochs, log)
-        self.history: dict[int, dict] = {}
+        self.history: dict[int, dict] = {record["epoch"]: record for record in run.metrics()}  # a resumed run's
         self.belief_metrics: dict[int, dict] = {}
         self.report: LabelReport | None = None  # the method's latest beliefs about the given labels
         self.trained_ids: dict[tuple[int, int], np.ndarray] = {}
@@ -49,6 +51,7 @@ class RunRecorder:
         record = {**message.metrics, **self.belief_metrics.get(message.metrics["epoch"], {})}
         self.history[record["epoch"]] = record
         self.run.append_metrics(record)
+        self.run.write_status("running", "training", epoch=record["epoch"])
         self.progress.epoch(record)
 
     @on_message.register
@@ -87,7 +90,13 @@ class SelectionRounds:
             config, data_dir, manifest, run, recorder, log)
         self.cv = config.method.config
         self.latest: Selection | None = None
-        self.rounds: list[dict] = []
+        self.rounds: list[dict] = (run.status() or {}).get("rounds", [])   # a resumed run's finished rounds
+        if self.rounds:
+            self.latest = restore_selection(run.out_of_fold(), self.cv, config.method.workers_read_probs())
+            recorder.believe(config.method.label_report(table=self.latest.table), self.rounds[-1]["epoch"])
+
+    def done_at(self, epoch: int) -> bool:
+        return any(r["epoch"] == epoch for r in self.rounds)
 
     def run_round(self, epoch: int, init_state: dict | None) -> Selection:
         cv, reused = self.cv, self.latest is None and bool(self.cv.oof_from)
@@ -97,8 +106,10 @@ class SelectionRounds:
             start = "fresh models" if init_state is None else f"the main model of epoch {epoch}"
             self.log(f"selection at epoch {epoch}: {cv.folds} folds x {cv.fold_epochs} epochs from {start}, as Ray "
                      f"tasks (predictions of the {cv.fold_select} fold epoch)")
+        self.run.write_status("running", f"selection at epoch {epoch}", rounds=self.rounds)
+        cache = FoldCache(self.run / "folds" / f"epoch{epoch}")
         selection = select(cv, self.config.train, self.config.run.seed, self.data_dir, self.manifest,
-                           self.latest, init_state, self.config.method.workers_read_probs())
+                           self.latest, init_state, self.config.method.workers_read_probs(), cache)
         table = selection.table
         self.run.write_out_of_fold(table.probs, table.given, fold=selection.fold_of, predicted=table.predicted,
                                    confidence=table.confidence, uncertain=table.uncertain)
@@ -112,6 +123,8 @@ class SelectionRounds:
         info.update(self.recorder.believe(self.config.method.label_report(table=table), epoch))
         self.rounds.append(info)
         self.latest = selection
+        self.run.write_status("running", f"selection at epoch {epoch} done", rounds=self.rounds)
+        cache.clear()   # oof.npz holds what the folds gave
         return selection
 
 
@@ -120,7 +133,8 @@ def preflight(config: Config, log) -> tuple[str, dict]:
     method = config.method
     data_dir = prepare(config.data, config.run.seed, log=log)
     manifest = shards.load_manifest(data_dir)
-    shards.check_shards(data_dir, manifest)
+    if shards.check_shards(data_dir, manifest, full=True, cached=True):
+        log(f"data: every shard of {data_dir} matches its checksum")
     if method.label_key == TRUE and not manifest["has_true_labels"]:
         raise ConfigError(f"method={method.name} trains on true labels, and {data_dir} has none (real-noise dataset)")
     tables = [path for path in (method.out_of_fold_file(), method.fixed_clean_file()) if path]
@@ -174,6 +188,15 @@ def model_weights(checkpoint) -> dict:
         return load_checkpoint(Path(directory) / CHECKPOINT_FILE)["model"]
 
 
+def state_snapshot(checkpoint) -> StateSnapshot:
+    """The per-sample beliefs a checkpoint holds (a run resumed after its last epoch sends none)."""
+    with checkpoint.as_directory() as directory:
+        saved = load_checkpoint(Path(directory) / CHECKPOINT_FILE)
+    state = saved["sample_state"]
+    return StateSnapshot(saved["epoch"], state["given"].numpy(), state["targets"].argmax(dim=1).numpy(),
+                         state["clean"].numpy())
+
+
 def export_model(run: RunDir, checkpoint, name: str) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -194,6 +217,8 @@ def finish(config: Config, run: RunDir, recorder: RunRecorder, rounds: Selection
     if config.method.uses_sample_state:
         for key, stage in (("pass_s", "loss_pass"), ("gmm_s", "gmm"), ("index_s", "index")):
             stage_times[stage] = sum(record.get(key, 0.0) for record in records)
+    if recorder.report is None and config.method.uses_sample_state and result.checkpoint is not None:
+        recorder.report = config.method.label_report(state=state_snapshot(result.checkpoint))
     if recorder.report is not None:
         run.write_label_issues(recorder.report)
         summary.update(recorder.method.evaluate(recorder.report, recorder.true) if recorder.true is not None else {})
@@ -201,19 +226,75 @@ def finish(config: Config, run: RunDir, recorder: RunRecorder, rounds: Selection
     summary["driver_peak_rss_mb"] = peak_rss_mb()
     summary["run_dir"] = str(run.path)
     run.write_summary(summary)
+    run.write_status("finished", "done", **({"rounds": rounds.rounds} if rounds is not None else {}))
     return summary
 
 
+def open_run(config: Config, log) -> tuple[RunDir, dict | None]:
+    """A fresh run directory, or the unfinished run it holds with the same settings (returns its status).
+    Resources may differ on a resume (another cluster, more or fewer workers); nothing else may."""
+    path, run = Path(config.run.run_dir), RunDir(config.run.run_dir)
+    if run.summary() is not None:
+        raise ConfigError(f"run_dir {path} holds a finished run (summary.json); choose another run_dir")
+    if path.exists() and any(path.iterdir()):
+        status = run.status()
+        if status is None or not (path / CONFIG).is_file():
+            raise ConfigError(f"run_dir {path} holds files that are not an unfinished noisymix run; choose another "
+                              "run_dir")
+        changed = changed_settings(run.config_values(), config)
+        if changed:
+            raise ConfigError(f"run_dir {path} holds an unfinished run with other settings ({', '.join(changed)} "
+                              f"differ): resume it with `noisymix train resume={path}`, or choose another run_dir")
+        log(f"resuming the {status['state']} run in {path} (it stopped at: {status['stage']})")
+        return run, status
+    path.mkdir(parents=True, exist_ok=True)
+    run.write_config(config.to_dict())
+    run.write_status("running", "starting")
+    return run, None
+
+
+class RunStopped(KeyboardInterrupt):
+    """A run stopped by the user; its directory can be resumed."""
+
+    def __init__(self, run_dir: Path, stage: str):
+        super().__init__(f"interrupted at: {stage}; resume with: noisymix train resume={run_dir}")
+        self.run_dir, self.stage = run_dir, stage
+
+
 def train(config: Config, log=print) -> dict:
-    """Run one training job end to end and return its summary (also written to summary.json)."""
+    """Run one training job end to end and return its summary (also written to summary.json). A run_dir
+    holding an unfinished run with these settings is resumed: finished selection rounds and folds are kept,
+    training continues from the latest checkpoint."""
     started, method = time.perf_counter(), config.method
     data_dir, manifest = preflight(config, log)
     fixed_clean = fixed_clean_probability(config, data_dir, manifest, log)
-    run = RunDir.claim(config.run.run_dir)
-    run.write_config(config.to_dict())
+    start_ray(config.resources.ray_address, config.resources.ray_logs)
+    check_resources(config.resources, method.task_resources(), log)
+    run, _ = open_run(config, log)
+    try:
+        return run_stages(config, run, data_dir, manifest, fixed_clean, started, log)
+    except KeyboardInterrupt as exc:
+        stage = mark_stopped(run, "interrupted")
+        raise RunStopped(run.path, stage) from exc
+    except Exception as exc:
+        mark_stopped(run, "failed", error=(one_line(exc) or f"{type(exc).__name__}: {exc}").splitlines()[0][:500])
+        raise
+
+
+def mark_stopped(run: RunDir, state: str, **info) -> str:
+    """Turn the run's status into `state`, keeping where it stood (stage, epoch, finished rounds); returns the stage."""
+    status = {k: v for k, v in (run.status() or {}).items() if k not in ("state", "updated_unix")}
+    stage = status.pop("stage", "starting")
+    run.write_status(state, stage, **status, **info)
+    return stage
+
+
+def run_stages(config: Config, run: RunDir, data_dir: str, manifest: dict, fixed_clean: np.ndarray | None,
+               started: float, log) -> dict:
+    """The stages of a run: the method's selection rounds between training segments, then the outputs."""
+    method = config.method
     log(f"run {run.path}: method={method.name} dataset={manifest['dataset']} epochs={config.train.epochs} "
         f"workers={config.resources.num_workers}")
-    start_ray(config.resources.ray_address, config.resources.ray_logs)
     # True labels are read for evaluating the method's beliefs only; they stay on the driver.
     true_labels = (shards.load_labels(data_dir, manifest, label_key=shards.TRUE_LABEL)
                    if manifest["has_true_labels"] and method.reports_labels else None)
@@ -222,17 +303,31 @@ def train(config: Config, log=print) -> dict:
     job = WorkerJob(method, config.train, config.audit, config.run.seed, data_dir, manifest, config.train.epochs,
                     index_name=f"noisymix-index-{uuid.uuid4().hex[:8]}",
                     fixed_clean=None if fixed_clean is None else ray.put(fixed_clean))
-    name, stage_times, result = f"train-{uuid.uuid4().hex[:8]}", {"main_training": 0.0}, None
+    stage_times, result = {"main_training": 0.0}, None
+    trained_to = run.latest_checkpoint_epoch()   # a resumed run's latest checkpoint
     try:
         for first, stop in segments(method, config.train.epochs):
+            if trained_to is not None and stop - 1 <= trained_to and stop < config.train.epochs:
+                continue   # a segment a resumed run had finished
             if rounds is not None:
-                selection = rounds.run_round(first, None if result is None else model_weights(result.checkpoint))
-                job = dataclasses.replace(job, table=selection.table_ref)
+                if not rounds.done_at(first):
+                    init = None if first == 0 else model_weights(result.checkpoint if result else latest(run))
+                    rounds.run_round(first, init)
+                job = dataclasses.replace(job, table=rounds.latest.table_ref)
+            run.write_status("running", "training", **({"rounds": rounds.rounds} if rounds else {}))
             segment_started = time.perf_counter()
-            # Segments share the Ray Train run name: each resumes from the previous one's checkpoint.
+            # Segments share the Ray Train run: each resumes from the previous one's checkpoint.
             result = run_trainer(dataclasses.replace(job, stop_epoch=stop), config.resources, run.path,
-                                 recorder.on_message, name)
+                                 recorder.on_message, RAY_RUN)
             stage_times["main_training"] += time.perf_counter() - segment_started
     finally:
         recorder.close()
+    run.write_status("running", "writing the outputs", **({"rounds": rounds.rounds} if rounds else {}))
     return finish(config, run, recorder, rounds, result, manifest, stage_times, started)
+
+
+def latest(run: RunDir):
+    """Ray Train's latest checkpoint of a run, as a Checkpoint (a resumed run re-selects from its weights)."""
+    snapshot = json.loads((run.ray_storage / RAY_RUN / "checkpoint_manager_snapshot.json").read_text())
+    name = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+    return ray.train.Checkpoint.from_directory(str(run.ray_storage / RAY_RUN / name))

@@ -118,6 +118,11 @@ class Method:
     def fetches_inputs_by_id(self) -> bool:
         return False
 
+    def task_resources(self) -> list[tuple[str, float, float]]:
+        """(what, CPUs, GPUs) of each kind of Ray task or actor the method runs besides the workers, so a
+        request the cluster cannot place is refused before the run starts."""
+        return []
+
     def fixed_clean_file(self) -> str | None:
         """An out-of-fold table whose GMM gives fixed clean probabilities in place of the loss GMM."""
         return None

@@ -266,6 +266,11 @@ class SelectMix(Method):
     def workers_read_probs(self) -> bool:
         return self.config.selectmix_label == "soft"
 
+    def task_resources(self) -> list[tuple[str, float, float]]:
+        c = self.config
+        return [] if c.oof_from and not c.reselect_every else [
+            (f"a fold task (fold_cpus={c.fold_cpus:g}, fold_gpus={c.fold_gpus:g})", c.fold_cpus, c.fold_gpus)]
+
     def out_of_fold_file(self) -> str | None:
         return self.config.oof_from
 

@@ -30,6 +30,14 @@ def test_recipe_then_overrides_and_saved_config_round_trips(tmp_path):
     assert again.to_dict() == config.to_dict()
 
 
+@pytest.mark.parametrize("value", ["1-3", [1, 3], " 1 - 3 "])
+def test_a_worker_range_is_an_elastic_group(value):
+    resources = build_config(overrides={"num_workers": value, "num_shards": 6}).resources
+    assert (resources.min_workers, resources.num_workers, resources.elastic) == (1, 3, True)
+    fixed = build_config(overrides={"num_workers": 2}).resources
+    assert (fixed.min_workers, fixed.elastic) == (0, False)
+
+
 def test_ints_are_accepted_for_floats():
     assert build_config(overrides={"lr": 1}).train.lr == 1.0
 
@@ -54,6 +62,13 @@ def test_ints_are_accepted_for_floats():
     ({"noise_map": {"a": "b"}}, "noise_map must map"),
     ({"seed": None}, "seed cannot be null"),
     ({"train_subset": -1}, "train_subset=-1 is outside"),
+    ({"lr": float("nan")}, "lr must be a finite number"),
+    ({"noise_rate": float("inf")}, "noise_rate must be a finite number"),
+    ({"num_workers": "2-1"}, r"num_workers must be .*MIN-MAX"),
+    ({"num_workers": "0-2"}, r"num_workers must be .*1 <= MIN <= MAX"),
+    ({"num_workers": [1, 2, 3]}, "num_workers must be"),
+    ({"num_workers": "two"}, "num_workers must be"),
+    ({"min_workers": 3, "num_workers": 2}, r"min_workers=3 is outside \[0, 2\]"),
 ])
 def test_bad_values_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -236,3 +236,40 @@ def test_npy_decoder_matches_numpy_and_refuses_object_arrays():
     np.save(buf, np.array([None, 1], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError):
         shards.NpyImages()(buf.getvalue())
+
+
+def corrupt_middle(path, size=4096, seed=0):
+    """Overwrite `size` bytes in the middle of a file with random ones: same size, other content."""
+    data = bytearray(path.read_bytes())
+    start = len(data) // 2
+    data[start:start + size] = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+
+
+def test_checksums_are_verified_once_per_shard_and_again_when_a_shard_changes(tmp_path, digits_dir):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(digits_dir, data)
+    manifest = shards.load_manifest(data)
+    total = sum(len(info["shards"]) for info in manifest["splits"].values())
+    assert shards.check_shards(data, manifest, full=True, cached=True) == total
+    assert shards.check_shards(data, manifest, full=True, cached=True) == 0, "cached by size and mtime"
+    test_shard = data / manifest["splits"]["test"]["shards"][1]["name"]
+    corrupt_middle(test_shard)
+    with pytest.raises(shards.ShardError, match=f"{test_shard.name} fails its sha256 check"):
+        shards.check_shards(data, manifest, full=True, cached=True)
+
+
+def test_noisymix_verify_checks_every_shard_and_names_a_corrupt_one(tmp_path, digits_dir, capsys):
+    import shutil
+
+    from noisymix.launch.cli import main
+
+    data = tmp_path / "data"
+    shutil.copytree(digits_dir, data)
+    assert main(["verify", str(data)]) == 0 and "test: 4 shards, 360 samples" in capsys.readouterr().out
+    manifest = shards.load_manifest(data)
+    corrupt_middle(data / manifest["splits"]["val"]["shards"][0]["name"])
+    assert main(["verify", str(data)]) == 2
+    assert "val-000000.tar fails its sha256 check" in capsys.readouterr().err
