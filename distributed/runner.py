@@ -15,6 +15,7 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.util.queue import Empty, Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from noisymix.distributed.settings import ResourcesSection
 from noisymix.distributed.worker import WorkerJob, train_loop
@@ -87,7 +88,9 @@ def run_trainer(job: WorkerJob, resources: ResourcesSection, run_dir: Path, on_m
     (FailureConfig), and may send an epoch twice: consumers keep the last copy.
     """
     cpus, threads = worker_resources(resources.num_workers, resources.cpus_per_worker, resources.use_gpu)
-    channel = Queue(actor_options={"num_cpus": 0})
+    # On the driver's node, like Ray Train's controller: losing another node must not lose the records.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    channel = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=dataclasses.replace(job, channel=channel, threads=threads,

@@ -1,0 +1,75 @@
+"""Elastic workers: num_workers=MIN-MAX runs on what the cluster has, shrinks when a node is lost and grows
+back when it returns; every training id is still seen exactly once per epoch."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from noisymix.distributed.artifacts import RunDir
+
+
+@pytest.fixture
+def two_node_cluster():
+    """A head and a second node of one CPU each, on 127.0.0.1 (two raylets on this machine)."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, connect=False,
+                      head_node_args={"num_cpus": 1, "dashboard_host": "127.0.0.1", "include_dashboard": False})
+    yield cluster
+    cluster.shutdown()
+
+
+def wait_for(process, lines: list[str], pattern: str, timeout: float = 300.0) -> None:
+    deadline = time.time() + timeout
+    for line in process.stdout:
+        lines.append(line)
+        if pattern in line:
+            return
+        assert time.time() < deadline, "".join(lines)
+    raise AssertionError(f"the run ended before {pattern!r}:\n{''.join(lines)}")
+
+
+@pytest.mark.slow
+def test_a_lost_node_shrinks_the_group_and_its_return_grows_it_back(two_node_cluster, digits_dir, tmp_path):
+    second = two_node_cluster.add_node(num_cpus=1)
+    two_node_cluster.wait_for_nodes()
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "noisymix.launch.cli", "train", f"data_dir={digits_dir}", "num_shards=4", "method=ce",
+         "epochs=30", "num_workers=1-2", "cpus_per_worker=1", "max_failures=3", "resize_check_s=1",
+         "audit_ids=true", f"ray_address={two_node_cluster.address}", f"run_dir={run_dir}"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    lines: list[str] = []
+    try:
+        wait_for(process, lines, "epoch   2/30")
+        two_node_cluster.remove_node(second)           # the node and its worker are lost
+        wait_for(process, lines, "with 1 worker")
+        wait_for(process, lines, "epoch")
+        two_node_cluster.add_node(num_cpus=1)          # capacity returns: the group grows back
+        wait_for(process, lines, "with 2 workers")
+        out, _ = process.communicate(timeout=600)
+    finally:
+        process.kill()
+    lines.append(out)
+    assert process.returncode == 0, "".join(lines)
+    summary = RunDir(run_dir).summary()
+    sizes = summary["workers_per_epoch"]
+    print("workers per epoch:", sizes)
+    assert sizes[0] == 2 and 1 in sizes and sizes[-1] == 2, sizes
+    first_small, last_small = sizes.index(1), len(sizes) - 1 - sizes[::-1].index(1)
+    assert all(size == 2 for size in sizes[:first_small]) and all(size == 2 for size in sizes[last_small + 1:])
+    assert [group["workers"] for group in summary["worker_groups"]][:1] == [2]
+    assert any(group["workers"] == 1 for group in summary["worker_groups"])
+    records = RunDir(run_dir).metrics()
+    assert [record["epoch"] for record in records] == list(range(30)), "every epoch once in metrics.jsonl"
+    ids = np.load(run_dir / "audit_ids.npz")
+    train_count = json.loads((digits_dir / "manifest.json").read_text())["splits"]["train"]["count"]
+    for epoch, workers in enumerate(sizes):
+        seen = np.concatenate([ids[f"epoch{epoch}_rank{rank}"] for rank in range(workers)])
+        assert np.array_equal(np.sort(seen), np.arange(train_count)), f"epoch {epoch}: each id exactly once"
