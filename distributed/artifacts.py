@@ -2,7 +2,9 @@
 summary.json, label_issues.csv, oof.npz, the checkpoints and the audit files of the tests.
 
 Whole files are written next to their target and renamed, so a reader never sees half a file; summary.json
-is written last, and its presence means the run finished.
+is written last, and its presence means the run finished. A run directory may be an object-store URL: its
+files are then written in a local working copy and uploaded whole after each write (an object appears only
+once complete), and read from the store; Ray Train writes its checkpoints there itself.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -18,7 +21,7 @@ import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 
-from noisymix.mixing.config import ConfigError
+from noisymix.distributed import storage
 from noisymix.selection.crossval import SelectionError
 from noisymix.selection.report import LabelReport
 
@@ -93,31 +96,65 @@ def write_out_of_fold(path: Path, probs: np.ndarray, given: np.ndarray, **arrays
     write_atomic(path, write)
 
 
-class RunDir:
-    """A run directory, as `noisymix train` leaves it."""
+def working_copy(location: str) -> Path:
+    """The local folder where a run directory at an object-store URL is written before each upload."""
+    cache = Path(os.environ.get("NOISYMIX_CACHE", Path.home() / ".cache" / "noisymix"))
+    return cache / "runs" / location.replace("://", "_").replace("/", "_")
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+
+class RunDir:
+    """A run directory, as `noisymix train` leaves it: a folder, or a URL with a local working copy."""
+
+    def __init__(self, location: str | Path):
+        self.location = str(location)
+        self.remote = storage.is_url(self.location)
+        self.path = working_copy(self.location) if self.remote else Path(location)
 
     def __truediv__(self, name: str) -> Path:
-        return self.path / name
+        """The local file `name`; for a remote run, fetched from the store if it is there."""
+        path = self.path / name
+        if self.remote and storage.is_file(self.url(name)):
+            storage.download(self.url(name), path)
+        return path
+
+    def url(self, name: str) -> str:
+        return storage.join(self.location, name)
+
+    def exists(self, name: str) -> bool:
+        return storage.is_file(self.url(name))
+
+    def holds_files(self) -> bool:
+        return bool(storage.list_files(self.location))
+
+    def create(self) -> None:
+        """An empty run directory (a fresh working copy for a remote one)."""
+        if self.remote:
+            shutil.rmtree(self.path, ignore_errors=True)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def _written(self, name: str) -> None:
+        """After a local write of `name`: upload it whole, for a remote run."""
+        if self.remote:
+            storage.upload(self.path / name, self.url(name))
 
     def write_config(self, values: dict) -> None:
-        write_atomic(self / CONFIG, lambda p: p.write_text(yaml.safe_dump(values, sort_keys=False)))
+        write_atomic(self.path / CONFIG, lambda p: p.write_text(yaml.safe_dump(values, sort_keys=False)))
+        self._written(CONFIG)
 
     def config_values(self) -> dict:
         return yaml.safe_load((self / CONFIG).read_text())
 
     def append_metrics(self, record: dict) -> None:
-        with open(self / METRICS, "a") as fh:
+        with open(self.path / METRICS, "a") as fh:
             fh.write(json.dumps(record) + "\n")
+        self._written(METRICS)
 
     def metrics(self) -> list[dict]:
         """One record per epoch, in epoch order; an epoch run again (after a failure or an interruption) keeps
         its last line."""
-        path = self / METRICS
-        if not path.is_file():
+        if not self.exists(METRICS):
             return []
+        path = self / METRICS
         records = {}
         for line in path.read_text().splitlines():
             if line.strip():
@@ -127,30 +164,42 @@ class RunDir:
 
     def write_status(self, state: str, stage: str, **info) -> None:
         """status.json: running / interrupted / failed / finished, the stage, and what a resume needs."""
-        write_json_atomic(self / STATUS, {"state": state, "stage": stage, "updated_unix": time.time(), **info})
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.path / STATUS, {"state": state, "stage": stage, "updated_unix": time.time(), **info})
+        self._written(STATUS)
 
     def status(self) -> dict | None:
-        path = self / STATUS
-        return json.loads(path.read_text()) if path.is_file() else None
+        return self._read_json(STATUS)
+
+    def _read_json(self, name: str):
+        return json.loads(storage.read_bytes(self.url(name))) if self.exists(name) else None
 
     @property
-    def ray_storage(self) -> Path:
-        return self.path.resolve() / RAY_STORAGE
+    def ray_storage(self) -> str:
+        """Ray Train's storage_path: inside the run directory (a URL there for a remote run)."""
+        return self.url(RAY_STORAGE) if self.remote else str(self.path.resolve() / RAY_STORAGE)
+
+    def ray_snapshot(self) -> dict | None:
+        """Ray Train's own record of the run's checkpoints, if it has one."""
+        snapshot = storage.join(self.ray_storage, RAY_RUN, "checkpoint_manager_snapshot.json")
+        return json.loads(storage.read_bytes(snapshot)) if storage.is_file(snapshot) else None
 
     def latest_checkpoint_epoch(self) -> int | None:
-        """The epoch of Ray Train's latest registered checkpoint (its own snapshot file), if any."""
-        snapshot = self.ray_storage / RAY_RUN / "checkpoint_manager_snapshot.json"
-        if not snapshot.is_file():
-            return None
-        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+        """The epoch of Ray Train's latest registered checkpoint, if any."""
+        latest = (self.ray_snapshot() or {}).get("latest_checkpoint_result")
         return None if latest is None else int(latest["metrics"]["epoch"])
 
+    def latest_checkpoint_dir(self) -> str:
+        """Where Ray Train's latest checkpoint is (a folder or a URL)."""
+        name = self.ray_snapshot()["latest_checkpoint_result"]["checkpoint_dir_name"]
+        return storage.join(self.ray_storage, RAY_RUN, name)
+
     def write_summary(self, summary: dict) -> None:
-        write_json_atomic(self / SUMMARY, summary)
+        write_json_atomic(self.path / SUMMARY, summary)
+        self._written(SUMMARY)
 
     def summary(self) -> dict | None:
-        path = self / SUMMARY
-        return json.loads(path.read_text()) if path.is_file() else None
+        return self._read_json(SUMMARY)
 
     def write_label_issues(self, report: LabelReport) -> None:
         """One row per train id, the least trusted given labels first (ascending trust column)."""
@@ -167,7 +216,8 @@ class RunDir:
                     writer.writerow([f"{v[i]:.6f}" if np.issubdtype(v.dtype, np.floating) else int(v[i])
                                      for v in values])
 
-        write_atomic(self / LABEL_ISSUES, write)
+        write_atomic(self.path / LABEL_ISSUES, write)
+        self._written(LABEL_ISSUES)
 
     def label_issues(self) -> dict[str, np.ndarray]:
         """label_issues.csv's columns in id order (ints stay ints)."""
@@ -178,7 +228,8 @@ class RunDir:
                 for name in (rows[0] if rows else {})}
 
     def write_out_of_fold(self, probs: np.ndarray, given: np.ndarray, **arrays: np.ndarray) -> None:
-        write_out_of_fold(self / OUT_OF_FOLD, probs, given, **arrays)
+        write_out_of_fold(self.path / OUT_OF_FOLD, probs, given, **arrays)
+        self._written(OUT_OF_FOLD)
 
     def out_of_fold(self) -> dict[str, np.ndarray]:
         return read_out_of_fold(self / OUT_OF_FOLD)
@@ -186,10 +237,13 @@ class RunDir:
     def export_model(self, checkpoint_dir: str | Path, name: str) -> None:
         """Copy a Ray Train checkpoint's state file to `name` (model_best.pt / model_last.pt)."""
         source = Path(checkpoint_dir) / CHECKPOINT_FILE
-        write_atomic(self / name, lambda p: p.write_bytes(source.read_bytes()))
+        write_atomic(self.path / name, lambda p: p.write_bytes(source.read_bytes()))
+        self._written(name)
 
     def write_audit(self, trained_ids: dict[tuple[int, int], np.ndarray], digests: list[dict]) -> None:
         if digests:
-            (self / STATE_DIGESTS).write_text(json.dumps(digests, indent=1))
+            (self.path / STATE_DIGESTS).write_text(json.dumps(digests, indent=1))
+            self._written(STATE_DIGESTS)
         if trained_ids:
-            np.savez(self / AUDIT_IDS, **{f"epoch{e}_rank{r}": ids for (e, r), ids in sorted(trained_ids.items())})
+            np.savez(self.path / AUDIT_IDS, **{f"epoch{e}_rank{r}": ids for (e, r), ids in sorted(trained_ids.items())})
+            self._written(AUDIT_IDS)

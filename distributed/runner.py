@@ -9,7 +9,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import ray
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -73,13 +72,13 @@ def check_resources(resources: ResourcesSection, tasks: list[tuple[str, float, f
         time.sleep(poll_s)
 
 
-def run_trainer(job: WorkerJob, resources: ResourcesSection, run_dir: Path, on_message: Callable[[object], None],
-                name: str) -> ray.train.Result:
+def run_trainer(job: WorkerJob, resources: ResourcesSection, storage_path: str,
+                on_message: Callable[[object], None], name: str) -> ray.train.Result:
     """Fit the training loop on resources.num_workers workers (min_workers..num_workers when elastic: Ray Train
     restarts a group that lost a worker with those left, and grows it when the cluster does); each message a
     worker sends goes to on_message.
 
-    A second call with the same run_dir and `name` resumes the first from its latest checkpoint
+    A second call with the same storage_path (a folder or a URL) and `name` resumes the first from its latest checkpoint
     (Ray Train's run snapshot): that is how a run continues after a selection between segments, and after
     an interruption.
 
@@ -101,7 +100,7 @@ def run_trainer(job: WorkerJob, resources: ResourcesSection, run_dir: Path, on_m
             elastic_resize_monitor_interval_s=resources.resize_check_s),
         run_config=RunConfig(
             name=name,
-            storage_path=str(Path(run_dir).resolve() / "ray"),
+            storage_path=storage_path,
             failure_config=FailureConfig(max_failures=resources.max_failures),
             # The latest checkpoint is always kept too, so this holds the val-selected one and the resume point.
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_acc",

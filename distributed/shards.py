@@ -9,7 +9,7 @@ holds where each id's image lies in its shard, for reading images by id without 
 
 from __future__ import annotations
 
-import hashlib
+import importlib
 import io
 import json
 import random
@@ -21,6 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import webdataset as wds
+
+from noisymix.distributed import storage
+from noisymix.distributed.storage import file_sha256
+
+# Shards in object stores stream through pyarrow's file systems (WebDataset's own openers shell out to CLIs).
+for _scheme in storage.REMOTE_SCHEMES:
+    importlib.import_module("webdataset.gopen").gopen_schemes[_scheme] = storage.gopen_remote
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2             # 2: JPEG samples and the per-split index; version 1 (npy only) still reads
@@ -51,14 +58,6 @@ def encode_sample(sample_id: int, image: np.ndarray | bytes, label: int, true_la
     return sample
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
@@ -76,10 +75,10 @@ def write_shard(path: Path, samples: Iterable[dict], member: str) -> tuple[dict,
     return info, member_offsets(path, member)
 
 
-def member_offsets(path: Path, member: str) -> np.ndarray:
+def member_offsets(path: str | Path, member: str) -> np.ndarray:
     """(id, data offset, size) of every `<id>.<member>` in a tar, in file order."""
     rows = []
-    with tarfile.open(path) as tar:
+    with storage.open_input(path) as fh, tarfile.open(fileobj=fh) as tar:
         for info in tar:
             key, _, ext = Path(info.name).name.partition(".")
             if ext == member:
@@ -119,11 +118,11 @@ def write_index(directory: Path, split: str, shards: list[dict], rows: list[np.n
 
 def load_manifest(data_dir: str | Path) -> dict:
     """Read and sanity-check manifest.json; shards are checked by `check_shards`."""
-    path = Path(data_dir) / MANIFEST
-    if not path.is_file():
+    path = storage.join(data_dir, MANIFEST)
+    if not storage.is_file(path):
         raise ShardError(f"no {MANIFEST} in {data_dir}: run `noisymix prepare` first")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(storage.read_bytes(path))
     except json.JSONDecodeError as exc:
         raise ShardError(f"{path} is not valid JSON: {exc}") from exc
     if manifest.get("format_version") not in READABLE_VERSIONS:
@@ -142,21 +141,20 @@ def check_shards(data_dir: str | Path, manifest: dict, full: bool = False, cache
     """Every shard of the manifest exists with its recorded size; with full=True its sha256 is checked too,
     and with cached=True only where the shard's size or mtime changed since the last check recorded in
     data_dir/.verified.json (kept when the folder is writable). Returns how many checksums were computed."""
-    data_dir = Path(data_dir)
     verified = _read_verified(data_dir) if cached else {}
     computed = 0
     for split, info in manifest["splits"].items():
         if not info["shards"]:
             raise ShardError(f"split {split!r} of {data_dir} has no shards")
         for shard in info["shards"]:
-            path = data_dir / shard["name"]
-            if not path.is_file():
+            path = storage.join(data_dir, shard["name"])
+            stat = storage.info(path)
+            if stat.type != storage.pafs.FileType.File:
                 raise ShardError(f"shard {path} is missing")
-            stat = path.stat()
-            if stat.st_size != shard["bytes"]:
-                raise ShardError(f"shard {path} has {stat.st_size} bytes, the manifest says {shard['bytes']}: "
+            if stat.size != shard["bytes"]:
+                raise ShardError(f"shard {path} has {stat.size} bytes, the manifest says {shard['bytes']}: "
                                  "truncated or replaced; prepare the dataset again")
-            seen = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": shard["sha256"]}
+            seen = {"size": stat.size, "mtime_ns": stat.mtime_ns, "sha256": shard["sha256"]}
             if full and verified.get(shard["name"]) != seen:
                 computed += 1
                 if file_sha256(path) != shard["sha256"]:
@@ -168,21 +166,19 @@ def check_shards(data_dir: str | Path, manifest: dict, full: bool = False, cache
     return computed
 
 
-def _read_verified(data_dir: Path) -> dict:
+def _read_verified(data_dir: str | Path) -> dict:
     try:
-        return json.loads((data_dir / VERIFIED).read_text())
+        return json.loads(storage.read_bytes(storage.join(data_dir, VERIFIED)))
     except (OSError, ValueError):
         return {}
 
 
-def _write_verified(data_dir: Path, verified: dict) -> None:
+def _write_verified(data_dir: str | Path, verified: dict) -> None:
     """Best effort: a read-only dataset is checked again on its next use."""
-    partial = data_dir / f".{VERIFIED}.partial"
     try:
-        partial.write_text(json.dumps(verified))
-        partial.replace(data_dir / VERIFIED)
+        storage.write_bytes(storage.join(data_dir, VERIFIED), json.dumps(verified).encode())
     except OSError:
-        partial.unlink(missing_ok=True)
+        pass
 
 
 def count_split(data_dir: str | Path, manifest: dict, split: str) -> int:
@@ -191,7 +187,7 @@ def count_split(data_dir: str | Path, manifest: dict, split: str) -> int:
 
 
 def shard_urls(data_dir: str | Path, manifest: dict, split: str) -> list[str]:
-    return [str(Path(data_dir) / shard["name"]) for shard in manifest["splits"][split]["shards"]]
+    return [storage.join(data_dir, shard["name"]) for shard in manifest["splits"][split]["shards"]]
 
 
 def image_member(manifest: dict) -> str:
@@ -202,11 +198,11 @@ def image_member(manifest: dict) -> str:
 def sample_index(data_dir: str | Path, manifest: dict, split: str = "train") -> np.ndarray:
     """The split's (shard number, offset, size) per id: its index file, or a scan of its shards (datasets
     prepared before index files existed)."""
-    path = Path(data_dir) / index_file(split)
-    if path.is_file():
-        return np.load(path, allow_pickle=False)
+    path = storage.join(data_dir, index_file(split))
+    if storage.is_file(path):
+        return np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False)
     member = image_member(manifest)
-    rows = [member_offsets(Path(url), member) for url in shard_urls(data_dir, manifest, split)]
+    rows = [member_offsets(url, member) for url in shard_urls(data_dir, manifest, split)]
     table = np.concatenate([np.column_stack([np.full(len(r), n), r[:, 1:]]) for n, r in enumerate(rows)])
     ids = np.concatenate([r[:, 0] for r in rows])
     return table[np.argsort(ids)]
@@ -229,7 +225,7 @@ class SampleReader:
         shard, offset, size = self.index[sample_id - self.first_id]
         handle = self._files.get(shard)
         if handle is None:
-            handle = self._files[shard] = open(self.urls[shard], "rb")
+            handle = self._files[shard] = storage.open_input(self.urls[shard])
         handle.seek(offset)
         data = handle.read(size)
         if len(data) != size:

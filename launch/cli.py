@@ -27,8 +27,8 @@ def _resumed_config(overrides: dict):
     from noisymix.distributed.settings import ResourcesSection
     from noisymix.launch.config import config_from_record
 
-    run_dir = Path(str(overrides.pop("resume")))
-    if not (run_dir / CONFIG).is_file():
+    run_dir = str(overrides.pop("resume"))
+    if not RunDir(run_dir).exists(CONFIG):
         raise ConfigError(f"resume={run_dir}: no {CONFIG} there (not a noisymix run directory)")
     other = sorted(set(overrides) - set(ResourcesSection.keys()))
     if other:

@@ -19,7 +19,7 @@ import yaml
 from noisymix.distributed.engine import TrainSection
 from noisymix.distributed.settings import AuditSection, ResourcesSection
 from noisymix.launch.prepare import RETIRED_DATA_KEYS, DataSection
-from noisymix.mixing.config import ConfigError, Section, check_range
+from noisymix.mixing.config import ConfigError, Section
 from noisymix.mixing.method import Method, method_class, method_knobs
 
 __all__ = ["Config", "ConfigError", "RunSection", "build_config", "config_from_record", "parse_overrides",

@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from noisymix.distributed import shards
+from noisymix.distributed import shards, storage
 from noisymix.distributed.engine import peak_rss_mb
 from noisymix.distributed.images import PixelSums
 from noisymix.launch import image_lists, noise
@@ -128,24 +128,35 @@ def _pixel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[list[float], li
     return sums.mean_std()
 
 
-def staging_dir(target: Path, spec: dict) -> Path:
-    """Where a prepare of `spec` writes before the atomic rename: named by the spec, so a re-run of the same
-    prepare finds the shards an interrupted one finished."""
+def staging_dir(target: str, spec: dict) -> Path:
+    """Where a prepare of `spec` writes before the atomic rename (or, for an object store, the upload): named by
+    the spec, so a re-run of the same prepare finds the shards an interrupted one finished. A URL's staging
+    folder is local, under NOISYMIX_CACHE (default ~/.cache/noisymix)."""
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-    return target.parent / f".{target.name}.partial-{digest}"
+    return _staging_parent(target) / f".{_staging_name(target)}.partial-{digest}"
 
 
-def remove_stale_staging(target: Path, keep: Path, log) -> None:
+def _staging_parent(target: str) -> Path:
+    if storage.is_url(target):
+        return Path(os.environ.get("NOISYMIX_CACHE", Path.home() / ".cache" / "noisymix")) / "prepare"
+    return Path(target).parent
+
+
+def _staging_name(target: str) -> str:
+    return target.replace("://", "_").replace("/", "_") if storage.is_url(target) else Path(target).name
+
+
+def remove_stale_staging(target: str, keep: Path, log) -> None:
     """Staging folders of earlier prepares of this target with other specs: never finished, never resumable."""
-    for stale in target.parent.glob(f".{target.name}.partial-*"):
+    for stale in _staging_parent(target).glob(f".{_staging_name(target)}.partial-*"):
         if stale != keep and stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
             log(f"prepare: removed {stale}, left by an interrupted prepare with other settings")
 
 
-def _check_reusable(target: Path, spec: dict, seed: int, force: bool, log) -> bool:
+def _check_reusable(target: str, spec: dict, seed: int, force: bool, log) -> bool:
     """True when target already holds this dataset; refuses a target prepared otherwise or not by us."""
-    if (target / shards.MANIFEST).is_file():
+    if storage.is_file(storage.join(target, shards.MANIFEST)):
         existing = shards.load_manifest(target)
         recorded = _recorded_spec(existing, seed)
         if recorded == spec and not force:
@@ -155,23 +166,25 @@ def _check_reusable(target: Path, spec: dict, seed: int, force: bool, log) -> bo
         if not force:
             changed = sorted(k for k in spec if recorded.get(k) != spec[k])
             raise SourceError(f"{target} was prepared with other settings ({', '.join(changed)} differ): "
-                              "choose another data_dir or pass --force to rebuild it")
-    elif target.exists() and any(target.iterdir()):
+                              "choose another data_dir, or rebuild it with `noisymix prepare ... --force`")
+    elif storage.list_files(target):
         raise SourceError(f"{target} exists and is not a prepared dataset (no {shards.MANIFEST}); refusing to write into it")
     return False
 
 
-def prepare(config: DataSection, seed: int, force: bool = False, log=print) -> Path:
-    """Write the dataset of `config` to config.data_dir; reuse it when already prepared with the same spec.
+def prepare(config: DataSection, seed: int, force: bool = False, log=print) -> Path | str:
+    """Write the dataset of `config` to config.data_dir (a folder or an object-store URL); reuse it when already
+    prepared with the same spec.
 
-    Everything is written to a staging folder and renamed into place at the end, so nothing half-written
-    looks prepared. An interrupted image-list prepare keeps its finished shards there for the next run."""
-    target = Path(config.data_dir)
+    Everything is written to a staging folder and renamed into place (or uploaded, the manifest last) at the
+    end, so nothing half-written looks prepared. An interrupted image-list prepare keeps its finished shards
+    there for the next run."""
+    target = config.data_dir if storage.is_url(config.data_dir) else str(Path(config.data_dir))
     spec = config.spec(seed)
     if _check_reusable(target, spec, seed, force, log):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+        return _as_location(target)
     staging = staging_dir(target, spec)
+    staging.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(target, staging, log)
     resumable = config.source == "image_list"
     if not resumable:
@@ -183,10 +196,7 @@ def prepare(config: DataSection, seed: int, force: bool = False, log=print) -> P
         manifest = {"format_version": shards.FORMAT_VERSION, "source": config.source,
                     **write(config, seed, staging, log), "spec": spec, "created_unix": time.time()}
         (staging / shards.MANIFEST).write_text(json.dumps(manifest, indent=2))
-        staging.chmod(0o755)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        publish(staging, target)
     except BaseException:
         if not (resumable and image_lists.has_finished_shards(staging)):
             shutil.rmtree(staging, ignore_errors=True)
@@ -196,7 +206,32 @@ def prepare(config: DataSection, seed: int, force: bool = False, log=print) -> P
     log(f"prepared {manifest['dataset']}: {counts['train']} train / {counts['val']} val / {counts['test']} test, "
         f"{config.noise_type} noise r={config.noise_rate} (realised {'unknown' if rate is None else f'{rate:.3f}'}) "
         f"-> {target} in {time.perf_counter() - started:.1f}s")
-    return target
+    return _as_location(target)
+
+
+def _as_location(target: str) -> Path | str:
+    """A folder as a Path, a URL as it is."""
+    return target if storage.is_url(target) else Path(target)
+
+
+def publish(staging: Path, target: str) -> None:
+    """Put a finished staging folder in place: one rename on a file system; on an object store, the old
+    objects deleted (the manifest first: from then on nothing looks prepared), every file uploaded, the
+    manifest last."""
+    if not storage.is_url(target):
+        staging.chmod(0o755)
+        if Path(target).exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+        return
+    old = storage.list_files(target)
+    for name in sorted(old, key=lambda name: name != shards.MANIFEST):
+        storage.delete(storage.join(target, name))
+    for path in sorted(staging.rglob("*")):
+        if path.is_file() and path.name != shards.MANIFEST:
+            storage.upload(path, storage.join(target, path.relative_to(staging).as_posix()))
+    storage.upload(staging / shards.MANIFEST, storage.join(target, shards.MANIFEST))
+    shutil.rmtree(staging)
 
 
 def _noise_record(config: DataSection, seed: int, given: np.ndarray, true: np.ndarray | None,

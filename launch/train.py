@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import time
 import uuid
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from noisymix.distributed import shards
+from noisymix.distributed import shards, storage
 from noisymix.distributed.engine import DataInfo, build_model, peak_rss_mb
 from noisymix.distributed.artifacts import (CHECKPOINT_FILE, CONFIG, MODEL_BEST, MODEL_LAST, RAY_RUN, RunDir,
                                             load_checkpoint, read_out_of_fold)
@@ -158,7 +157,7 @@ def preflight(config: Config, log) -> tuple[str, dict]:
         if count < config.resources.num_workers:
             raise ConfigError(f"the {split} split of {data_dir} has {count} shards for num_workers="
                               f"{config.resources.num_workers}; prepare with a larger num_shards")
-    return str(Path(data_dir).resolve()), manifest
+    return data_dir if storage.is_url(data_dir) else str(Path(data_dir).resolve()), manifest
 
 
 def fixed_clean_probability(config: Config, data_dir: str, manifest: dict, log) -> np.ndarray | None:
@@ -224,7 +223,7 @@ def finish(config: Config, run: RunDir, recorder: RunRecorder, rounds: Selection
         summary.update(recorder.method.evaluate(recorder.report, recorder.true) if recorder.true is not None else {})
     summary["stage_times_s"] = stage_times
     summary["driver_peak_rss_mb"] = peak_rss_mb()
-    summary["run_dir"] = str(run.path)
+    summary["run_dir"] = run.location
     run.write_summary(summary)
     run.write_status("finished", "done", **({"rounds": rounds.rounds} if rounds is not None else {}))
     return summary
@@ -233,12 +232,13 @@ def finish(config: Config, run: RunDir, recorder: RunRecorder, rounds: Selection
 def open_run(config: Config, log) -> tuple[RunDir, dict | None]:
     """A fresh run directory, or the unfinished run it holds with the same settings (returns its status).
     Resources may differ on a resume (another cluster, more or fewer workers); nothing else may."""
-    path, run = Path(config.run.run_dir), RunDir(config.run.run_dir)
+    run = RunDir(config.run.run_dir)
+    path = run.location
     if run.summary() is not None:
         raise ConfigError(f"run_dir {path} holds a finished run (summary.json); choose another run_dir")
-    if path.exists() and any(path.iterdir()):
+    if run.holds_files():
         status = run.status()
-        if status is None or not (path / CONFIG).is_file():
+        if status is None or not run.exists(CONFIG):
             raise ConfigError(f"run_dir {path} holds files that are not an unfinished noisymix run; choose another "
                               "run_dir")
         changed = changed_settings(run.config_values(), config)
@@ -246,8 +246,9 @@ def open_run(config: Config, log) -> tuple[RunDir, dict | None]:
             raise ConfigError(f"run_dir {path} holds an unfinished run with other settings ({', '.join(changed)} "
                               f"differ): resume it with `noisymix train resume={path}`, or choose another run_dir")
         log(f"resuming the {status['state']} run in {path} (it stopped at: {status['stage']})")
+        run.create()
         return run, status
-    path.mkdir(parents=True, exist_ok=True)
+    run.create()
     run.write_config(config.to_dict())
     run.write_status("running", "starting")
     return run, None
@@ -256,7 +257,7 @@ def open_run(config: Config, log) -> tuple[RunDir, dict | None]:
 class RunStopped(KeyboardInterrupt):
     """A run stopped by the user; its directory can be resumed."""
 
-    def __init__(self, run_dir: Path, stage: str):
+    def __init__(self, run_dir: str, stage: str):
         super().__init__(f"interrupted at: {stage}; resume with: noisymix train resume={run_dir}")
         self.run_dir, self.stage = run_dir, stage
 
@@ -275,7 +276,7 @@ def train(config: Config, log=print) -> dict:
         return run_stages(config, run, data_dir, manifest, fixed_clean, started, log)
     except KeyboardInterrupt as exc:
         stage = mark_stopped(run, "interrupted")
-        raise RunStopped(run.path, stage) from exc
+        raise RunStopped(run.location, stage) from exc
     except Exception as exc:
         mark_stopped(run, "failed", error=(one_line(exc) or f"{type(exc).__name__}: {exc}").splitlines()[0][:500])
         raise
@@ -293,7 +294,7 @@ def run_stages(config: Config, run: RunDir, data_dir: str, manifest: dict, fixed
                started: float, log) -> dict:
     """The stages of a run: the method's selection rounds between training segments, then the outputs."""
     method = config.method
-    log(f"run {run.path}: method={method.name} dataset={manifest['dataset']} epochs={config.train.epochs} "
+    log(f"run {run.location}: method={method.name} dataset={manifest['dataset']} epochs={config.train.epochs} "
         f"workers={config.resources.num_workers}")
     # True labels are read for evaluating the method's beliefs only; they stay on the driver.
     true_labels = (shards.load_labels(data_dir, manifest, label_key=shards.TRUE_LABEL)
@@ -317,7 +318,7 @@ def run_stages(config: Config, run: RunDir, data_dir: str, manifest: dict, fixed
             run.write_status("running", "training", **({"rounds": rounds.rounds} if rounds else {}))
             segment_started = time.perf_counter()
             # Segments share the Ray Train run: each resumes from the previous one's checkpoint.
-            result = run_trainer(dataclasses.replace(job, stop_epoch=stop), config.resources, run.path,
+            result = run_trainer(dataclasses.replace(job, stop_epoch=stop), config.resources, run.ray_storage,
                                  recorder.on_message, RAY_RUN)
             stage_times["main_training"] += time.perf_counter() - segment_started
     finally:
@@ -328,6 +329,4 @@ def run_stages(config: Config, run: RunDir, data_dir: str, manifest: dict, fixed
 
 def latest(run: RunDir):
     """Ray Train's latest checkpoint of a run, as a Checkpoint (a resumed run re-selects from its weights)."""
-    snapshot = json.loads((run.ray_storage / RAY_RUN / "checkpoint_manager_snapshot.json").read_text())
-    name = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
-    return ray.train.Checkpoint.from_directory(str(run.ray_storage / RAY_RUN / name))
+    return ray.train.Checkpoint(run.latest_checkpoint_dir())

@@ -25,6 +25,10 @@ def test_prepare_writes_data_and_prints_its_directory(tmp_path, capsys):
     (["prepare", "noise_type=gaussian"], "noise_type='gaussian'"),
     (["prepare", "noise_rate=1.2"], "noise_rate=1.2"),
     (["train", "/no/such/recipe.yaml"], "config file not found"),
+    (["train", "lr=.nan"], "lr must be a finite number, got nan"),
+    (["train", "noise_rate=.inf"], "noise_rate must be a finite number"),
+    (["train", "num_workers=3-1"], "num_workers must be a number, MIN-MAX or [MIN, MAX]"),
+    (["train", "resume=/no/such/run"], "resume=/no/such/run: no config.yaml there"),
 ])
 def test_config_errors(tmp_path, capsys, argv, message):
     code, out = run_cli(capsys, *argv, f"data_dir={tmp_path / 'd'}", f"run_dir={tmp_path / 'r'}")

@@ -1,0 +1,142 @@
+"""Where datasets and runs live: a local folder, or a URL of an object store (s3://, gs://, hdfs://, or any
+file system pyarrow knows). Files are named by strings; a URL goes through pyarrow's file systems (the ones
+Ray Train uses for its storage_path), a plain path through the local one.
+
+Credentials and endpoints come from the environment, as for any AWS/GCS client (AWS_ENDPOINT_URL,
+AWS_ACCESS_KEY_ID, ...). Whole objects are written in one upload: an object store shows an object only once
+its upload completed, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+REMOTE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss")
+
+
+def is_url(location: str | Path) -> bool:
+    """A URL of a remote file system (file:// and plain paths are local)."""
+    text = str(location)
+    return "://" in text and not text.startswith("file://")
+
+
+def join(base: str | Path, *parts: str) -> str:
+    """base/part/...; a URL keeps its scheme's double slash (pathlib would fold s3:// into s3:/)."""
+    if is_url(base):
+        return "/".join([str(base).rstrip("/"), *(part.strip("/") for part in parts)])
+    return str(Path(base).joinpath(*parts))
+
+
+@functools.cache
+def _filesystem(scheme_and_host: str, endpoint: str | None) -> pafs.FileSystem:
+    return pafs.FileSystem.from_uri(scheme_and_host + "/")[0]
+
+
+def resolve(location: str | Path) -> tuple[pafs.FileSystem, str]:
+    """(file system, path inside it): one client per bucket, kept for the process."""
+    text = str(location)
+    if not is_url(text):
+        return pafs.LocalFileSystem(), str(Path(text).resolve())
+    scheme, rest = text.split("://", 1)
+    host, _, path = rest.partition("/")
+    return _filesystem(f"{scheme}://{host}", os.environ.get("AWS_ENDPOINT_URL")), f"{host}/{path}"
+
+
+def open_input(location: str | Path):
+    """A seekable binary file (local or remote: reads become byte-range requests)."""
+    if not is_url(location):
+        return open(location, "rb")
+    fs, path = resolve(location)
+    return fs.open_input_file(path)
+
+
+def read_bytes(location: str | Path) -> bytes:
+    with open_input(location) as fh:
+        return fh.read()
+
+
+def info(location: str | Path) -> pafs.FileInfo:
+    fs, path = resolve(location)
+    return fs.get_file_info(path)
+
+
+def is_file(location: str | Path) -> bool:
+    return info(location).type == pafs.FileType.File
+
+
+def is_dir(location: str | Path) -> bool:
+    """A folder, or a prefix holding objects (object stores have no empty folders)."""
+    fs, path = resolve(location)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        return True
+    return is_url(location) and bool(list_files(location))
+
+
+def list_files(location: str | Path) -> list[str]:
+    """The names of the files below a folder or prefix, relative to it ([] if there is none)."""
+    fs, path = resolve(location)
+    try:
+        found = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    prefix = path.rstrip("/") + "/"
+    return sorted(entry.path[len(prefix):] for entry in found if entry.type == pafs.FileType.File)
+
+
+def write_bytes(location: str | Path, data: bytes) -> None:
+    """The whole file at once: renamed into place locally, one completed upload remotely."""
+    if not is_url(location):
+        path = Path(location)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial")
+        partial.write_bytes(data)
+        os.replace(partial, path)
+        return
+    fs, path = resolve(location)
+    with fs.open_output_stream(path) as fh:
+        fh.write(data)
+
+
+def upload(local: str | Path, location: str | Path) -> None:
+    """Copy a local file to `location` (a URL or a path), whole."""
+    if not is_url(location):
+        shutil.copyfile(local, location)
+        return
+    fs, path = resolve(location)
+    pafs.copy_files(str(Path(local).resolve()), path, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs)
+
+
+def download(location: str | Path, local: str | Path) -> None:
+    Path(local).parent.mkdir(parents=True, exist_ok=True)
+    fs, path = resolve(location)
+    pafs.copy_files(path, str(Path(local).resolve()), source_filesystem=fs,
+                    destination_filesystem=pafs.LocalFileSystem())
+
+
+def delete(location: str | Path) -> None:
+    fs, path = resolve(location)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_file(path)
+
+
+def file_sha256(location: str | Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open_input(location) as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def gopen_remote(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
+    """WebDataset's opener for URLs of object stores: a buffered stream through pyarrow."""
+    if mode[0] != "r":
+        raise ValueError(f"{url}: shards are read, never written, through WebDataset")
+    fs, path = resolve(url)
+    return fs.open_input_stream(path)

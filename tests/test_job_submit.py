@@ -1,0 +1,65 @@
+"""The cluster workflow: a noisymix run sent with `ray job submit` to a running cluster (a head started here,
+on 127.0.0.1, and stopped at the end)."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from noisymix.distributed.artifacts import RunDir
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """`ray start --head --block` in its own process: stopping that process stops this cluster only (`ray stop`
+    would stop every Ray on the machine)."""
+    port, dashboard = free_port(), free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    log = open(tmp_path / "ray-head.log", "w")
+    temp = tempfile.mkdtemp(prefix="nmx-ray-")   # short: Ray's socket paths must fit in 107 bytes
+    head = subprocess.Popen(
+        [ray_cli, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
+         f"--temp-dir={temp}"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.time() + 120
+    while subprocess.run([ray_cli, "job", "list", "--address", address], capture_output=True, env=env).returncode:
+        assert head.poll() is None and time.time() < deadline, (tmp_path / "ray-head.log").read_text()[-3000:]
+        time.sleep(2)
+    yield ray_cli, address, env
+    head.terminate()
+    head.wait(timeout=120)
+    log.close()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_run_submitted_as_a_ray_job_trains_on_the_cluster(ray_head, digits_dir, tmp_path):
+    ray_cli, address, env = ray_head
+    run_dir = tmp_path / "run"
+    submitted = subprocess.run(
+        [ray_cli, "job", "submit", "--address", address, "--", sys.executable, "-m", "noisymix.launch.cli", "train",
+         f"data_dir={digits_dir}", "num_shards=4", "method=ce", "epochs=2", "num_workers=2", f"run_dir={run_dir}"],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    assert "succeeded" in submitted.stdout and f"run_dir: {run_dir}" in submitted.stdout
+    summary = RunDir(run_dir).summary()
+    assert summary["epochs"] == 2 and summary["workers"] == 2
+    jobs = subprocess.run([ray_cli, "job", "list", "--address", address], capture_output=True, text=True, env=env)
+    assert "SUCCEEDED" in jobs.stdout
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"

@@ -1,0 +1,133 @@
+"""Datasets and runs in an object store: a real S3 API server (moto's) on 127.0.0.1, reached through
+pyarrow (our reads and writes, Ray Train's checkpoints) and WebDataset (the shard streams)."""
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from noisymix.distributed import shards, storage
+from noisymix.distributed.artifacts import RunDir
+from noisymix.launch.prepare import prepare
+from test_interrupt_resume import epochs, finish, interrupt_when, noisymix
+
+from conftest import make_config
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """moto's S3 server on a free loopback port, with dummy credentials in the environment (inherited by the
+    noisymix processes the tests start, and by their Ray workers)."""
+    boto3 = pytest.importorskip("boto3", reason="the test extra installs boto3")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                           "AWS_EC2_METADATA_DISABLED": "true"}.items():
+            env.setenv(key, value)
+        client = boto3.client("s3")
+        for bucket in ("nmx-data", "nmx-runs"):
+            client.create_bucket(Bucket=bucket)
+        yield client
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3_digits(s3_endpoint, tmp_path_factory):
+    """The session's digits dataset prepared straight into the store (and locally, to compare)."""
+    base = tmp_path_factory.mktemp("s3digits")
+    config = make_config(base, data_dir="s3://nmx-data/digits")
+    started = time.perf_counter()
+    url = prepare(config.data, config.run.seed, log=lambda *_: None)
+    print(f"prepare to s3: {time.perf_counter() - started:.2f}s")
+    local = prepare(make_config(base).data, config.run.seed, log=lambda *_: None)
+    return url, local
+
+
+def test_a_dataset_prepared_to_s3_reads_like_the_local_one(s3_digits, tmp_path):
+    url, local = s3_digits
+    assert url == "s3://nmx-data/digits"
+    manifest = shards.load_manifest(url)
+    assert manifest["splits"] == shards.load_manifest(local)["splits"], "the same shards, byte for byte"
+    assert shards.check_shards(url, manifest, full=True) == sum(len(s["shards"]) for s in manifest["splits"].values())
+    for split in ("train", "val", "test"):
+        assert np.array_equal(shards.load_labels(url, manifest, split), shards.load_labels(local, manifest, split))
+    remote, here = shards.SampleReader(url, manifest), shards.SampleReader(local, manifest)
+    assert all(remote.read(i) == here.read(i) for i in (0, 7, manifest["splits"]["train"]["count"] - 1))
+    logs = []
+    prepare(make_config(tmp_path, data_dir=url).data, 0, log=logs.append)
+    assert logs == [f"data ready: {url} (already prepared with this spec)"]
+
+
+def test_a_changed_object_fails_its_checksum(s3_digits, s3_endpoint, tmp_path):
+    url, local = s3_digits
+    manifest = shards.load_manifest(url)
+    copy = "s3://nmx-data/changed"
+    for name in storage.list_files(url):
+        storage.write_bytes(storage.join(copy, name), storage.read_bytes(storage.join(url, name)))
+    shard = manifest["splits"]["val"]["shards"][1]["name"]
+    data = bytearray(storage.read_bytes(storage.join(copy, shard)))
+    data[len(data) // 2] ^= 0xFF
+    storage.write_bytes(storage.join(copy, shard), bytes(data))
+    with pytest.raises(shards.ShardError, match=f"{copy}/{shard} fails its sha256 check"):
+        shards.check_shards(copy, manifest, full=True)
+
+
+def test_a_prefix_holding_other_objects_is_not_overwritten(s3_endpoint, tmp_path):
+    storage.write_bytes("s3://nmx-data/theirs/notes.txt", b"not ours")
+    with pytest.raises(Exception, match="not a prepared dataset"):
+        prepare(make_config(tmp_path, data_dir="s3://nmx-data/theirs").data, 0, log=lambda *_: None)
+    assert storage.read_bytes("s3://nmx-data/theirs/notes.txt") == b"not ours"
+
+
+def test_a_remote_run_directory_writes_whole_objects_and_reads_them_back(s3_endpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("NOISYMIX_CACHE", str(tmp_path / "cache"))
+    run = RunDir("s3://nmx-runs/unit")
+    run.create()
+    run.write_config({"method": "ce"})
+    for epoch in range(3):
+        run.append_metrics({"epoch": epoch, "val_acc": epoch / 10})
+    run.write_status("interrupted", "training", epoch=2)
+    again = RunDir("s3://nmx-runs/unit")
+    assert again.config_values() == {"method": "ce"} and [r["epoch"] for r in again.metrics()] == [0, 1, 2]
+    assert again.status()["state"] == "interrupted" and again.summary() is None
+    assert sorted(storage.list_files("s3://nmx-runs/unit")) == ["config.yaml", "metrics.jsonl", "status.json"]
+    assert again.ray_storage == "s3://nmx-runs/unit/ray" and again.latest_checkpoint_epoch() is None
+
+
+def test_a_url_without_a_dataset_is_refused_by_name(s3_endpoint):
+    for url in ("s3://no-such-bucket/data", "s3://nmx-data/absent"):
+        with pytest.raises(shards.ShardError, match=f"no manifest.json in {url}: run `noisymix prepare` first"):
+            shards.load_manifest(url)
+
+
+@pytest.mark.slow
+def test_train_from_s3_into_s3_stop_and_resume_there(s3_digits, tmp_path):
+    url, _ = s3_digits
+    env = {"NOISYMIX_CACHE": str(tmp_path / "cache")}
+    os.environ.update(env)
+    common = [f"data_dir={url}", "num_shards=4", "method=mixnn", "epochs=4", "warmup=1", "num_workers=2"]
+    started = time.perf_counter()
+    finish(["train", *common, "run_dir=s3://nmx-runs/whole"], tmp_path)
+    whole_s = time.perf_counter() - started
+    cut = "s3://nmx-runs/cut"
+    code, out = interrupt_when(noisymix("train", *common, f"run_dir={cut}", cwd=tmp_path), "epoch   2/4",
+                               signal.SIGINT)
+    assert code == 130 and f"resume with: noisymix train resume={cut}" in out, out
+    assert RunDir(cut).status()["state"] == "interrupted"
+    assert RunDir(cut).latest_checkpoint_epoch() is not None, "Ray Train's checkpoints are in the store"
+    resumed = finish(["train", f"resume={cut}"], tmp_path)
+    assert "resuming the interrupted run" in resumed
+    assert epochs(cut) == epochs("s3://nmx-runs/whole"), "every epoch as in the uninterrupted run"
+    names = storage.list_files(cut)
+    assert {"summary.json", "model_best.pt", "model_last.pt", "label_issues.csv", "metrics.jsonl"} <= set(names)
+    assert any(name.startswith("ray/train/checkpoint_") for name in names)
+    assert RunDir(cut).summary()["test_acc"] == RunDir("s3://nmx-runs/whole").summary()["test_acc"]
+    print(f"s3 round trip: a 4-epoch MixNN run from and into the store in {whole_s:.1f}s")
