@@ -34,10 +34,17 @@ AUDIT_IDS, STATE_DIGESTS = "audit_ids.npz", "state_digests.json"
 
 
 def write_atomic(path: Path, write) -> None:
-    """Call write(partial_path), then rename the partial file onto `path`."""
+    """Call write(partial_path), then rename the partial file onto `path`. A failed write (a full disk) leaves
+    no partial file and names `path`."""
     path = Path(path)
     partial = path.with_name(f".{path.name}.partial")
-    write(partial)
+    try:
+        write(partial)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     os.replace(partial, path)
 
 

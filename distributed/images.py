@@ -70,6 +70,9 @@ def stored_image(data: bytes, stored_size: int, quality: int) -> tuple[bytes, np
     return encode_jpeg(image, quality), np.asarray(image), min(image.size)
 
 
+_LEVELS = np.arange(256) / 255.0
+
+
 @dataclass
 class PixelSums:
     """Running per-channel sums of pixels in [0, 1], combinable across shards into a mean and std."""
@@ -79,8 +82,16 @@ class PixelSums:
     squares: tuple[float, ...] = ()
 
     def add(self, pixels: np.ndarray) -> None:
-        values = pixels.reshape(-1, pixels.shape[-1]).astype(np.float64) / 255.0
-        self.count += len(values)
+        """uint8 pixels through a per-channel histogram (4x cheaper than float sums, which cost as much as the
+        JPEG decode); other dtypes as float sums."""
+        flat = pixels.reshape(-1, pixels.shape[-1])
+        self.count += len(flat)
+        if flat.dtype == np.uint8:
+            counts = np.stack([np.bincount(flat[:, c], minlength=256) for c in range(flat.shape[1])])
+            self.total = tuple(_add(self.total, counts @ _LEVELS))
+            self.squares = tuple(_add(self.squares, counts @ np.square(_LEVELS)))
+            return
+        values = flat.astype(np.float64) / 255.0
         self.total = tuple(_add(self.total, values.sum(axis=0)))
         self.squares = tuple(_add(self.squares, np.square(values).sum(axis=0)))
 

@@ -16,7 +16,7 @@ import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_curve
 
 from noisymix.distributed import shards
-from noisymix.distributed.artifacts import RunDir, write_json_atomic
+from noisymix.distributed.artifacts import CONFIG, RunDir, write_json_atomic
 from noisymix.launch.bench_spec import Cell, Spec, same_computation
 from noisymix.launch.config import Config
 from noisymix.selection.report import NOISE_SCORE
@@ -70,18 +70,21 @@ def detector_curve(run: RunDir, config: Config) -> dict | None:
 
 
 def run_cell(work: Path, cell: Cell, log) -> dict:
-    """Train one cell (a fresh run directory), then record its summary, epochs and detector curve."""
+    """Train one cell, then record its summary, epochs and detector curve. A cell whose run was interrupted
+    (or finished just before its record was written) with the same config continues; any other leftover of
+    the cell is removed first."""
     from noisymix.launch.train import train
 
     directory = cell_dir(work, cell)
-    shutil.rmtree(directory, ignore_errors=True)
-    directory.mkdir(parents=True)
     config = cell.config(work)
+    run = RunDir(config.run.run_dir)
+    if not resumable(run, config):
+        shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True, exist_ok=True)
     record = {"id": cell.id, "code": code_digest(), "config": config.to_dict(),
               "started": time.time()}
     try:
-        summary = train(config, log=lambda line: log(f"[{cell.id}] {line}"))
-        run = RunDir(config.run.run_dir)
+        summary = run.summary() or train(config, log=lambda line: log(f"[{cell.id}] {line}"))
         record.update(status="done", summary=summary, records=run.metrics(), detector_curve=detector_curve(run, config))
     except Exception as exc:  # noqa: BLE001 - a failed cell is reported in the table; the other cells still run
         record.update(status="failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
@@ -89,6 +92,14 @@ def run_cell(work: Path, cell: Cell, log) -> dict:
         log(f"[{cell.id}] FAILED: {record['error']}")
     write_json_atomic(directory / CELL_FILE, record)
     return record
+
+
+def resumable(run: RunDir, config) -> bool:
+    """The cell's run directory holds a run of this very config (unfinished, or finished without its record)."""
+    from noisymix.launch.config import changed_settings
+
+    return (run.status() is not None and run.exists(CONFIG)
+            and not changed_settings(run.config_values(), config))
 
 
 def select_cells(spec: Spec, only: list[str] | None) -> list[Cell]:
@@ -104,7 +115,11 @@ def run_spec(spec: Spec, work: Path, only: list[str] | None = None, log=print) -
     failed = 0
     for number, cell in enumerate(todo, 1):
         log(f"bench {spec.name}: cell {number}/{len(todo)} {cell.id}")
-        failed += run_cell(work, cell, log)["status"] == "failed"
+        try:
+            failed += run_cell(work, cell, log)["status"] == "failed"
+        except KeyboardInterrupt as exc:
+            raise KeyboardInterrupt(f"interrupted in cell {cell.id}; the same bench command resumes it and runs the "
+                                    "cells after it") from exc
     return {"chosen": len(chosen), "ran": len(todo), "failed": failed}
 
 

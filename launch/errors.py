@@ -46,6 +46,13 @@ def one_line(exc: BaseException) -> str | None:
     return None
 
 
+def unnamed_file_error(exc: BaseException) -> OSError | None:
+    """The file-system error behind `exc` when it names no file (pyarrow's, in Ray Train's checkpoint copy)."""
+    cause = root_cause(exc)
+    return cause if isinstance(cause, OSError) and cause.filename is None and not isinstance(
+        cause, (ConnectionError, TimeoutError)) else None
+
+
 def _is_lost_worker(error: BaseException) -> bool:
     """A worker process that died (killed, out of memory, its node lost), as Ray reports it."""
     import ray.exceptions

@@ -195,6 +195,7 @@ def prepare(config: DataSection, seed: int, force: bool = False, log=print) -> P
         write = _write_image_list if resumable else _write_arrays
         manifest = {"format_version": shards.FORMAT_VERSION, "source": config.source,
                     **write(config, seed, staging, log), "spec": spec, "created_unix": time.time()}
+        manifest["prepare"] = {**manifest.get("prepare", {}), "seconds": time.perf_counter() - started}
         (staging / shards.MANIFEST).write_text(json.dumps(manifest, indent=2))
         publish(staging, target)
     except BaseException:

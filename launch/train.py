@@ -20,7 +20,7 @@ from noisymix.distributed.folds import FoldCache, Selection, restore_selection, 
 from noisymix.distributed.runner import check_resources, run_trainer, start_ray
 from noisymix.distributed.worker import EpochRecord, StateDigest, StateSnapshot, TrainedIds, WorkerJob
 from noisymix.launch.config import Config, ConfigError, changed_settings
-from noisymix.launch.errors import one_line
+from noisymix.launch.errors import one_line, unnamed_file_error
 from noisymix.launch.prepare import prepare
 from noisymix.launch.report import Progress, summarize
 from noisymix.mixing.method import TRUE, Method
@@ -279,14 +279,21 @@ def train(config: Config, log=print) -> dict:
         raise RunStopped(run.location, stage) from exc
     except Exception as exc:
         mark_stopped(run, "failed", error=(one_line(exc) or f"{type(exc).__name__}: {exc}").splitlines()[0][:500])
+        unnamed = unnamed_file_error(exc)
+        if unnamed is not None:   # say where: the run directory, where Ray Train and the driver write
+            raise OSError(unnamed.errno, unnamed.strerror or str(unnamed), f"{run.location} (run_dir)") from exc
         raise
 
 
 def mark_stopped(run: RunDir, state: str, **info) -> str:
-    """Turn the run's status into `state`, keeping where it stood (stage, epoch, finished rounds); returns the stage."""
+    """Turn the run's status into `state`, keeping where it stood (stage, epoch, finished rounds); returns the stage.
+    Best effort: on a full or vanished disk the error that stopped the run is the one to report."""
     status = {k: v for k, v in (run.status() or {}).items() if k not in ("state", "updated_unix")}
     stage = status.pop("stage", "starting")
-    run.write_status(state, stage, **status, **info)
+    try:
+        run.write_status(state, stage, **status, **info)
+    except OSError:
+        pass
     return stage
 
 

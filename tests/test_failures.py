@@ -122,3 +122,64 @@ def test_every_row_of_docs_failures_names_a_test_that_exists():
         assert cited, f"no test named in: {row}"
         for path, name in cited:
             assert re.search(rf"^\s*def {name}\(", (ROOT / path).read_text(), re.M), f"{path}::{name} does not exist"
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_a_changed_byte_in_any_splits_shard_stops_train_before_anything_runs(split, digits_dir, tmp_path, capsys):
+    import json
+    import shutil
+
+    from noisymix.launch.cli import main
+
+    data = tmp_path / "data"
+    shutil.copytree(digits_dir, data)
+    shard = json.loads((data / "manifest.json").read_text())["splits"][split]["shards"][1]["name"]
+    raw = bytearray((data / shard).read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    (data / shard).write_bytes(bytes(raw))
+    code = main(["train", f"data_dir={data}", "num_shards=4", f"run_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == (f"noisymix: error: shard {data / shard} fails its sha256 check: its bytes changed "
+                                 "since prepare (corrupt or replaced); prepare the dataset again\n")
+    assert not (tmp_path / "run").exists(), "refused before any run directory exists"
+
+
+def test_summary_records_the_workers_of_every_epoch_and_each_worker_groups_start():
+    from noisymix.launch.report import Progress, summarize
+
+    def record(epoch, workers, resumed):
+        return {"epoch": epoch, "workers": workers, "resumed_from_epoch": resumed, "val_acc": 0.5, "test_acc": 0.5,
+                "train_loss": 1.0, "lr": 0.1, "epoch_time_s": 1.0, "train_time_s": 1.0,
+                "samples_per_s_per_worker": 10.0, "peak_rss_mb_per_worker": 100.0}
+
+    history = [record(0, 2, None), record(1, 2, None), record(2, 1, 2), record(3, 1, 2), record(4, 2, 4)]
+    manifest = {"dataset": "digits", "noise": {"type": "symmetric", "rate": 0.4, "realised_rate": 0.4}}
+    summary = summarize(history, {"method": "ce", "seed": 0}, manifest, 10.0)
+    assert summary["workers_per_epoch"] == [2, 2, 1, 1, 2]
+    assert summary["worker_groups"] == [{"epoch": 0, "workers": 2}, {"epoch": 2, "workers": 1},
+                                        {"epoch": 4, "workers": 2}]
+    lines = []
+    progress = Progress(5, lines.append)
+    for entry in history:
+        progress.epoch(entry)
+    assert [line for line in lines if line.startswith("worker group")] == [
+        "worker group started from the epoch 2 checkpoint with 1 worker",
+        "worker group started from the epoch 4 checkpoint with 2 workers"]
+
+
+@pytest.mark.parametrize("split, read", [("train", (99, 10, 20)), ("val", (100, 9, 20)), ("test", (100, 10, 19))])
+def test_a_pass_that_reads_fewer_samples_than_the_manifest_stops_the_run(split, read):
+    from types import SimpleNamespace
+
+    import torch
+
+    from noisymix.distributed import shards
+    from noisymix.distributed.worker import epoch_metrics
+    from noisymix.mixing.method import EpochPlan
+
+    job = SimpleNamespace(manifest={"splits": {"train": {"count": 100}, "val": {"count": 10}, "test": {"count": 20}}})
+    train, val, test = read
+    stats = SimpleNamespace(loss_sum=float(train), samples=train, seconds=1.0)
+    with pytest.raises(shards.ShardError, match=rf"epoch 3: the ranks read {dict(zip(('train', 'val', 'test'), read))[split]} "
+                                                rf"{split} samples, the manifest lists"):
+        epoch_metrics(job, 3, EpochPlan("train"), stats, {}, {}, [5, val, 10, test], 0.1, 0.0, 1, None, torch.device("cpu"))

@@ -197,3 +197,14 @@ def test_selectmix_and_mixnn_train_on_jpeg_shards_reading_partners_by_id(ray_ses
         assert run.metrics()[0]["samples_mixed"] == run.metrics()[0]["samples_flagged"] > 0
     else:
         assert [r["phase"] for r in run.metrics()] == ["warmup", "mixup", "neighbours"]
+
+
+def test_pixel_sums_of_uint8_images_equal_the_float_sums():
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(5, 17, 23, 3), dtype=np.uint8)
+    exact, as_float = PixelSums(), PixelSums()
+    exact.add(pixels)
+    as_float.add(pixels.astype(np.float32))
+    assert exact.count == as_float.count == 5 * 17 * 23
+    assert np.allclose(exact.total, as_float.total, rtol=1e-12) and np.allclose(exact.squares, as_float.squares,
+                                                                                  rtol=1e-12)

@@ -8,7 +8,9 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
+import yaml
 
 from noisymix.distributed.artifacts import RunDir
 
@@ -92,3 +94,78 @@ def test_selectmix_interrupted_during_its_folds_keeps_the_finished_ones(ray_sess
     assert json.loads((cut / "summary.json").read_text())["detection"] == \
         json.loads((tmp_path / "whole" / "summary.json").read_text())["detection"]
     assert not (cut / "folds" / "epoch0").exists(), "the fold cache goes once oof.npz holds the round"
+
+
+def test_an_interrupted_bench_resumes_its_cell_to_the_numbers_of_an_uninterrupted_run(ray_session, tmp_path):
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "tiny", "base": {"source": "digits", "epochs": 4, "num_shards": 4},
+        "settings": {"sym40": {"noise_type": "symmetric", "noise_rate": 0.4}},
+        "methods": {"ce": {"method": "ce"}, "mixnn": {"method": "mixnn", "warmup": 1}}, "curves": {"setting": "sym40", "seed": 0}}))
+    bench = ["bench", str(spec), "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--only", "*mixnn*"]
+    code, out = interrupt_when(noisymix(*bench, cwd=tmp_path), "epoch   2/4")
+    assert code == 130 and "interrupted in cell sym40/mixnn/seed0; the same bench command resumes it" in out, out
+    cell_run = next((tmp_path / "work" / "cells").glob("*mixnn*")) / "run"
+    assert RunDir(cell_run).status()["state"] == "interrupted"
+    resumed = finish(bench, tmp_path)
+    assert "resuming the interrupted run" in resumed
+    finish(["train", str(cell_run / "config.yaml"), f"run_dir={tmp_path / 'whole'}"], tmp_path)
+    assert epochs(cell_run) == epochs(tmp_path / "whole"), "the resumed cell equals an uninterrupted run"
+
+
+@pytest.fixture(params=["1m", "2m"])
+def small_disk(tmp_path, request):
+    """A small tmpfs: 1 MiB fills up while Ray Train writes a checkpoint, 2 MiB while the outputs are written."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={request.param}", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode:
+        pytest.skip(f"a full disk is simulated with a small tmpfs, which needs root: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes_once_there_is_room(ray_session, digits_dir, tmp_path,
+                                                                                small_disk):
+    common = [f"data_dir={digits_dir}", "num_shards=4", "method=ce", "epochs=4"]
+    finish(["train", *common, f"run_dir={tmp_path / 'whole'}"], tmp_path)
+    cut = small_disk / "run"
+    process = noisymix("train", *common, f"run_dir={cut}", cwd=tmp_path)
+    out, _ = process.communicate(timeout=600)
+    last = out.strip().splitlines()[-1]
+    assert process.returncode == 2 and last.startswith("noisymix: error: ") and "No space left on device" in last, out
+    assert str(small_disk) in last, "the line names the file, or the run directory, that could not be written"
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)   # room again
+    resumed = finish(["train", f"resume={cut}"], tmp_path)
+    assert "resuming the" in resumed
+    assert epochs(cut) == epochs(tmp_path / "whole"), "nothing lost: the epochs of an uninterrupted run"
+    assert RunDir(cut).status()["state"] == "finished"
+
+
+def fold_task_pids() -> list[int]:
+    """Ray worker processes running a fold task (Ray titles them after the task: ray::_run)."""
+    found = subprocess.run(["pgrep", "-f", "ray::_run"], capture_output=True, text=True)
+    return [int(pid) for pid in found.stdout.split()]
+
+
+def test_a_killed_fold_task_is_retried_and_the_selection_is_unchanged(ray_session, digits_dir, tmp_path):
+    common = [f"data_dir={digits_dir}", "num_shards=4", "method=selectmix", "epochs=1", "folds=3", "fold_epochs=4",
+              "fold_cpus=2"]   # one fold at a time on 2 CPUs
+    finish(["train", *common, f"run_dir={tmp_path / 'whole'}"], tmp_path)
+    process = noisymix("train", *common, f"run_dir={tmp_path / 'killed'}", cwd=tmp_path)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if "selection at epoch 0" in line:
+            break
+    deadline, pids = time.time() + 120, []
+    while not pids and time.time() < deadline:
+        pids = fold_task_pids()
+        time.sleep(0.2)
+    assert pids, "".join(lines)
+    os.kill(pids[0], signal.SIGKILL)
+    out, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, "".join(lines) + out
+    killed, whole = RunDir(tmp_path / "killed"), RunDir(tmp_path / "whole")
+    assert np.array_equal(killed.out_of_fold()["probs"], whole.out_of_fold()["probs"]), "the retried fold is the same"
+    assert (tmp_path / "killed" / "label_issues.csv").read_text() == (tmp_path / "whole" / "label_issues.csv").read_text()
