@@ -75,15 +75,18 @@ def training_rate(size: dict, work: Path, device: torch.device) -> dict:
 def index_rate(size: dict) -> dict:
     """Build + query seconds of the neighbour index (a GPU index where faiss sees a GPU) on random vectors."""
     try:
+        import faiss
+
         from noisymix.distributed.index_actor import NeighbourIndex
     except ImportError as exc:
         return {"skipped": f"faiss is not importable here: {exc}"}
+    on_gpu = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((size["vectors"], size["dim"]), dtype=np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     out = {"vectors": size["vectors"], "dim": size["dim"]}
     for kind in ("flat", "ivf"):
-        index = NeighbourIndex(size["dim"], "ip", kind, nprobe=16, threads=os.cpu_count() or 1, use_gpu=True)
+        index = NeighbourIndex(size["dim"], "ip", kind, nprobe=16, threads=os.cpu_count() or 1, use_gpu=on_gpu)
         started = time.perf_counter()
         table, timings = index.neighbour_table(vectors, 1)
         out[kind] = {"on_gpu": index.on_gpu, "seconds": time.perf_counter() - started, **timings}

@@ -16,14 +16,19 @@ from noisymix.mixing.method import NeighbourQuery
 from noisymix.mixing.mixnn import INDEX_KINDS, INDEX_METRICS
 
 
-class NeighbourIndex:
-    """Exact (flat) or IVF FAISS index over float32 embeddings; a GPU index where faiss-gpu sees a GPU.
+class NeighbourIndexError(RuntimeError):
+    """The neighbour index cannot do what the run asks (too slow for its budget, no GPU support)."""
 
-    IVF: `nlist` k-means lists (0 = sqrt(N), trained on this refresh's embeddings), `nprobe` searched per query.
+
+class NeighbourIndex:
+    """Exact (flat) or IVF FAISS index over float32 embeddings, on the CPU or (use_gpu) a GPU.
+
+    IVF: `nlist` k-means lists (0 = sqrt(N), trained on this refresh's embeddings), `nprobe` searched per query;
+    kind "auto" is flat below `auto_above` embeddings and IVF from there (flat costs N^2: 3 h at 1M on 2 cores).
     """
 
-    def __init__(self, dim: int, metric: str = "ip", kind: str = "flat", nlist: int = 0, nprobe: int = 8,
-                 threads: int = 1, use_gpu: bool = True):
+    def __init__(self, dim: int, metric: str = "ip", kind: str = "auto", nlist: int = 0, nprobe: int = 8,
+                 threads: int = 1, use_gpu: bool = False, auto_above: int = 100_000):
         import faiss
 
         if dim < 1:
@@ -32,18 +37,28 @@ class NeighbourIndex:
             raise ValueError(f"metric must be one of {INDEX_METRICS} and kind one of {INDEX_KINDS}, got {metric!r}, "
                              f"{kind!r}")
         self.faiss, self.dim, self.metric, self.kind = faiss, dim, metric, kind
-        self.nlist, self.nprobe = nlist, nprobe
-        # Inside a num_cpus=0 actor OpenMP defaults to one thread; set it explicitly (stack-notes.md).
+        self.nlist, self.nprobe, self.auto_above = nlist, nprobe, auto_above
+        # Ray sets OMP_NUM_THREADS to the actor's CPUs; say it to FAISS explicitly (stack-notes.md).
         faiss.omp_set_num_threads(max(1, threads))
-        self.on_gpu = use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+        if use_gpu and not (hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0):
+            raise NeighbourIndexError("index_gpu=true, but FAISS here has no GPU support or sees no GPU: install "
+                              "noisymix[gpu] on the GPU nodes, or set index_gpu=false")
+        self.on_gpu = use_gpu
         self.gpu_resources = faiss.StandardGpuResources() if self.on_gpu else None
         self.index = None
         self.count = 0
 
+    def kind_for(self, count: int) -> str:
+        """The index kind used for `count` embeddings."""
+        if self.kind != "auto":
+            return self.kind
+        return "flat" if count < self.auto_above else "ivf"
+
     def _new_index(self, embeddings: np.ndarray):
         faiss = self.faiss
         metric = faiss.METRIC_INNER_PRODUCT if self.metric == "ip" else faiss.METRIC_L2
-        if self.kind == "flat":
+        kind = self.kind_for(len(embeddings))
+        if kind == "flat":
             index = faiss.IndexFlatIP(self.dim) if self.metric == "ip" else faiss.IndexFlatL2(self.dim)
         else:
             quantizer = faiss.IndexFlatIP(self.dim) if self.metric == "ip" else faiss.IndexFlatL2(self.dim)
@@ -51,7 +66,7 @@ class NeighbourIndex:
             index = faiss.IndexIVFFlat(quantizer, self.dim, min(nlist, len(embeddings)), metric)
         if self.on_gpu:
             index = faiss.index_cpu_to_gpu(self.gpu_resources, 0, index)
-        if self.kind == "ivf":
+        if kind == "ivf":
             index.train(embeddings)
             index.nprobe = self.nprobe
         return index
@@ -90,7 +105,7 @@ class NeighbourIndex:
         refreshed = time.perf_counter()
         _, ids = self.search(embeddings, k + 1)
         timings = {"index_refresh_s": refreshed - started, "index_query_s": time.perf_counter() - refreshed,
-                   "index_peak_rss_mb": peak_rss_mb()}
+                   "index_peak_rss_mb": peak_rss_mb(), "index_ivf": float(self.kind_for(len(embeddings)) == "ivf")}
         return drop_self(ids, k), timings
 
 
@@ -105,8 +120,10 @@ def drop_self(ids: np.ndarray, k: int) -> np.ndarray:
     return ids[keep].reshape(n, k).astype(np.int64)
 
 
-def index_actor(name: str, dim: int, query: NeighbourQuery, threads: int = 1):
-    """Get the named index actor, creating it if it does not exist (again, after a crash)."""
-    actor_class = ray.remote(num_cpus=0, num_gpus=0)(NeighbourIndex)
+def index_actor(name: str, dim: int, query: NeighbourQuery):
+    """Get the named index actor, creating it if it does not exist (again, after a crash). It reserves its CPUs
+    (and a GPU) in Ray, so Ray places it where they are and no training worker shares them."""
+    actor_class = ray.remote(num_cpus=query.cpus, num_gpus=float(query.gpu))(NeighbourIndex)
     return actor_class.options(name=name, get_if_exists=True, max_concurrency=1).remote(
-        dim, query.metric, query.kind, nlist=query.nlist, nprobe=query.nprobe, threads=threads, use_gpu=query.gpu)
+        dim, query.metric, query.kind, nlist=query.nlist, nprobe=query.nprobe, threads=max(1, int(query.cpus)),
+        use_gpu=query.gpu, auto_above=query.auto_above)

@@ -18,6 +18,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from noisymix.distributed.settings import ResourcesSection
 from noisymix.distributed.worker import WorkerJob, train_loop
+from noisymix.mixing.method import TaskAsk
 
 
 def start_ray(address: str | None = None, show_logs: bool = False) -> None:
@@ -36,36 +37,46 @@ def start_ray(address: str | None = None, show_logs: bool = False) -> None:
     forward_sigterm_as_sigint()   # after ray.init, whose own SIGTERM handler aborts the process
 
 
-def worker_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool) -> tuple[float, int]:
-    """(CPUs reserved per worker, torch threads per worker); cpus_per_worker=0 shares the cluster's CPUs."""
+def worker_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool,
+                     reserved: float = 0.0) -> tuple[float, int]:
+    """(CPUs reserved per worker, torch threads per worker); cpus_per_worker=0 shares the cluster's CPUs, less
+    what runs alongside the workers (`reserved`: the index actor's)."""
     if cpus_per_worker <= 0:
-        total = ray.cluster_resources().get("CPU", 1.0)
+        total = ray.cluster_resources().get("CPU", 1.0) - reserved
         cpus_per_worker = 1.0 if use_gpu else max(1.0, float(int(total // num_workers)))
     return cpus_per_worker, max(1, int(cpus_per_worker))
+
+
+def alongside_cpus(tasks: list[TaskAsk]) -> float:
+    return sum(task.cpus for task in tasks if task.alongside)
 
 
 class ResourceError(RuntimeError):
     """A request the cluster cannot place: asked against available, named."""
 
 
-def check_resources(resources: ResourcesSection, tasks: list[tuple[str, float, float]], log,
-                    poll_s: float = 10.0) -> None:
+def check_resources(resources: ResourcesSection, tasks: list[TaskAsk], log, poll_s: float = 10.0) -> None:
     """Refuse within seconds what the cluster cannot place, instead of waiting on it silently: the worker group
-    (num_workers x its CPUs and GPUs) and each kind of task or actor the method runs (what, CPUs, GPUs each).
-    With wait_for_resources the driver waits, saying what it waits for, until the cluster grows."""
+    (num_workers x its CPUs and GPUs) together with what runs alongside it (the index actor), and each task
+    that runs between training segments (a fold task). With wait_for_resources the driver waits, saying what
+    it waits for, until the cluster grows."""
     while True:
         total = ray.cluster_resources()
-        cpus, _ = worker_resources(resources.num_workers, resources.cpus_per_worker, resources.use_gpu)
+        cpus, _ = worker_resources(resources.num_workers, resources.cpus_per_worker, resources.use_gpu,
+                                   alongside_cpus(tasks))
         least = resources.min_workers if resources.elastic else resources.num_workers
-        asks = [(f"{'min_workers' if resources.elastic else 'num_workers'}={least} x {cpus:g} CPU{'s' * (cpus != 1)}",
-                 least * cpus, least * float(resources.use_gpu)), *tasks]
-        short = [(what, need_cpu, need_gpu) for what, need_cpu, need_gpu in asks
-                 if need_cpu > total.get("CPU", 0.0) + 1e-9 or need_gpu > total.get("GPU", 0.0) + 1e-9]
+        group = [TaskAsk(f"{'min_workers' if resources.elastic else 'num_workers'}={least} x {cpus:g} "
+                         f"CPU{'s' * (cpus != 1)}", least * cpus, least * float(resources.use_gpu))]
+        group += [task for task in tasks if task.alongside]
+        asks = [TaskAsk(" with ".join(task.what for task in group), sum(task.cpus for task in group),
+                        sum(task.gpus for task in group))] + [task for task in tasks if not task.alongside]
+        short = [task for task in asks
+                 if task.cpus > total.get("CPU", 0.0) + 1e-9 or task.gpus > total.get("GPU", 0.0) + 1e-9]
         if not short:
             return
-        what, need_cpu, need_gpu = short[0]
-        message = (f"{what} needs {need_cpu:g} CPUs and {need_gpu:g} GPUs; the cluster has {total.get('CPU', 0):g} "
-                   f"CPUs and {total.get('GPU', 0):g} GPUs")
+        task = short[0]
+        message = (f"{task.what} needs {task.cpus:g} CPUs and {task.gpus:g} GPUs; the cluster has "
+                   f"{total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs")
         if not resources.wait_for_resources:
             raise ResourceError(f"{message}: ask for less, or set wait_for_resources=true on an autoscaling cluster")
         log(f"waiting for resources: {message} (wait_for_resources=true; Ctrl-C stops)")
@@ -86,7 +97,8 @@ def run_trainer(job: WorkerJob, resources: ResourcesSection, storage_path: str,
     epochs finish. A worker group restarted after a failure resumes from the latest checkpoint
     (FailureConfig), and may send an epoch twice: consumers keep the last copy.
     """
-    cpus, threads = worker_resources(resources.num_workers, resources.cpus_per_worker, resources.use_gpu)
+    cpus, threads = worker_resources(resources.num_workers, resources.cpus_per_worker, resources.use_gpu,
+                                     alongside_cpus(job.method.task_resources()))
     # On the driver's node, like Ray Train's controller: losing another node must not lose the records.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     channel = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from noisymix.distributed.engine import InputTransform, eval_outputs
-from noisymix.distributed.index_actor import index_actor
+from noisymix.distributed.index_actor import NeighbourIndexError, index_actor
 from noisymix.mixing.gmm_select import GMMConfig
 from noisymix.mixing.method import EpochPlan, NeighbourQuery
 from noisymix.mixing.mixnn import update_soft_targets
@@ -121,7 +121,7 @@ class SampleState:
 
 def refresh_state(state: SampleState, model, batches, transform: InputTransform, device, amp: bool,
                   plan: EpochPlan, b1: GMMConfig, seed: int, fixed_clean: np.ndarray | None = None,
-                  index_name: str = "", index_threads: int = 1) -> dict:
+                  index_name: str = "") -> dict:
     """One epoch-start refresh: pass -> gather -> GMM (rank 0, broadcast) -> EMA -> neighbours. Returns timings.
 
     The clean probabilities come from B1's GMM on the losses, or are `fixed_clean` (`clean_from`)."""
@@ -160,7 +160,7 @@ def refresh_state(state: SampleState, model, batches, transform: InputTransform,
         table = torch.zeros((n, plan.neighbours.k), dtype=torch.int64, device=device)
         actor_timings = {"index_refresh_s": 0.0, "index_query_s": 0.0, "index_peak_rss_mb": 0.0}
         if rank == 0:
-            ids, actor_timings = neighbour_table(z.cpu().numpy(), plan.neighbours, index_name, index_threads)
+            ids, actor_timings = neighbour_table(z.cpu().numpy(), plan.neighbours, index_name)
             table = torch.from_numpy(ids).to(device)
         state.neighbours = broadcast(table)
         timings["index_s"] = time.perf_counter() - started
@@ -173,17 +173,25 @@ def refresh_state(state: SampleState, model, batches, transform: InputTransform,
 _INDEX_ACTORS: dict[str, ray.actor.ActorHandle] = {}
 
 
-def neighbour_table(embeddings: np.ndarray, query: NeighbourQuery, name: str,
-                    threads: int = 1) -> tuple[np.ndarray, dict[str, float]]:
+def neighbour_table(embeddings: np.ndarray, query: NeighbourQuery, name: str) -> tuple[np.ndarray, dict[str, float]]:
     """Ask the index actor `name` for the N x K table and its refresh/query seconds; a dead actor is
-    re-created and refilled from this pass."""
+    re-created and refilled from this pass. A refresh longer than query.budget_s stops the run with what
+    would make it faster (instead of every rank waiting into Ray Train's collective timeout)."""
     def ask():
         if name not in _INDEX_ACTORS:
-            _INDEX_ACTORS[name] = index_actor(name, embeddings.shape[1], query, threads)
-        return ray.get(_INDEX_ACTORS[name].neighbour_table.remote(embeddings, query.k))
+            _INDEX_ACTORS[name] = index_actor(name, embeddings.shape[1], query)
+        return ray.get(_INDEX_ACTORS[name].neighbour_table.remote(embeddings, query.k), timeout=query.budget_s)
 
     try:
-        return ask()
-    except ray.exceptions.RayActorError:
-        _INDEX_ACTORS.pop(name, None)
-        return ask()
+        try:
+            return ask()
+        except ray.exceptions.RayActorError:
+            _INDEX_ACTORS.pop(name, None)
+            return ask()
+    except ray.exceptions.GetTimeoutError as exc:
+        ray.kill(_INDEX_ACTORS.pop(name))
+        raise NeighbourIndexError(
+            f"the neighbour index took longer than index_budget_s={query.budget_s:g} for {len(embeddings)} "
+            f"embeddings of dimension {embeddings.shape[1]} (index_kind={query.kind}, index_cpus={query.cpus:g}): "
+            "use index_kind=ivf (or a lower index_auto_above), more index_cpus, index_gpu=true, or a larger "
+            "index_budget_s") from exc

@@ -111,7 +111,7 @@ def train_loop(job: WorkerJob) -> None:
         refresh = {}
         if plan.refresh:
             refresh = refresh_state(state, unwrap(model), streams.exact("train"), eval_transform, device, train.amp,
-                                    plan, job.method.config, job.seed, fixed_clean(job), job.index_name, job.threads)
+                                    plan, job.method.config, job.seed, fixed_clean(job), job.index_name)
             send_state(job, epoch, rank, state)
         stats, ids = run_epoch(model, optimizer, streams.train(epoch), rule, train_transform, device,
                                epoch_rng(job.seed, epoch, rank), train.amp, job.audit.audit_ids, epoch)

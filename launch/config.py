@@ -44,7 +44,8 @@ class RunSection(Section):
 SECTIONS = {"run": RunSection, "data": DataSection, "train": TrainSection, "resources": ResourcesSection,
             "audit": AuditSection}
 # Keys that say where a run lives or how it talks to Ray, not what it computes.
-PLACEMENT_KEYS = ("run_dir", "data_dir", "ray_address", "ray_logs")
+# Where things run, not what they compute (the index actor's CPUs, GPU and time budget included).
+PLACEMENT_KEYS = ("run_dir", "data_dir", "ray_address", "ray_logs", "index_cpus", "index_gpu", "index_budget_s")
 # Keys added with a default that changed behaviour: the value that reproduces what runs recorded before
 # the key existed computed (their fold models predicted after their last epoch).
 BEFORE_KEY_EXISTED = {"selectmix": {"fold_select": "last"}}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 def known_errors() -> tuple[type[BaseException], ...]:
     """The library's own input errors (imported here, when an error is being reported)."""
+    from noisymix.distributed.index_actor import NeighbourIndexError
     from noisymix.distributed.models import PretrainedError
     from noisymix.distributed.runner import ResourceError
     from noisymix.distributed.shards import ShardError
@@ -15,7 +16,8 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from noisymix.mixing.config import ConfigError
     from noisymix.selection.crossval import SelectionError
 
-    return ConfigError, NoiseError, SourceError, ShardError, SelectionError, SpecError, PretrainedError, ResourceError
+    return (ConfigError, NoiseError, SourceError, ShardError, SelectionError, SpecError, PretrainedError, ResourceError,
+            NeighbourIndexError)
 
 
 def root_cause(exc: BaseException) -> BaseException:

@@ -31,15 +31,29 @@ BUILTIN_MODULES = ("noisymix.mixing.ce", "noisymix.mixing.mixup", "noisymix.mixi
 
 
 @dataclass(frozen=True)
+class TaskAsk:
+    """What one kind of Ray task or actor of a method reserves; `alongside` when it runs while the training
+    workers do (so the cluster must hold both at once), not between training segments."""
+
+    what: str
+    cpus: float
+    gpus: float = 0.0
+    alongside: bool = False
+
+
+@dataclass(frozen=True)
 class NeighbourQuery:
     """K global nearest neighbours per sample from the FAISS index actor, and how that index is built."""
 
     k: int
     metric: str = "ip"
-    kind: str = "flat"
+    kind: str = "auto"
     nlist: int = 0
     nprobe: int = 8
-    gpu: bool = True
+    gpu: bool = False
+    cpus: float = 0.0
+    auto_above: int = 100_000
+    budget_s: float = 1200.0
 
 
 @dataclass(frozen=True)
@@ -118,9 +132,9 @@ class Method:
     def fetches_inputs_by_id(self) -> bool:
         return False
 
-    def task_resources(self) -> list[tuple[str, float, float]]:
-        """(what, CPUs, GPUs) of each kind of Ray task or actor the method runs besides the workers, so a
-        request the cluster cannot place is refused before the run starts."""
+    def task_resources(self) -> list[TaskAsk]:
+        """Each kind of Ray task or actor the method runs besides the workers, so a request the cluster cannot
+        place is refused before the run starts."""
         return []
 
     def fixed_clean_file(self) -> str | None:

@@ -12,12 +12,12 @@ import torch
 from noisymix.mixing.config import ConfigError, check_choice, check_epochs_or_auto, check_range
 from noisymix.mixing.gmm_select import CleanProbabilityMethod, GMMConfig
 from noisymix.mixing.losses import one_hot
-from noisymix.mixing.method import BatchContext, BatchRule, EpochPlan, NeighbourQuery, register
+from noisymix.mixing.method import BatchContext, BatchRule, EpochPlan, NeighbourQuery, TaskAsk, register
 from noisymix.mixing.mixup import MixupConfig, mixup_batch
 
 NEIGHBOUR_SOURCES = ("batch", "global")
 INDEX_METRICS = ("ip", "l2")
-INDEX_KINDS = ("flat", "ivf")
+INDEX_KINDS = ("auto", "flat", "ivf")
 
 
 def update_soft_targets(targets: torch.Tensor, predictions: torch.Tensor, momentum: float) -> torch.Tensor:
@@ -113,10 +113,13 @@ class MixNNConfig(GMMConfig, MixupConfig):
     neighbour_source: str = "global"
     normalise_embeddings: bool = True
     index_metric: str = "ip"
-    index_kind: str = "flat"
+    index_kind: str = "auto"       # auto: exact (flat) below index_auto_above embeddings, IVF from there
+    index_auto_above: int = 100_000
     index_nlist: int = 0           # IVF lists; 0 = sqrt(N)
     index_nprobe: int = 8          # IVF lists searched per query
-    index_gpu: bool = True
+    index_cpus: float = 0.0        # the index actor's CPUs, reserved in Ray, FAISS threads; 0: shares the workers', 1 thread
+    index_gpu: bool = False        # the index actor asks Ray for a GPU and builds a GPU index (noisymix[gpu])
+    index_budget_s: float = 1200.0  # a refresh slower than this stops the run, naming the knobs that help
 
     def validate(self) -> None:
         super().validate()
@@ -128,7 +131,9 @@ class MixNNConfig(GMMConfig, MixupConfig):
         check_range("soft_momentum", self.soft_momentum, 0.0, 1.0, hi_open=True)
         check_range("weight_eps", self.weight_eps, 0.0, None, lo_open=True)
         check_range("index_nlist", self.index_nlist, 0)
-        for key in ("knn", "index_nprobe"):
+        check_range("index_cpus", self.index_cpus, 0.0)
+        check_range("index_budget_s", self.index_budget_s, 0.0, lo_open=True)
+        for key in ("knn", "index_nprobe", "index_auto_above"):
             check_range(key, getattr(self, key), 1)
 
     def resolve(self, epochs: int) -> None:
@@ -150,6 +155,12 @@ class MixNN(CleanProbabilityMethod):
     def fetches_inputs_by_id(self) -> bool:
         return self.config.neighbour_source == "global"
 
+    def task_resources(self) -> list[TaskAsk]:
+        c = self.config
+        return [] if c.neighbour_source != "global" else [
+            TaskAsk(f"the index actor (index_cpus={c.index_cpus:g}, index_gpu={str(c.index_gpu).lower()})",
+                    c.index_cpus, float(c.index_gpu), alongside=True)]
+
     def plan(self, epoch: int) -> EpochPlan:
         """CE warm-up; then Mixup on the soft targets until `es`; then neighbours, the soft targets moving
         every `update_every` epochs (methods.md B). Each epoch after the warm-up starts with a refresh."""
@@ -159,7 +170,8 @@ class MixNN(CleanProbabilityMethod):
         if epoch < c.es:
             return EpochPlan("mixup", refresh=True)
         moves = (epoch - c.es) % c.update_every == 0
-        index = NeighbourQuery(c.knn, c.index_metric, c.index_kind, c.index_nlist, c.index_nprobe, c.index_gpu)
+        index = NeighbourQuery(c.knn, c.index_metric, c.index_kind, c.index_nlist, c.index_nprobe, c.index_gpu,
+                               c.index_cpus, c.index_auto_above, c.index_budget_s)
         return EpochPlan("neighbours", refresh=True, target_momentum=c.soft_momentum if moves else None,
                          embeddings="l2" if c.normalise_embeddings else "raw",
                          neighbours=index if c.neighbour_source == "global" else None)

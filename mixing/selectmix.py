@@ -14,7 +14,7 @@ import torch
 
 from noisymix.mixing.config import Section, check_choice, check_range
 from noisymix.mixing.losses import one_hot
-from noisymix.mixing.method import BatchContext, BatchRule, EpochPlan, Method, register
+from noisymix.mixing.method import BatchContext, BatchRule, EpochPlan, Method, TaskAsk, register
 from noisymix.mixing.mixup import MixupConfig, mix, sample_lambda
 from noisymix.selection.report import LabelReport, evaluate_out_of_fold, out_of_fold_report
 
@@ -266,10 +266,10 @@ class SelectMix(Method):
     def workers_read_probs(self) -> bool:
         return self.config.selectmix_label == "soft"
 
-    def task_resources(self) -> list[tuple[str, float, float]]:
+    def task_resources(self) -> list[TaskAsk]:
         c = self.config
         return [] if c.oof_from and not c.reselect_every else [
-            (f"a fold task (fold_cpus={c.fold_cpus:g}, fold_gpus={c.fold_gpus:g})", c.fold_cpus, c.fold_gpus)]
+            TaskAsk(f"a fold task (fold_cpus={c.fold_cpus:g}, fold_gpus={c.fold_gpus:g})", c.fold_cpus, c.fold_gpus)]
 
     def out_of_fold_file(self) -> str | None:
         return self.config.oof_from

@@ -86,3 +86,12 @@ def test_the_gpu_check_runs_as_a_cpu_dry_run_through_its_shell_wrapper(tmp_path)
     report = json.loads(out.stdout[out.stdout.index("{"):])
     assert report["device"] == "cpu" and report["training"]["images_per_s"] > 0
     assert report["index"]["flat"]["seconds"] > 0 and 0.5 < report["index"]["ivf_recall_at_1"] <= 1.0
+
+
+def test_index_scale_measures_the_table_and_its_recall_on_a_tiny_set(monkeypatch):
+    index_scale = load("index_scale")
+    monkeypatch.setattr(index_scale, "RECALL_QUERIES", 50)
+    row, table = index_scale.measure(2000, "flat")
+    assert table.shape == (2000, 1) and row["recall_at_1"] == 1.0 and not row["ivf"]
+    ivf, _ = index_scale.measure(2000, "ivf")
+    assert ivf["ivf"] and 0.5 < ivf["recall_at_1"] <= 1.0

@@ -14,6 +14,7 @@ from noisymix.launch.errors import one_line
 from noisymix.launch.prepare import remove_stale_staging, staging_dir
 from noisymix.launch.train import open_run
 from noisymix.mixing.config import ConfigError
+from noisymix.mixing.method import TaskAsk
 
 from conftest import make_config
 
@@ -62,7 +63,19 @@ def test_a_request_the_cluster_cannot_place_is_refused_with_asked_and_available(
         runner.check_resources(gpu, [], print)
     fits = make_config(Path("/tmp"), num_workers=2, cpus_per_worker=1).resources
     with pytest.raises(runner.ResourceError, match=r"fold task needs 4 CPUs"):
-        runner.check_resources(fits, [("fold task", 4.0, 0.0)], print)
+        runner.check_resources(fits, [TaskAsk("fold task", 4.0)], print)
+    runner.check_resources(fits, [TaskAsk("fold task", 2.0)], print)   # between segments: the workers' CPUs
+    mixnn = make_config(Path("/tmp"), method="mixnn", index_gpu=True)
+    with pytest.raises(runner.ResourceError, match=r"num_workers=1 x 2 CPUs with the index actor \(index_cpus=0, "
+                                                   r"index_gpu=true\) needs 2 CPUs and 1 GPUs; the cluster has 2 CPUs"):
+        runner.check_resources(mixnn.resources, mixnn.method.task_resources(), print)
+    shared = make_config(Path("/tmp"), method="mixnn", num_workers=1, index_cpus=1)
+    runner.check_resources(shared.resources, shared.method.task_resources(), print)   # the worker shares the rest
+    assert runner.worker_resources(1, 0, False, reserved=1.0) == (1.0, 1)
+    alongside = make_config(Path("/tmp"), method="mixnn", num_workers=2, cpus_per_worker=1, index_cpus=1)
+    with pytest.raises(runner.ResourceError, match=r"num_workers=2 x 1 CPU with the index actor \(index_cpus=1, "
+                                                   r"index_gpu=false\) needs 3 CPUs"):
+        runner.check_resources(alongside.resources, alongside.method.task_resources(), print)
     elastic = make_config(Path("/tmp"), num_workers="2-4", num_shards=4, cpus_per_worker=1).resources
     runner.check_resources(elastic, [], print)   # the minimum fits: an elastic group starts with what there is
 

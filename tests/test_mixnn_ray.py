@@ -9,7 +9,7 @@ import ray
 import torch
 
 from noisymix.distributed import shards
-from noisymix.distributed.index_actor import NeighbourIndex, drop_self, index_actor
+from noisymix.distributed.index_actor import NeighbourIndex, NeighbourIndexError, drop_self, index_actor
 from noisymix.distributed.sample_state import neighbour_table
 from noisymix.launch.cli import main
 from noisymix.mixing.method import NeighbourQuery
@@ -64,7 +64,31 @@ def test_a_dead_index_actor_is_recreated_and_refilled(ray_session):
     ray.kill(ray.get_actor("test-index-restart"))
     again, _ = neighbour_table(z, query, "test-index-restart")
     assert np.array_equal(first, again) and np.array_equal(first, brute_force_neighbours(z, 2))
-    assert set(timings) == {"index_refresh_s", "index_query_s", "index_peak_rss_mb"} and all(v > 0 for v in timings.values())
+    assert set(timings) == {"index_refresh_s", "index_query_s", "index_peak_rss_mb", "index_ivf"}
+    assert timings["index_ivf"] == 0.0 and all(timings[key] > 0 for key in ("index_refresh_s", "index_query_s"))
+
+
+def test_an_index_slower_than_its_budget_stops_with_what_would_help(ray_session):
+    z = np.random.default_rng(1).standard_normal((20000, 64)).astype(np.float32)
+    with pytest.raises(NeighbourIndexError, match=r"took longer than index_budget_s=0.01 for 20000 embeddings of "
+                                                  r"dimension 64 \(index_kind=flat, index_cpus=0\): use index_kind=ivf"):
+        neighbour_table(z, NeighbourQuery(1, kind="flat", budget_s=0.01), "test-index-budget")
+    with pytest.raises(ValueError, match="Failed to look up actor"):
+        ray.get_actor("test-index-budget")   # killed, not left computing
+
+
+def test_auto_is_exact_below_its_threshold_and_ivf_above():
+    z = np.random.default_rng(2).standard_normal((600, 8)).astype(np.float32)
+    below = NeighbourIndex(8, kind="auto", auto_above=601)
+    assert np.array_equal(below.neighbour_table(z, 1)[0], brute_force_neighbours(z, 1)) and below.index.ntotal == 600
+    above = NeighbourIndex(8, kind="auto", auto_above=600)
+    _, timings = above.neighbour_table(z, 1)
+    assert timings["index_ivf"] == 1.0 and above.index.nlist == 24
+
+
+def test_a_gpu_index_without_gpu_support_is_refused_by_name():
+    with pytest.raises(NeighbourIndexError, match="index_gpu=true, but FAISS here has no GPU support"):
+        NeighbourIndex(8, use_gpu=True)
 
 
 @pytest.mark.parametrize("source", ["batch", "global"])

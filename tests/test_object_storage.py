@@ -113,7 +113,7 @@ def test_train_from_s3_into_s3_stop_and_resume_there(s3_digits, tmp_path):
     url, _ = s3_digits
     env = {"NOISYMIX_CACHE": str(tmp_path / "cache")}
     os.environ.update(env)
-    common = [f"data_dir={url}", "num_shards=4", "method=mixnn", "epochs=4", "warmup=1", "num_workers=2"]
+    common = [f"data_dir={url}", "num_shards=4", "method=ce", "epochs=4"]
     started = time.perf_counter()
     finish(["train", *common, "run_dir=s3://nmx-runs/whole"], tmp_path)
     whole_s = time.perf_counter() - started
@@ -130,4 +130,4 @@ def test_train_from_s3_into_s3_stop_and_resume_there(s3_digits, tmp_path):
     assert {"summary.json", "model_best.pt", "model_last.pt", "label_issues.csv", "metrics.jsonl"} <= set(names)
     assert any(name.startswith("ray/train/checkpoint_") for name in names)
     assert RunDir(cut).summary()["test_acc"] == RunDir("s3://nmx-runs/whole").summary()["test_acc"]
-    print(f"s3 round trip: a 4-epoch MixNN run from and into the store in {whole_s:.1f}s")
+    print(f"s3 round trip: a 4-epoch CE run from and into the store in {whole_s:.1f}s")
