@@ -126,6 +126,15 @@ def delete(location: str | Path) -> None:
         fs.delete_file(path)
 
 
+def delete_tree(location: str | Path) -> None:
+    """A folder and everything in it, or every object under a prefix (nothing if there is none)."""
+    if not is_url(location):
+        shutil.rmtree(location, ignore_errors=True)
+        return
+    for name in list_files(location):
+        delete(join(location, name))
+
+
 def file_sha256(location: str | Path, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with open_input(location) as fh:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-import shutil
 import subprocess
 import time
 import traceback
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_curve
 
-from noisymix.distributed import shards
+from noisymix.distributed import shards, storage
 from noisymix.distributed.artifacts import CONFIG, RunDir, write_json_atomic
 from noisymix.launch.bench_spec import Cell, Spec, same_computation
 from noisymix.launch.config import Config
@@ -36,13 +35,14 @@ def code_digest(root: Path | None = None) -> str:
     return digest.hexdigest()[:12]
 
 
-def cell_dir(work: Path, cell: Cell) -> Path:
-    return work / "cells" / cell.dirname
+def cell_dir(work: Path | str, cell: Cell) -> str:
+    """The cell's folder under the work dir (a folder or an object-store URL)."""
+    return storage.join(work, "cells", cell.dirname)
 
 
-def read_cell(work: Path, cell: Cell) -> dict | None:
-    path = cell_dir(work, cell) / CELL_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+def read_cell(work: Path | str, cell: Cell) -> dict | None:
+    path = storage.join(cell_dir(work, cell), CELL_FILE)
+    return json.loads(storage.read_bytes(path)) if storage.is_file(path) else None
 
 
 def is_cached(work: Path, cell: Cell) -> bool:
@@ -79,8 +79,7 @@ def run_cell(work: Path, cell: Cell, log) -> dict:
     config = cell.config(work)
     run = RunDir(config.run.run_dir)
     if not resumable(run, config):
-        shutil.rmtree(directory, ignore_errors=True)
-    directory.mkdir(parents=True, exist_ok=True)
+        storage.delete_tree(directory)
     record = {"id": cell.id, "code": code_digest(), "config": config.to_dict(),
               "started": time.time()}
     try:
@@ -90,7 +89,7 @@ def run_cell(work: Path, cell: Cell, log) -> dict:
         record.update(status="failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
                       traceback=traceback.format_exc())
         log(f"[{cell.id}] FAILED: {record['error']}")
-    write_json_atomic(directory / CELL_FILE, record)
+    storage.write_bytes(storage.join(directory, CELL_FILE), json.dumps(record, indent=2).encode())
     return record
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from noisymix.distributed import storage
 from noisymix.launch.config import Config, ConfigError, build_config, computed_values, with_defaults
 
 SPEC_KEYS = ("name", "base", "settings", "methods", "clean_bound", "curves", "throughput")
@@ -34,11 +35,11 @@ class Cell:
     def dirname(self) -> str:
         return self.id.replace("/", "-")
 
-    def config(self, work: Path) -> Config:
-        """The cell's resolved config, with its data and run directories under `work`."""
-        data = work / "data" / (f"{self.setting}-seed{self.seed}" if self.group != "clean" else f"clean-seed{self.seed}")
-        return build_config(overrides={**self.overrides, "data_dir": str(data),
-                                       "run_dir": str(work / "cells" / self.dirname / "run")})
+    def config(self, work: Path | str) -> Config:
+        """The cell's resolved config, with its data and run directories under `work` (a folder or a URL)."""
+        data = f"{self.setting}-seed{self.seed}" if self.group != "clean" else f"clean-seed{self.seed}"
+        return build_config(overrides={**self.overrides, "data_dir": storage.join(work, "data", data),
+                                       "run_dir": storage.join(work, "cells", self.dirname, "run")})
 
 
 def same_computation(recorded: dict, config: Config) -> bool:

@@ -73,7 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--only", nargs="+", metavar="PATTERN", help="run only cells whose id matches a glob, "
                        "e.g. 'symmetric40/*/seed0' (the report still shows every finished cell)")
     bench.add_argument("--report-only", action="store_true", help="run nothing; rebuild the report from finished cells")
-    bench.add_argument("--work", type=Path, help="where cells keep data and run directories (default runs/bench/NAME)")
+    bench.add_argument("--work", help="where cells keep data and run directories: a folder or an object-store URL "
+                                      "(default runs/bench/NAME)")
     bench.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where the report is written")
     return parser
 

@@ -35,12 +35,13 @@ def wait_for(process, lines: list[str], pattern: str, timeout: float = 300.0) ->
 
 
 @pytest.mark.slow
-def test_a_lost_node_shrinks_the_group_and_its_return_grows_it_back(two_node_cluster, digits_dir, tmp_path):
+@pytest.mark.parametrize("method", [["method=ce"], ["method=mixnn", "warmup=1", "es=2", "audit_state=true"]])
+def test_a_lost_node_shrinks_the_group_and_its_return_grows_it_back(two_node_cluster, digits_dir, tmp_path, method):
     second = two_node_cluster.add_node(num_cpus=1)
     two_node_cluster.wait_for_nodes()
     run_dir = tmp_path / "run"
     process = subprocess.Popen(
-        [sys.executable, "-m", "noisymix.launch.cli", "train", f"data_dir={digits_dir}", "num_shards=4", "method=ce",
+        [sys.executable, "-m", "noisymix.launch.cli", "train", f"data_dir={digits_dir}", "num_shards=4", *method,
          "epochs=30", "num_workers=1-2", "cpus_per_worker=1", "max_failures=3", "resize_check_s=1",
          "audit_ids=true", f"ray_address={two_node_cluster.address}", f"run_dir={run_dir}"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -73,3 +74,8 @@ def test_a_lost_node_shrinks_the_group_and_its_return_grows_it_back(two_node_clu
     for epoch, workers in enumerate(sizes):
         seen = np.concatenate([ids[f"epoch{epoch}_rank{rank}"] for rank in range(workers)])
         assert np.array_equal(np.sort(seen), np.arange(train_count)), f"epoch {epoch}: each id exactly once"
+    if "method=mixnn" in method:   # the per-sample state came through every resize: equal on the ranks, and used
+        digests = json.loads((run_dir / "state_digests.json").read_text())
+        for epoch in {d["epoch"] for d in digests}:
+            assert len({d["digest"] for d in digests if d["epoch"] == epoch}) == 1, f"epoch {epoch}: ranks disagree"
+        assert summary["corrected_label_acc"] > 0.5 and (run_dir / "label_issues.csv").is_file()

@@ -131,3 +131,39 @@ def test_train_from_s3_into_s3_stop_and_resume_there(s3_digits, tmp_path):
     assert any(name.startswith("ray/train/checkpoint_") for name in names)
     assert RunDir(cut).summary()["test_acc"] == RunDir("s3://nmx-runs/whole").summary()["test_acc"]
     print(f"s3 round trip: a 4-epoch CE run from and into the store in {whole_s:.1f}s")
+
+
+def test_a_bench_keeps_its_cells_in_the_store_and_reuses_them(s3_endpoint, tmp_path, monkeypatch):
+    import noisymix.launch.train
+    from noisymix.launch import bench
+    from noisymix.launch.bench_spec import parse_spec
+
+    monkeypatch.setenv("NOISYMIX_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def fake_train(config, log=print):   # stands in for training: a run directory with its files, in the store
+        calls.append(config.run.run_dir)
+        run = RunDir(config.run.run_dir)
+        run.create()
+        run.write_config(config.to_dict())
+        run.append_metrics({"epoch": 0, "val_acc": 0.5, "test_acc": 0.5})
+        summary = {"test_acc": 0.5, "run_dir": run.location}
+        run.write_summary(summary)
+        return summary
+
+    monkeypatch.setattr(noisymix.launch.train, "train", fake_train)
+    monkeypatch.setattr(bench, "detector_curve", lambda run, config: None)
+    spec = parse_spec({"name": "s3bench", "base": {"source": "digits", "epochs": 1},
+                       "settings": {"sym40": {"noise_type": "symmetric", "noise_rate": 0.4}},
+                       "methods": {"ce": {"method": "ce"}}, "curves": {"setting": "sym40", "seed": 0}})
+    work = "s3://nmx-runs/bench"
+    assert bench.run_spec(spec, work, log=lambda *_: None) == {"chosen": 2, "ran": 2, "failed": 0}
+    assert sorted(calls) == [f"{work}/cells/clean-clean-seed0/run", f"{work}/cells/sym40-ce-seed0/run"]
+    assert build_data_dirs(spec, work) == {f"{work}/data/clean-seed0", f"{work}/data/sym40-seed0"}
+    assert storage.is_file(f"{work}/cells/sym40-ce-seed0/cell.json")
+    assert bench.run_spec(spec, work, log=lambda *_: None)["ran"] == 0, "finished cells in the store are reused"
+    assert {cell["status"] for cell in bench.gather(spec, work)["cells"].values()} == {"done"}
+
+
+def build_data_dirs(spec, work):
+    return {cell.config(work).data.data_dir for cell in spec.cells}
