@@ -63,31 +63,31 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 400_000, 1_000_000])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/index_scale"))
     args = parser.parse_args()
-    rows = [measure(args.sizes[0], "flat")[0]]
-    print(rows[-1], flush=True)
-    for n in args.sizes:
-        rows.append(measure(n, "auto")[0])
-        print(rows[-1], flush=True)
-    flat = rows[0]
-    for row in rows[1:]:
-        row["flat_extrapolated_s"] = flat["seconds"] * (row["n"] / flat["n"]) ** 2
     results = {"command": f"python benchmarks/index_scale.py --sizes {' '.join(map(str, args.sizes))}",
-               "machine": platform.machine(), "threads": THREADS, "dim": DIM, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+               "machine": platform.machine(), "threads": THREADS, "dim": DIM, "rows": [measure(args.sizes[0], "flat")[0]]}
+    for n in args.sizes:   # the report is rewritten after each size, so a stopped run keeps what it measured
+        row = measure(n, "auto")[0]
+        row["flat_extrapolated_s"] = results["rows"][0]["seconds"] * (n / results["rows"][0]["n"]) ** 2
+        results["rows"].append(row)
+        write(results, args.out)
+
+
+def write(results: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     lines = ["# The neighbour index at scale", "",
              f"Command: `{results['command']}`. {THREADS} FAISS threads, d={DIM}, L2-normalised embeddings around "
              f"{CENTRES} centres; the whole N x 1 neighbour table (every embedding queried), as a MixNN refresh asks.",
              "Recall@1: the approximate table's first neighbour equals exact search's, on 1000 random queries.", "",
-             "| N | index | build s | query s | total s | flat total s (measured / N^2) | recall@1 | actor peak RSS MB |",
+             "| N | index | build s | query s | total s | flat total s (measured / N^2) | recall@1 | peak RSS MB |",
              "|---|---|---|---|---|---|---|---|"]
-    for row in rows:
+    for row in results["rows"]:
         flat_s = f"{row['seconds']:.0f} (measured)" if row["kind"] == "flat" else f"{row['flat_extrapolated_s']:.0f}"
         lines.append(f"| {row['n']:,} | {row['kind']}{' (IVF)' if row['ivf'] else ' (flat)'} | {row['refresh_s']:.1f} | "
                      f"{row['query_s']:.1f} | {row['seconds']:.1f} | {flat_s} | {row['recall_at_1']:.3f} | "
                      f"{row['peak_rss_mb']:,.0f} |")
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(lines[-1], flush=True)
 
 
 if __name__ == "__main__":

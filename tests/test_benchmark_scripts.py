@@ -95,3 +95,16 @@ def test_index_scale_measures_the_table_and_its_recall_on_a_tiny_set(monkeypatch
     assert table.shape == (2000, 1) and row["recall_at_1"] == 1.0 and not row["ivf"]
     ivf, _ = index_scale.measure(2000, "ivf")
     assert ivf["ivf"] and 0.5 < ivf["recall_at_1"] <= 1.0
+
+
+def test_prepare_cost_times_every_step_of_a_prepare_on_a_few_images(tmp_path, monkeypatch):
+    from noisymix.launch.synth import SynthSection, synthesize
+
+    source = synthesize(SynthSection.from_values({"out": str(tmp_path / "list"), "train": 6, "test": 2, "classes": 2,
+                                                  "min_size": 40, "max_size": 60, "workers": 1}), log=lambda *_: None)
+    prepare_cost = load("prepare_cost")
+    monkeypatch.setattr(prepare_cost, "PASSES", 1)
+    result = prepare_cost.measure(Path(source), 6)
+    assert result["images"] == 6 and set(result["ms_per_image"]) == {
+        "decode_resize", "encode_jpeg", "pixel_stats_histogram", "pixel_stats_float_sums", "sha256"}
+    assert all(value > 0 for value in result["ms_per_image"].values())

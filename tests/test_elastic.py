@@ -35,7 +35,7 @@ def wait_for(process, lines: list[str], pattern: str, timeout: float = 300.0) ->
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [["method=ce"], ["method=mixnn", "warmup=1", "es=2", "audit_state=true"]])
+@pytest.mark.parametrize("method", [["method=mixnn", "warmup=1", "es=2", "audit_state=true"]])
 def test_a_lost_node_shrinks_the_group_and_its_return_grows_it_back(two_node_cluster, digits_dir, tmp_path, method):
     second = two_node_cluster.add_node(num_cpus=1)
     two_node_cluster.wait_for_nodes()

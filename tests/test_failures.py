@@ -196,3 +196,16 @@ def test_a_pass_that_reads_fewer_samples_than_the_manifest_stops_the_run(split, 
     with pytest.raises(shards.ShardError, match=rf"epoch 3: the ranks read {dict(zip(('train', 'val', 'test'), read))[split]} "
                                                 rf"{split} samples, the manifest lists"):
         epoch_metrics(job, 3, EpochPlan("train"), stats, {}, {}, [5, val, 10, test], 0.1, 0.0, 1, None, torch.device("cpu"))
+
+
+def test_a_failed_write_of_a_run_file_names_it_and_leaves_no_partial_file(tmp_path):
+    from noisymix.distributed.artifacts import write_atomic
+
+    def full_disk(partial):
+        partial.write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError) as raised:
+        write_atomic(tmp_path / "model_last.pt", full_disk)
+    assert one_line(raised.value) == f"No space left on device: {tmp_path / 'model_last.pt'}"
+    assert list(tmp_path.iterdir()) == [], "no partial file, no target"

@@ -37,8 +37,10 @@ def ray_head(tmp_path):
          f"--temp-dir={temp}"],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 120
-    while subprocess.run([ray_cli, "job", "list", "--address", address], capture_output=True, env=env).returncode:
+    deadline = time.time() + 180
+    # Ready when a trivial job runs: the job server answers before its agent can take jobs.
+    while subprocess.run([ray_cli, "job", "submit", "--address", address, "--", "true"], capture_output=True,
+                         env=env).returncode:
         assert head.poll() is None and time.time() < deadline, (tmp_path / "ray-head.log").read_text()[-3000:]
         time.sleep(2)
     yield ray_cli, address, env
@@ -61,5 +63,5 @@ def test_a_run_submitted_as_a_ray_job_trains_on_the_cluster(ray_head, digits_dir
     summary = RunDir(run_dir).summary()
     assert summary["epochs"] == 2 and summary["workers"] == 2
     jobs = subprocess.run([ray_cli, "job", "list", "--address", address], capture_output=True, text=True, env=env)
-    assert "SUCCEEDED" in jobs.stdout
+    assert "SUCCEEDED" in jobs.stdout and "FAILED" not in jobs.stdout
     assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
