@@ -28,7 +28,9 @@ def ray_head(tmp_path):
     would stop every Ray on the machine)."""
     port, dashboard = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    ray_cli = str(Path(sys.executable).with_name("ray"))
+    beside = Path(sys.executable).with_name("ray")   # the ray of this interpreter, else the one on PATH
+    ray_cli = str(beside) if beside.is_file() else shutil.which("ray")
+    assert ray_cli, "the ray command is not installed beside this Python nor on PATH"
     log = open(tmp_path / "ray-head.log", "w")
     temp = tempfile.mkdtemp(prefix="nmx-ray-")   # short: Ray's socket paths must fit in 107 bytes
     head = subprocess.Popen(
