@@ -105,8 +105,7 @@ def write_out_of_fold(path: Path, probs: np.ndarray, given: np.ndarray, **arrays
 
 def working_copy(location: str) -> Path:
     """The local folder where a run directory at an object-store URL is written before each upload."""
-    cache = Path(os.environ.get("NOISYMIX_CACHE", Path.home() / ".cache" / "noisymix"))
-    return cache / "runs" / location.replace("://", "_").replace("/", "_")
+    return storage.local_cache("runs") / storage.flat_name(location)
 
 
 class RunDir:

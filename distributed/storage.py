@@ -26,6 +26,17 @@ def is_url(location: str | Path) -> bool:
     return "://" in text and not text.startswith("file://")
 
 
+def local_cache(kind: str) -> Path:
+    """Where local copies of remote things of one kind live (staging of a prepare, a run's working copy):
+    NOISYMIX_CACHE, default ~/.cache/noisymix."""
+    return Path(os.environ.get("NOISYMIX_CACHE", Path.home() / ".cache" / "noisymix")) / kind
+
+
+def flat_name(location: str) -> str:
+    """A URL as one file name (s3://bucket/a/b -> s3_bucket_a_b)."""
+    return location.replace("://", "_").replace("/", "_")
+
+
 def join(base: str | Path, *parts: str) -> str:
     """base/part/...; a URL keeps its scheme's double slash (pathlib would fold s3:// into s3:/)."""
     if is_url(base):

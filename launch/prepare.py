@@ -138,12 +138,12 @@ def staging_dir(target: str, spec: dict) -> Path:
 
 def _staging_parent(target: str) -> Path:
     if storage.is_url(target):
-        return Path(os.environ.get("NOISYMIX_CACHE", Path.home() / ".cache" / "noisymix")) / "prepare"
+        return storage.local_cache("prepare")
     return Path(target).parent
 
 
 def _staging_name(target: str) -> str:
-    return target.replace("://", "_").replace("/", "_") if storage.is_url(target) else Path(target).name
+    return storage.flat_name(target) if storage.is_url(target) else Path(target).name
 
 
 def remove_stale_staging(target: str, keep: Path, log) -> None:
