@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from noisymix.distributed import storage
+from noisymix.distributed.storage import write_atomic
 from noisymix.selection.crossval import SelectionError
 from noisymix.selection.report import LabelReport
 
@@ -31,21 +31,6 @@ RAY_STORAGE, RAY_RUN = "ray", "train"   # Ray Train's storage inside the run dir
 LABEL_ISSUES, OUT_OF_FOLD = "label_issues.csv", "oof.npz"
 MODEL_BEST, MODEL_LAST = "model_best.pt", "model_last.pt"
 AUDIT_IDS, STATE_DIGESTS = "audit_ids.npz", "state_digests.json"
-
-
-def write_atomic(path: Path, write) -> None:
-    """Call write(partial_path), then rename the partial file onto `path`. A failed write (a full disk) leaves
-    no partial file and names `path`."""
-    path = Path(path)
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        write(partial)
-    except OSError as exc:
-        partial.unlink(missing_ok=True)
-        if exc.filename is None:
-            raise OSError(exc.errno, exc.strerror, str(path)) from exc
-        raise
-    os.replace(partial, path)
 
 
 def write_json_atomic(path: Path, payload) -> None:

@@ -100,14 +100,26 @@ def list_files(location: str | Path) -> list[str]:
     return sorted(entry.path[len(prefix):] for entry in found if entry.type == pafs.FileType.File)
 
 
+def write_atomic(path: Path, write) -> None:
+    """Call write(partial_path), then rename the partial file onto `path`. A failed write (a full disk) leaves
+    no partial file and names `path`."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        write(partial)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
+    os.replace(partial, path)
+
+
 def write_bytes(location: str | Path, data: bytes) -> None:
     """The whole file at once: renamed into place locally, one completed upload remotely."""
     if not is_url(location):
-        path = Path(location)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial")
-        partial.write_bytes(data)
-        os.replace(partial, path)
+        Path(location).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(Path(location), lambda partial: partial.write_bytes(data))
         return
     fs, path = resolve(location)
     with fs.open_output_stream(path) as fh:
