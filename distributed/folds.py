@@ -139,7 +139,10 @@ def ray_map(fn: Callable, items: Sequence, *, cpus: float = 1.0, gpus: float = 0
     interrupt)."""
     results = {k: cache.load(k) for k in range(len(items))} if cache is not None else {}
     fn_ref = ray.put(fn)
-    task = _run.options(num_cpus=cpus, num_gpus=gpus, max_retries=retries, retry_exceptions=False)
+    # DEFAULT: a fold task reserves its own CPUs, also when started from inside a Ray Tune trial (whose
+    # placement group would otherwise capture it).
+    task = _run.options(num_cpus=cpus, num_gpus=gpus, max_retries=retries, retry_exceptions=False,
+                        scheduling_strategy="DEFAULT")
     pending = {task.remote(fn_ref, items[k]): k for k in range(len(items)) if results.get(k) is None}
     try:
         while pending:

@@ -13,6 +13,7 @@ from noisymix.launch.errors import one_line
 USAGE = """noisymix prepare [CONFIG.yaml] [key=value ...] [--force]
        noisymix train   [CONFIG.yaml] [key=value ...]
        noisymix train   resume=RUN_DIR [num_workers=N ...]   (continue an interrupted or failed run)
+       noisymix tune    SWEEP.yaml [key=value ...]   (Ray Tune search on the noisy validation accuracy)
        noisymix bench   SPEC.yaml [--only CELL-PATTERN ...] [--report-only] [--work DIR] [--out DIR]
        noisymix verify  DATA_DIR   (every shard's checksum and every split's count against manifest.json)
        noisymix synth   out=DIR [train=N test=N classes=C min_size=PX max_size=PX noise_rate=R ...]
@@ -64,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("--force", action="store_true", help="rebuild data_dir even if prepared with other settings")
     train = commands.add_parser("train", help="train a method (prepares the data first if needed)")
     train.add_argument("items", nargs="*", help="[CONFIG.yaml] key=value ...")
+    tune = commands.add_parser("tune", help="search a method's knobs with Ray Tune (resumable; see docs in README)")
+    tune.add_argument("spec", help="sweep spec YAML, e.g. benchmarks/tune_digits.yaml")
+    tune.add_argument("items", nargs="*", help="key=value: spec keys (num_samples, max_concurrent, sweep_dir, ...) "
+                                               "or base config keys")
     verify = commands.add_parser("verify", help="check a prepared dataset: checksums and counts against its manifest")
     verify.add_argument("data_dir", type=Path)
     synth = commands.add_parser("synth", help="write a synthetic image-list dataset of JPEGs (to measure scale)")
@@ -95,6 +100,15 @@ def _bench(args: argparse.Namespace) -> int:
     return 1 if outcome["failed"] else 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from noisymix.launch.sweep import run_sweep
+    from noisymix.launch.tune_spec import load_sweep
+
+    report = run_sweep(load_sweep(args.spec, parse_overrides(args.items)))
+    failed = sum(row["status"] == "failed" for row in report["trials"])
+    return 1 if failed == len(report["trials"]) else 0
+
+
 def _verify(data_dir: Path) -> int:
     from noisymix.distributed import shards
 
@@ -111,10 +125,15 @@ def _verify(data_dir: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Progress lines as they happen, also into a pipe (`| tee`, a Ray job's log), not when a buffer fills.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
     args = _parser().parse_args(argv)
     try:
         if args.command == "bench":
             return _bench(args)
+        if args.command == "tune":
+            return _tune(args)
         if args.command == "verify":
             return _verify(args.data_dir)
         if args.command == "synth":

@@ -13,11 +13,12 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from noisymix.launch.bench_spec import SpecError
     from noisymix.launch.noise import NoiseError
     from noisymix.launch.sources import SourceError
+    from noisymix.launch.tune_spec import SweepSpecError
     from noisymix.mixing.config import ConfigError
     from noisymix.selection.crossval import SelectionError
 
     return (ConfigError, NoiseError, SourceError, ShardError, SelectionError, SpecError, PretrainedError, ResourceError,
-            NeighbourIndexError)
+            NeighbourIndexError, SweepSpecError)
 
 
 def root_cause(exc: BaseException) -> BaseException:

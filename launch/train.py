@@ -32,8 +32,9 @@ class RunRecorder:
     """Takes the workers' messages: epoch records (metrics.jsonl, progress), per-sample beliefs (scored
     against true labels when the driver has them), and the id/state audits of the tests."""
 
-    def __init__(self, run: RunDir, method: Method, epochs: int, true_labels: np.ndarray | None, log):
-        self.run, self.method, self.true = run, method, true_labels
+    def __init__(self, run: RunDir, method: Method, epochs: int, true_labels: np.ndarray | None, log,
+                 on_epoch=None):
+        self.run, self.method, self.true, self.on_epoch = run, method, true_labels, on_epoch
         self.progress = Progress(epochs, log)
         self.history: dict[int, dict] = {record["epoch"]: record for record in run.metrics()}  # a resumed run's
         self.belief_metrics: dict[int, dict] = {}
@@ -52,6 +53,8 @@ class RunRecorder:
         self.run.append_metrics(record)
         self.run.write_status("running", "training", epoch=record["epoch"])
         self.progress.epoch(record)
+        if self.on_epoch is not None:
+            self.on_epoch(record)
 
     @on_message.register
     def _(self, message: StateSnapshot) -> None:
@@ -110,8 +113,7 @@ class SelectionRounds:
         selection = select(cv, self.config.train, self.config.run.seed, self.data_dir, self.manifest,
                            self.latest, init_state, self.config.method.workers_read_probs(), cache)
         table = selection.table
-        self.run.write_out_of_fold(table.probs, table.given, fold=selection.fold_of, predicted=table.predicted,
-                                   confidence=table.confidence, uncertain=table.uncertain)
+        write_selection(self.run, selection)
         self.log(f"selection: {int(table.uncertain.sum())} of {len(table.uncertain)} samples flagged "
                  f"({table.uncertain.mean():.1%}) in {selection.seconds:.1f}s; fold epochs kept: "
                  f"{[run['kept_epoch'] for run in selection.fold_runs]}"
@@ -125,6 +127,13 @@ class SelectionRounds:
         self.run.write_status("running", f"selection at epoch {epoch} done", rounds=self.rounds)
         cache.clear()   # oof.npz holds what the folds gave
         return selection
+
+
+def write_selection(run: RunDir, selection: Selection) -> None:
+    """oof.npz: the out-of-fold probabilities, folds and the mixing table's per-id columns."""
+    table = selection.table
+    run.write_out_of_fold(table.probs, table.given, fold=selection.fold_of, predicted=table.predicted,
+                          confidence=table.confidence, uncertain=table.uncertain)
 
 
 def preflight(config: Config, log) -> tuple[str, dict]:
@@ -262,10 +271,11 @@ class RunStopped(KeyboardInterrupt):
         self.run_dir, self.stage = run_dir, stage
 
 
-def train(config: Config, log=print) -> dict:
+def train(config: Config, log=print, on_epoch=None) -> dict:
     """Run one training job end to end and return its summary (also written to summary.json). A run_dir
     holding an unfinished run with these settings is resumed: finished selection rounds and folds are kept,
-    training continues from the latest checkpoint."""
+    training continues from the latest checkpoint. `on_epoch` gets each epoch's record as it arrives (a sweep's
+    trial reports it to Ray Tune)."""
     started, method = time.perf_counter(), config.method
     data_dir, manifest = preflight(config, log)
     fixed_clean = fixed_clean_probability(config, data_dir, manifest, log)
@@ -273,7 +283,7 @@ def train(config: Config, log=print) -> dict:
     check_resources(config.resources, method.task_resources(), log)
     run, _ = open_run(config, log)
     try:
-        return run_stages(config, run, data_dir, manifest, fixed_clean, started, log)
+        return run_stages(config, run, data_dir, manifest, fixed_clean, started, log, on_epoch)
     except KeyboardInterrupt as exc:
         stage = mark_stopped(run, "interrupted")
         raise RunStopped(run.location, stage) from exc
@@ -298,7 +308,7 @@ def mark_stopped(run: RunDir, state: str, **info) -> str:
 
 
 def run_stages(config: Config, run: RunDir, data_dir: str, manifest: dict, fixed_clean: np.ndarray | None,
-               started: float, log) -> dict:
+               started: float, log, on_epoch=None) -> dict:
     """The stages of a run: the method's selection rounds between training segments, then the outputs."""
     method = config.method
     log(f"run {run.location}: method={method.name} dataset={manifest['dataset']} epochs={config.train.epochs} "
@@ -306,7 +316,7 @@ def run_stages(config: Config, run: RunDir, data_dir: str, manifest: dict, fixed
     # True labels are read for evaluating the method's beliefs only; they stay on the driver.
     true_labels = (shards.load_labels(data_dir, manifest, label_key=shards.TRUE_LABEL)
                    if manifest["has_true_labels"] and method.reports_labels else None)
-    recorder = RunRecorder(run, method, config.train.epochs, true_labels, log)
+    recorder = RunRecorder(run, method, config.train.epochs, true_labels, log, on_epoch)
     rounds = SelectionRounds(config, data_dir, manifest, run, recorder, log) if method.uses_out_of_fold else None
     job = WorkerJob(method, config.train, config.audit, config.run.seed, data_dir, manifest, config.train.epochs,
                     index_name=f"noisymix-index-{uuid.uuid4().hex[:8]}",

@@ -47,16 +47,34 @@ def epochs(run_dir):
     return [(r["epoch"], r["train_loss"], r["val_acc"], r["test_acc"]) for r in RunDir(run_dir).metrics()]
 
 
-# CE's resume is the bench test's (its cell is a CE run); MixNN adds per-sample state, SelectMix its folds.
-@pytest.mark.parametrize("method, pattern, sig", [
-    (["method=mixnn", "epochs=5", "warmup=1", "es=2", "num_workers=2"], "epoch   3/5", signal.SIGTERM),
-    (["method=selectmix", "epochs=3", "folds=3", "fold_epochs=2", "partner_source=global"], "epoch   1/3",
-     signal.SIGINT),
-])
-def test_an_interrupted_run_resumes_to_the_numbers_of_an_uninterrupted_one(ray_session, digits_dir, tmp_path,
-                                                                          method, pattern, sig):
-    common = [f"data_dir={digits_dir}", "num_shards=4", *method]
+# One SelectMix setting for the three SelectMix faults below, trained once uninterrupted: one fold at a time on
+# 2 CPUs (fold_cpus=2), so that a fold can be interrupted or killed while the others wait.
+SELECTMIX = ["method=selectmix", "epochs=6", "folds=3", "fold_epochs=3", "fold_cpus=2", "partner_source=global"]
+
+
+@pytest.fixture(scope="module")
+def selectmix_whole(ray_session, digits_dir, tmp_path_factory):
+    """The uninterrupted SelectMix run every SelectMix fault is compared with."""
+    where = tmp_path_factory.mktemp("selectmix-whole")
+    finish(["train", f"data_dir={digits_dir}", "num_shards=4", *SELECTMIX, f"run_dir={where / 'run'}"], where)
+    return where / "run"
+
+
+def test_an_interrupted_mixnn_run_resumes_to_the_numbers_of_an_uninterrupted_one(ray_session, digits_dir, tmp_path):
+    common = [f"data_dir={digits_dir}", "num_shards=4", "method=mixnn", "epochs=5", "warmup=1", "es=2",
+              "num_workers=2"]
     finish(["train", *common, f"run_dir={tmp_path / 'whole'}"], tmp_path)
+    interrupted_then_resumed(common, tmp_path / "whole", tmp_path, "epoch   3/5", signal.SIGTERM)
+
+
+def test_selectmix_interrupted_in_training_resumes_its_selection_and_its_numbers(selectmix_whole, digits_dir,
+                                                                                tmp_path):
+    interrupted_then_resumed([f"data_dir={digits_dir}", "num_shards=4", *SELECTMIX], selectmix_whole, tmp_path,
+                             "epoch   1/6", signal.SIGINT)
+
+
+def interrupted_then_resumed(common: list[str], whole, tmp_path, pattern: str, sig) -> None:
+    """Stop a run with `sig` once `pattern` is printed, resume it, and compare it with the uninterrupted `whole`."""
     cut = tmp_path / "cut"
     code, out = interrupt_when(noisymix("train", *common, f"run_dir={cut}", cwd=tmp_path), pattern, sig)
     assert code == 130 and f"resume with: noisymix train resume={cut}" in out.strip().splitlines()[-1], out
@@ -64,22 +82,19 @@ def test_an_interrupted_run_resumes_to_the_numbers_of_an_uninterrupted_one(ray_s
     assert status["state"] == "interrupted" and not (cut / "summary.json").exists()
     resumed = finish(["train", f"resume={cut}"], tmp_path)
     assert "resuming the interrupted run" in resumed
-    assert epochs(cut) == epochs(tmp_path / "whole"), "every epoch as in the uninterrupted run"
-    whole, again = RunDir(tmp_path / "whole").summary(), RunDir(cut).summary()
+    assert epochs(cut) == epochs(whole), "every epoch as in the uninterrupted run"
+    done, again = RunDir(whole).summary(), RunDir(cut).summary()
     for key in ("test_acc", "test_acc_last", "selected_epoch", "detection", "corrected_label_acc"):
-        assert whole.get(key) == again.get(key), key
-    issues = tmp_path / "whole" / "label_issues.csv"
+        assert done.get(key) == again.get(key), key
+    issues = whole / "label_issues.csv"
     if issues.exists():
         assert (cut / "label_issues.csv").read_text() == issues.read_text()
     assert RunDir(cut).status()["state"] == "finished"
 
 
-def test_selectmix_interrupted_during_its_folds_keeps_the_finished_ones(ray_session, digits_dir, tmp_path):
-    common = [f"data_dir={digits_dir}", "num_shards=4", "method=selectmix", "epochs=1", "folds=3", "fold_epochs=3",
-              "fold_cpus=2"]   # one fold at a time on 2 CPUs
-    finish(["train", *common, f"run_dir={tmp_path / 'whole'}"], tmp_path)
+def test_selectmix_interrupted_during_its_folds_keeps_the_finished_ones(selectmix_whole, digits_dir, tmp_path):
     cut = tmp_path / "cut"
-    process = noisymix("train", *common, f"run_dir={cut}", cwd=tmp_path)
+    process = noisymix("train", f"data_dir={digits_dir}", "num_shards=4", *SELECTMIX, f"run_dir={cut}", cwd=tmp_path)
     deadline = time.time() + 300
     while not list((cut / "folds" / "epoch0").glob("fold*.npz")):
         assert time.time() < deadline and process.poll() is None
@@ -90,20 +105,22 @@ def test_selectmix_interrupted_during_its_folds_keeps_the_finished_ones(ray_sess
     kept = sorted(p.name for p in (cut / "folds" / "epoch0").glob("fold*.npz"))
     assert RunDir(cut).status()["stage"] == "selection at epoch 0" and 1 <= len(kept) < 3
     finish(["train", f"resume={cut}"], tmp_path)
-    assert epochs(cut) == epochs(tmp_path / "whole")
+    assert epochs(cut) == epochs(selectmix_whole)
     assert json.loads((cut / "summary.json").read_text())["detection"] == \
-        json.loads((tmp_path / "whole" / "summary.json").read_text())["detection"]
+        json.loads((selectmix_whole / "summary.json").read_text())["detection"]
     assert not (cut / "folds" / "epoch0").exists(), "the fold cache goes once oof.npz holds the round"
 
 
 def test_an_interrupted_bench_resumes_its_cell_to_the_numbers_of_an_uninterrupted_run(ray_session, tmp_path):
     spec = tmp_path / "tiny.yaml"
     spec.write_text(yaml.safe_dump({
-        "name": "tiny", "base": {"source": "digits", "epochs": 4, "num_shards": 4},
+        # 12 short epochs: the signal after epoch 2 must land while the cell still trains, however late the
+        # progress line reaches this test on a loaded machine.
+        "name": "tiny", "base": {"source": "digits", "epochs": 12, "num_shards": 4},
         "settings": {"sym40": {"noise_type": "symmetric", "noise_rate": 0.4}},
         "methods": {"ce": {"method": "ce"}}, "curves": {"setting": "sym40", "seed": 0}}))
     bench = ["bench", str(spec), "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--only", "sym40/*"]
-    code, out = interrupt_when(noisymix(*bench, cwd=tmp_path), "epoch   2/4")
+    code, out = interrupt_when(noisymix(*bench, cwd=tmp_path), "epoch   2/12")
     assert code == 130 and "interrupted in cell sym40/ce/seed0; the same bench command resumes it" in out, out
     cell_run = next((tmp_path / "work" / "cells").glob("sym40-ce-*")) / "run"
     assert RunDir(cell_run).status()["state"] == "interrupted"
@@ -149,11 +166,9 @@ def fold_task_pids() -> list[int]:
     return [int(pid) for pid in found.stdout.split()]
 
 
-def test_a_killed_fold_task_is_retried_and_the_selection_is_unchanged(ray_session, digits_dir, tmp_path):
-    common = [f"data_dir={digits_dir}", "num_shards=4", "method=selectmix", "epochs=1", "folds=3", "fold_epochs=4",
-              "fold_cpus=2"]   # one fold at a time on 2 CPUs
-    finish(["train", *common, f"run_dir={tmp_path / 'whole'}"], tmp_path)
-    process = noisymix("train", *common, f"run_dir={tmp_path / 'killed'}", cwd=tmp_path)
+def test_a_killed_fold_task_is_retried_and_the_selection_is_unchanged(selectmix_whole, digits_dir, tmp_path):
+    process = noisymix("train", f"data_dir={digits_dir}", "num_shards=4", *SELECTMIX, f"run_dir={tmp_path / 'killed'}",
+                       cwd=tmp_path)
     lines = []
     for line in process.stdout:
         lines.append(line)
@@ -167,6 +182,6 @@ def test_a_killed_fold_task_is_retried_and_the_selection_is_unchanged(ray_sessio
     os.kill(pids[0], signal.SIGKILL)
     out, _ = process.communicate(timeout=600)
     assert process.returncode == 0, "".join(lines) + out
-    killed, whole = RunDir(tmp_path / "killed"), RunDir(tmp_path / "whole")
+    killed, whole = RunDir(tmp_path / "killed"), RunDir(selectmix_whole)
     assert np.array_equal(killed.out_of_fold()["probs"], whole.out_of_fold()["probs"]), "the retried fold is the same"
-    assert (tmp_path / "killed" / "label_issues.csv").read_text() == (tmp_path / "whole" / "label_issues.csv").read_text()
+    assert (tmp_path / "killed" / "label_issues.csv").read_text() == (selectmix_whole / "label_issues.csv").read_text()

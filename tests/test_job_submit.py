@@ -22,11 +22,25 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def head_diagnosis(tmp_path, temp: str, probe) -> str:
+    """Why the cluster takes no job: the last submission's answer and the tails of the head's and its
+    dashboard's logs."""
+    parts = [f"last `ray job submit` (exit {probe.returncode}):\n{probe.stdout[-1500:]}{probe.stderr[-1500:]}",
+             f"ray-head.log:\n{(tmp_path / 'ray-head.log').read_text()[-1500:]}"]
+    for log in sorted(Path(temp).glob("session_*/logs/dashboard_agent.*")):
+        parts.append(f"{log.name}:\n{log.read_text(errors='replace')[-1500:]}")
+    return "\n\n".join(parts)
+
+
 @pytest.fixture
 def ray_head(tmp_path):
     """`ray start --head --block` in its own process: stopping that process stops this cluster only (`ray stop`
-    would stop every Ray on the machine)."""
+    would stop every Ray on the machine). Every port is a free one: the session's own Ray already holds the
+    defaults (its dashboard agent's 52365), and a second agent that cannot bind takes no jobs."""
     port, dashboard = free_port(), free_port()
+    agent_ports = {flag: free_port() for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                                                   "--metrics-export-port", "--runtime-env-agent-port",
+                                                   "--ray-client-server-port")}
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     beside = Path(sys.executable).with_name("ray")   # the ray of this interpreter, else the one on PATH
     ray_cli = str(beside) if beside.is_file() else shutil.which("ray")
@@ -36,20 +50,25 @@ def ray_head(tmp_path):
     head = subprocess.Popen(
         [ray_cli, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
-         f"--temp-dir={temp}"],
+         *[f"{flag}={value}" for flag, value in agent_ports.items()], f"--temp-dir={temp}"],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 180
-    # Ready when a trivial job runs: the job server answers before its agent can take jobs.
-    while subprocess.run([ray_cli, "job", "submit", "--address", address, "--", "true"], capture_output=True,
-                         env=env).returncode:
-        assert head.poll() is None and time.time() < deadline, (tmp_path / "ray-head.log").read_text()[-3000:]
-        time.sleep(2)
-    yield ray_cli, address, env
-    head.terminate()
-    head.wait(timeout=120)
-    log.close()
-    shutil.rmtree(temp, ignore_errors=True)
+    try:
+        deadline = time.time() + 300
+        # Ready when a trivial job runs: the job server answers before its agent can take jobs.
+        while True:
+            probe = subprocess.run([ray_cli, "job", "submit", "--address", address, "--", "true"],
+                                   capture_output=True, text=True, env=env, timeout=120)
+            if probe.returncode == 0:
+                break
+            assert head.poll() is None and time.time() < deadline, head_diagnosis(tmp_path, temp, probe)
+            time.sleep(2)
+        yield ray_cli, address, env
+    finally:
+        head.terminate()
+        head.wait(timeout=120)
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.mark.slow

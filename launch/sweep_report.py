@@ -1,0 +1,193 @@
+"""A sweep's outputs, from its trials' own run directories: trials.csv, best.yaml (a config `noisymix train`
+takes as it is), sweep.md with the plots, and the cost figures (fold stages shared, trial-epochs ASHA saved).
+Test accuracy appears here only: the search never read it."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import yaml
+from scipy.stats import spearmanr
+
+from noisymix.distributed.artifacts import RunDir
+from noisymix.launch.config import build_config
+from noisymix.launch.tune_spec import SHARED_FOLDS, SweepSpec, _placeholders
+
+TRIALS_CSV, BEST_YAML, SWEEP_MD = "trials.csv", "best.yaml", "sweep.md"
+SCATTER_PNG, CURVES_PNG = "val_vs_test.png", "best_curves.png"
+
+
+def trial_row(spec: SweepSpec, trial) -> dict:
+    """A trial as its run directory and Ray Tune's status tell it."""
+    folder = Path(spec.sweep_dir) / "trials" / trial.trial_id
+    recorded = json.loads((folder / "trial.json").read_text()) if (folder / "trial.json").is_file() else {}
+    values = recorded.get("values") or {}
+    run = RunDir(folder / "run")
+    records = run.metrics() if (folder / "run").is_dir() else []
+    target = build_config(overrides=_placeholders(values)).train.epochs if values else None
+    best = max(reversed(records), key=lambda r: r["val_acc"]) if records else None
+    error = (run.status() or {}).get("error") if (folder / "run").is_dir() else None
+    if trial.status == "ERROR":
+        status = "failed"
+        why = error or (str(trial.get_error() or "").strip().splitlines() or ["error"])[-1][:300]
+    elif run.summary() is not None:
+        status, why = "finished", f"ran its {target} epochs"
+    elif trial.status == "TERMINATED":
+        status, why = "stopped early", f"{spec.scheduler['name']} stopped it after epoch {len(records)} of {target}"
+    else:
+        status, why = "unfinished", f"the sweep stopped while it was {trial.status.lower()}"
+    fold_table = recorded.get("run_values", {}).get("oof_from") or recorded.get("run_values", {}).get("clean_from")
+    method = values.get("method", "")
+    row = {"trial": trial.trial_id, "method": method,
+           **{d.name: _param(trial.config, d) if d.method in (None, method) else None for d in searched(spec)},
+           "status": status, "epochs_run": len(records), "epochs": target,
+           "best_val_acc": best["val_acc"] if best else None, "best_epoch": best["epoch"] + 1 if best else None,
+           "test_acc_at_best_val": best["test_acc"] if best else None,
+           "last_test_acc": records[-1]["test_acc"] if records else None,
+           "wall_s": round((trial.last_result or {}).get("time_total_s", 0.0), 1), "why_stopped": why,
+           "fold_stage": Path(fold_table).parent.name if fold_table and shared_table(spec, fold_table) else ""}
+    return {**row, "_records": records, "_values": values}
+
+
+def searched(spec: SweepSpec) -> list:
+    """The dimensions shown as columns (the method has its own)."""
+    return [d for d in spec.dimensions if d.key != "method"]
+
+
+def shared_table(spec: SweepSpec, path: str) -> bool:
+    """Whether an oof_from/clean_from path is one of the sweep's own fold stages."""
+    return Path(path).parent.parent == Path(spec.sweep_dir).resolve() / "folds"
+
+
+def _param(params: dict, dim):
+    return (params.get(dim.method) or {}).get(dim.key) if dim.method else params.get(dim.key)
+
+
+def fold_stages(spec: SweepSpec, rows: list[dict]) -> dict:
+    """How many fold stages ran, how many trials used one, and the fold training time sharing saved."""
+    stages = {}
+    for path in sorted((Path(spec.sweep_dir) / "folds").glob("*/stage.json")):
+        stages[path.parent.name] = json.loads(path.read_text())["seconds"]
+    uses = {key: sum(row["fold_stage"] == key for row in rows) for key in stages}
+    saved = sum(stages[key] * max(0, uses[key] - 1) for key in stages)
+    return {"stages_run": len(stages), "trials_using_one": sum(uses.values()), "stage_seconds": stages,
+            "seconds_saved": saved}
+
+
+def asha_savings(rows: list[dict]) -> dict:
+    ended = [row for row in rows if row["status"] in ("finished", "stopped early") and row["epochs"]]
+    run, budget = sum(row["epochs_run"] for row in ended), sum(row["epochs"] for row in ended)
+    return {"trial_epochs_run": run, "trial_epochs_budget": budget,
+            "share_saved": 1 - run / budget if budget else 0.0}
+
+
+def rank_correlation(rows: list[dict]) -> float | None:
+    """Spearman's rho between the noisy validation accuracy that picks and the test accuracy it stands for."""
+    pairs = [(r["best_val_acc"], r["test_acc_at_best_val"]) for r in rows if r["best_val_acc"] is not None]
+    if len(pairs) < 3:
+        return None
+    rho = spearmanr(*zip(*pairs)).statistic
+    return None if math.isnan(rho) else float(rho)
+
+
+def best_config(spec: SweepSpec, row: dict) -> dict:
+    """The chosen trial's values as `noisymix train` takes them: a table the sweep shared becomes a file path
+    for clean_from, and is left out for SelectMix (which trains its own folds, as with any other seed)."""
+    values = dict(row["_values"])
+    if values.get("clean_from") == SHARED_FOLDS:
+        values["clean_from"] = str(Path(spec.sweep_dir).resolve() / "folds" / row["fold_stage"] / "oof.npz")
+    return values
+
+
+def write_plots(rows: list[dict], best: dict | None, folder: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scored = [r for r in rows if r["best_val_acc"] is not None]
+    figure, axes = plt.subplots(figsize=(5, 4))
+    for method in sorted({r["method"] for r in scored}):
+        mine = [r for r in scored if r["method"] == method]
+        axes.scatter([r["best_val_acc"] for r in mine], [r["test_acc_at_best_val"] for r in mine], label=method)
+    axes.set_xlabel("best noisy validation accuracy (the objective)")
+    axes.set_ylabel("test accuracy at that epoch")
+    if scored:
+        axes.legend()
+    figure.tight_layout()
+    figure.savefig(folder / SCATTER_PNG, dpi=110)
+    plt.close(figure)
+    names = [SCATTER_PNG]
+    if best is not None:
+        records = best["_records"]
+        figure, axes = plt.subplots(figsize=(6, 4))
+        epochs = [r["epoch"] for r in records]
+        axes.plot(epochs, [r["val_acc"] for r in records], label="noisy validation")
+        axes.plot(epochs, [r["test_acc"] for r in records], label="test")
+        axes.set_xlabel("epoch")
+        axes.set_ylabel("accuracy")
+        axes.set_title(f"best trial {best['trial']} ({best['method']})")
+        axes.legend()
+        figure.tight_layout()
+        figure.savefig(folder / CURVES_PNG, dpi=110)
+        plt.close(figure)
+        names.append(CURVES_PNG)
+    return names
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def markdown(spec: SweepSpec, rows: list[dict], best: dict | None, folds: dict, asha: dict, rho: float | None,
+             wall_s: float, plots: list[str]) -> str:
+    columns = ["trial", "method", *[d.name for d in searched(spec)], "status", "epochs_run", "best_val_acc",
+               "test_acc_at_best_val", "wall_s", "fold_stage"]
+    ranked = sorted(rows, key=lambda r: -(r["best_val_acc"] if r["best_val_acc"] is not None else -1))
+    lines = [f"# Sweep {spec.name}", "",
+             f"`noisymix tune` over {', '.join(spec.methods())}: {len(rows)} trials, {spec.search} search, "
+             f"{spec.scheduler['name']} scheduler; chosen on **{spec.metric}, the NOISY validation accuracy**. "
+             "Test accuracy is shown for the report only; the search never read it.", "",
+             f"- sweep wall time: {wall_s:.0f} s (this invocation)",
+             f"- fold stages: {folds['stages_run']} ran, used by {folds['trials_using_one']} trials; sharing saved "
+             f"{folds['seconds_saved']:.0f} s of fold training",
+             f"- trial-epochs: {asha['trial_epochs_run']} run of {asha['trial_epochs_budget']} budgeted by the ended "
+             f"trials ({asha['share_saved']:.0%} saved by early stopping)",
+             "- rank correlation (Spearman) of noisy validation vs test accuracy across trials: "
+             + ("n/a (fewer than 3 scored trials)" if rho is None else f"{rho:.3f}"), ""]
+    if best is not None:
+        lines += [f"Best trial: `{best['trial']}` ({best['method']}), noisy val {best['best_val_acc']:.4f} at epoch "
+                  f"{best['best_epoch']}, test {best['test_acc_at_best_val']:.4f}; its config is {BEST_YAML}.", ""]
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in ranked]
+    lines += ["", *[f"![{name}]({name})" for name in plots], ""]
+    return "\n".join(lines)
+
+
+def write_sweep_report(spec: SweepSpec, grid, wall_s: float, log) -> dict:
+    folder = Path(spec.sweep_dir)
+    rows = [trial_row(spec, trial) for trial in grid._experiment_analysis.trials]
+    scored = [r for r in rows if r["best_val_acc"] is not None]
+    best = max(scored, key=lambda r: r["best_val_acc"]) if scored else None
+    public = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows]
+    if public:
+        with open(folder / TRIALS_CSV, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(public[0]))
+            writer.writeheader()
+            writer.writerows(public)
+    if best is not None:
+        (folder / BEST_YAML).write_text(yaml.safe_dump(best_config(spec, best), sort_keys=False))
+    folds, asha, rho = fold_stages(spec, rows), asha_savings(rows), rank_correlation(rows)
+    plots = write_plots(rows, best, folder)
+    (folder / SWEEP_MD).write_text(markdown(spec, rows, best, folds, asha, rho, wall_s, plots))
+    report = {"trials": public, "best": None if best is None else best["trial"], "fold_stages": folds,
+              "asha": asha, "rank_correlation": rho, "wall_s": wall_s}
+    (folder / "sweep.json").write_text(json.dumps(report, indent=2, default=str))
+    log(f"sweep {spec.name}: best trial {report['best']}; wrote {folder / TRIALS_CSV}, {folder / BEST_YAML}, "
+        f"{folder / SWEEP_MD}")
+    return report
