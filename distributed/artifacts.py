@@ -123,14 +123,14 @@ class RunDir:
             shutil.rmtree(self.path, ignore_errors=True)
         self.path.mkdir(parents=True, exist_ok=True)
 
-    def _written(self, name: str) -> None:
+    def written(self, name: str) -> None:
         """After a local write of `name`: upload it whole, for a remote run."""
         if self.remote:
             storage.upload(self.path / name, self.url(name))
 
     def write_config(self, values: dict) -> None:
         write_atomic(self.path / CONFIG, lambda p: p.write_text(yaml.safe_dump(values, sort_keys=False)))
-        self._written(CONFIG)
+        self.written(CONFIG)
 
     def config_values(self) -> dict:
         return yaml.safe_load((self / CONFIG).read_text())
@@ -138,7 +138,7 @@ class RunDir:
     def append_metrics(self, record: dict) -> None:
         with open(self.path / METRICS, "a") as fh:
             fh.write(json.dumps(record) + "\n")
-        self._written(METRICS)
+        self.written(METRICS)
 
     def metrics(self) -> list[dict]:
         """One record per epoch, in epoch order; an epoch run again (after a failure or an interruption) keeps
@@ -157,7 +157,7 @@ class RunDir:
         """status.json: running / interrupted / failed / finished, the stage, and what a resume needs."""
         self.path.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.path / STATUS, {"state": state, "stage": stage, "updated_unix": time.time(), **info})
-        self._written(STATUS)
+        self.written(STATUS)
 
     def status(self) -> dict | None:
         return self._read_json(STATUS)
@@ -187,7 +187,7 @@ class RunDir:
 
     def write_summary(self, summary: dict) -> None:
         write_json_atomic(self.path / SUMMARY, summary)
-        self._written(SUMMARY)
+        self.written(SUMMARY)
 
     def summary(self) -> dict | None:
         return self._read_json(SUMMARY)
@@ -208,7 +208,7 @@ class RunDir:
                                      for v in values])
 
         write_atomic(self.path / LABEL_ISSUES, write)
-        self._written(LABEL_ISSUES)
+        self.written(LABEL_ISSUES)
 
     def label_issues(self) -> dict[str, np.ndarray]:
         """label_issues.csv's columns in id order (ints stay ints)."""
@@ -220,7 +220,7 @@ class RunDir:
 
     def write_out_of_fold(self, probs: np.ndarray, given: np.ndarray, **arrays: np.ndarray) -> None:
         write_out_of_fold(self.path / OUT_OF_FOLD, probs, given, **arrays)
-        self._written(OUT_OF_FOLD)
+        self.written(OUT_OF_FOLD)
 
     def out_of_fold(self) -> dict[str, np.ndarray]:
         return read_out_of_fold(self / OUT_OF_FOLD)
@@ -229,12 +229,12 @@ class RunDir:
         """Copy a Ray Train checkpoint's state file to `name` (model_best.pt / model_last.pt)."""
         source = Path(checkpoint_dir) / CHECKPOINT_FILE
         write_atomic(self.path / name, lambda p: p.write_bytes(source.read_bytes()))
-        self._written(name)
+        self.written(name)
 
     def write_audit(self, trained_ids: dict[tuple[int, int], np.ndarray], digests: list[dict]) -> None:
         if digests:
             (self.path / STATE_DIGESTS).write_text(json.dumps(digests, indent=1))
-            self._written(STATE_DIGESTS)
+            self.written(STATE_DIGESTS)
         if trained_ids:
             np.savez(self.path / AUDIT_IDS, **{f"epoch{e}_rank{r}": ids for (e, r), ids in sorted(trained_ids.items())})
-            self._written(AUDIT_IDS)
+            self.written(AUDIT_IDS)

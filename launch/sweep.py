@@ -24,7 +24,7 @@ from noisymix.distributed.folds import select
 from noisymix.distributed.runner import alongside_cpus, start_ray
 from noisymix.launch.config import Config, ConfigError, build_config
 from noisymix.launch.prepare import prepare
-from noisymix.launch.tune_spec import SHARED_FOLDS, SweepSpec, SweepSpecError, _placeholders, trial_values
+from noisymix.launch.tune_spec import SHARED_FOLDS, SweepSpec, SweepSpecError, with_table_placeholders, trial_values
 from noisymix.mixing.selectmix import CrossValConfig
 
 SPEC_FILE, TRIALS, FOLDS, TUNE_RUN = "spec.yaml", "trials", "folds", "tune"
@@ -57,20 +57,19 @@ def expected_trials(spec: SweepSpec) -> int:
     return spec.num_samples * math.prod(len(d.values) for d in spec.dimensions if d.kind == "grid")
 
 
+def fold_settings(values: dict) -> CrossValConfig:
+    """The fold stage's own knobs of a trial (any method's: a MixNN trial's clean_from table uses them too)."""
+    return CrossValConfig.from_values({k: values[k] for k in CrossValConfig.keys() if k in values and k != "oof_from"})
+
+
 def fold_key(values: dict, config: Config) -> str:
     """What decides a fold stage's out-of-fold table: the data, the seed, the training knobs the fold models
     read, and the folds' own (folds, fold_epochs, fold_select). Equal keys, equal tables."""
-    cv = CrossValConfig.from_values({k: values[k] for k in CrossValConfig.keys() if k in values and k != "oof_from"})
+    cv = fold_settings(values)
     train = {k: v for k, v in config.train.to_dict().items() if k not in NOT_READ_BY_FOLDS}
     decided = {"data": config.data.to_dict(), "seed": config.run.seed, "train": train,
                "folds": [cv.folds, cv.fold_epochs, cv.fold_select]}
     return hashlib.sha256(json.dumps(decided, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def fold_stage_config(values: dict, config: Config) -> CrossValConfig:
-    cv = CrossValConfig.from_values({k: values[k] for k in CrossValConfig.keys() if k in values and k != "oof_from"})
-    cv.resolve(config.resources.use_gpu)
-    return cv
 
 
 def run_fold_stage(values: dict, config: Config, folder: str, log) -> None:
@@ -79,7 +78,8 @@ def run_fold_stage(values: dict, config: Config, folder: str, log) -> None:
     from noisymix.launch.train import write_selection
 
     started = time.perf_counter()
-    cv = fold_stage_config(values, config)
+    cv = fold_settings(values)
+    cv.resolve(config.resources.use_gpu)
     data_dir = config.data.data_dir
     manifest = shards.load_manifest(data_dir)
     log(f"fold stage: {cv.folds} folds x {cv.fold_epochs} epochs, shared by every trial with these fold settings")
@@ -95,7 +95,7 @@ def with_shared_folds(values: dict, sweep_dir: str, registry, log) -> dict:
     """A SelectMix trial takes the sweep's out-of-fold table for its fold key (unless it names its own
     oof_from); a trial with clean_from=sweep takes the same table as its clean probabilities. The first trial
     of a key trains it."""
-    config = build_config(overrides=_placeholders(values))
+    config = build_config(overrides=with_table_placeholders(values))
     wants = ([("oof_from", values.get("oof_from"))] if config.method.uses_out_of_fold else []) + \
         [("clean_from", SHARED_FOLDS)] * (values.get("clean_from") == SHARED_FOLDS)
     keys = [key for key, given in wants if given in (None, SHARED_FOLDS)]
@@ -159,7 +159,7 @@ def absolute_paths(values: dict, origin: str) -> dict:
 def plan_concurrency(spec: SweepSpec, total_cpus: float, total_gpus: float, log) -> tuple[int, dict]:
     """(trials at once, keys set on every trial): each trial's workers reserve whole CPUs, so that
     max_concurrent trials never ask for more cores than the cluster has."""
-    configs = [build_config(overrides=_placeholders({**spec.base, "method": m})) for m in spec.methods()]
+    configs = [build_config(overrides=with_table_placeholders({**spec.base, "method": m})) for m in spec.methods()]
     resources = configs[0].resources
     workers = resources.num_workers
     alongside = max(alongside_cpus(c.method.task_resources()) for c in configs)
@@ -273,7 +273,7 @@ def run_sweep(spec: SweepSpec, log=print) -> dict:
     """Prepare the data once, run (or resume) the search, then write trials.csv, best.yaml and sweep.md."""
     from noisymix.launch.sweep_report import write_sweep_report
 
-    config = build_config(overrides=_placeholders(spec.base))
+    config = build_config(overrides=with_table_placeholders(spec.base))
     fresh = not Path(spec.sweep_dir).exists()
     try:
         data_dir = prepare(config.data, config.run.seed, log=log)
@@ -292,7 +292,10 @@ def run_sweep(spec: SweepSpec, log=print) -> dict:
         f"{spec.sweep_dir}")
     registry = FoldStageRegistry.remote()
     started = time.perf_counter()
-    grid = build_tuner(spec, at_once, placed, registry, resume, log).fit()
+    try:
+        grid = build_tuner(spec, at_once, placed, registry, resume, log).fit()
+    finally:
+        ray.kill(registry)
     ended = grid.num_terminated + grid.num_errors
     report = write_sweep_report(spec, grid, time.perf_counter() - started, log)
     if ended < expected_trials(spec):

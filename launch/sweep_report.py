@@ -14,7 +14,8 @@ from scipy.stats import spearmanr
 
 from noisymix.distributed.artifacts import RunDir
 from noisymix.launch.config import build_config
-from noisymix.launch.tune_spec import SHARED_FOLDS, SweepSpec, _placeholders
+from noisymix.launch.tracking import plot_curves
+from noisymix.launch.tune_spec import SHARED_FOLDS, SweepSpec, with_table_placeholders
 
 TRIALS_CSV, BEST_YAML, SWEEP_MD = "trials.csv", "best.yaml", "sweep.md"
 SCATTER_PNG, CURVES_PNG = "val_vs_test.png", "best_curves.png"
@@ -27,7 +28,7 @@ def trial_row(spec: SweepSpec, trial) -> dict:
     values = recorded.get("values") or {}
     run = RunDir(folder / "run")
     records = run.metrics() if (folder / "run").is_dir() else []
-    target = build_config(overrides=_placeholders(values)).train.epochs if values else None
+    target = build_config(overrides=with_table_placeholders(values)).train.epochs if values else None
     best = max(reversed(records), key=lambda r: r["val_acc"]) if records else None
     error = (run.status() or {}).get("error") if (folder / "run").is_dir() else None
     if trial.status == "ERROR":
@@ -122,18 +123,7 @@ def write_plots(rows: list[dict], best: dict | None, folder: Path) -> list[str]:
     plt.close(figure)
     names = [SCATTER_PNG]
     if best is not None:
-        records = best["_records"]
-        figure, axes = plt.subplots(figsize=(6, 4))
-        epochs = [r["epoch"] for r in records]
-        axes.plot(epochs, [r["val_acc"] for r in records], label="noisy validation")
-        axes.plot(epochs, [r["test_acc"] for r in records], label="test")
-        axes.set_xlabel("epoch")
-        axes.set_ylabel("accuracy")
-        axes.set_title(f"best trial {best['trial']} ({best['method']})")
-        axes.legend()
-        figure.tight_layout()
-        figure.savefig(folder / CURVES_PNG, dpi=110)
-        plt.close(figure)
+        plot_curves(best["_records"], folder / CURVES_PNG, f"best trial {best['trial']} ({best['method']})")
         names.append(CURVES_PNG)
     return names
 

@@ -23,6 +23,7 @@ from noisymix.launch.config import Config, ConfigError, changed_settings
 from noisymix.launch.errors import one_line, unnamed_file_error
 from noisymix.launch.prepare import prepare
 from noisymix.launch.report import Progress, summarize
+from noisymix.launch.tracking import CURVES, TensorBoardLog, plot_curves
 from noisymix.mixing.method import TRUE, Method
 from noisymix.selection.crossval import check_out_of_fold
 from noisymix.selection.report import LabelReport
@@ -35,6 +36,7 @@ class RunRecorder:
     def __init__(self, run: RunDir, method: Method, epochs: int, true_labels: np.ndarray | None, log,
                  on_epoch=None):
         self.run, self.method, self.true, self.on_epoch = run, method, true_labels, on_epoch
+        self.tensorboard = TensorBoardLog(run)
         self.progress = Progress(epochs, log)
         self.history: dict[int, dict] = {record["epoch"]: record for record in run.metrics()}  # a resumed run's
         self.belief_metrics: dict[int, dict] = {}
@@ -53,6 +55,7 @@ class RunRecorder:
         self.run.append_metrics(record)
         self.run.write_status("running", "training", epoch=record["epoch"])
         self.progress.epoch(record)
+        self.tensorboard.epoch(record)
         if self.on_epoch is not None:
             self.on_epoch(record)
 
@@ -233,6 +236,9 @@ def finish(config: Config, run: RunDir, recorder: RunRecorder, rounds: Selection
     summary["stage_times_s"] = stage_times
     summary["driver_peak_rss_mb"] = peak_rss_mb()
     summary["run_dir"] = run.location
+    recorder.tensorboard.close(config.to_dict(), stage_times)
+    plot_curves(records, run.path / CURVES, f"{config.method.name} on {manifest['dataset']}")
+    run.written(CURVES)
     run.write_summary(summary)
     run.write_status("finished", "done", **({"rounds": rounds.rounds} if rounds is not None else {}))
     return summary

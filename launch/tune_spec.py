@@ -83,7 +83,7 @@ class SweepSpec:
     def max_epochs(self) -> int:
         """The longest run a trial can have (ASHA's max_t)."""
         epochs = [v for d in self.dimensions if d.key == "epochs" for v in d.corners()]
-        return max(epochs or [build_config(overrides=_placeholders(self.base)).train.epochs])
+        return max(epochs or [build_config(overrides=with_table_placeholders(self.base)).train.epochs])
 
     def to_dict(self) -> dict:
         space: dict = {}
@@ -104,7 +104,7 @@ def trial_values(base: dict, params: dict) -> dict:
     return values
 
 
-def _placeholders(values: dict) -> dict:
+def with_table_placeholders(values: dict) -> dict:
     """Values with the sweep's shared out-of-fold table stood in by a file name, for validation only."""
     return {k: ("oof.npz" if v == SHARED_FOLDS and k in ("clean_from", "oof_from") else v) for k, v in values.items()}
 
@@ -176,7 +176,7 @@ def _check_trials(base: dict, dims: list[Dimension], methods: list[str]) -> None
                     values[dim.key] = value
                 where = f"method={method}" + (f", {dim.name}={value!r}" if dim is not None else "")
                 try:
-                    config = build_config(overrides=_placeholders(values))
+                    config = build_config(overrides=with_table_placeholders(values))
                 except ConfigError as exc:
                     raise SweepSpecError(f"{where}: {exc}") from exc
                 if dim is not None and dim.key in config.ignored:
@@ -244,7 +244,7 @@ def parse_sweep(raw, overrides: dict | None = None) -> SweepSpec:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise SweepSpecError(f"seed must be an integer, got {seed!r}")
     try:
-        build_config(overrides=_placeholders(base))
+        build_config(overrides=with_table_placeholders(base))
     except ConfigError as exc:
         raise SweepSpecError(f"base: {exc}") from exc
     methods_dim = space.get("method")

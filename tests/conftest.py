@@ -39,6 +39,22 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
+# The CE run every interrupted CE run is compared with (12 short epochs: an interrupt after epoch 2 lands while
+# the run still trains).
+CE_RUN = ["num_shards=4", "method=ce", "epochs=12"]
+
+
+@pytest.fixture(scope="session")
+def ce_whole(ray_session, digits_dir, tmp_path_factory):
+    """CE_RUN on the session's digits, uninterrupted. A bench cell or an object-store copy of the same data spec
+    reads byte-identical shards, so their interrupted-and-resumed runs must match it epoch for epoch."""
+    from noisymix.launch.cli import main
+
+    run = tmp_path_factory.mktemp("ce-whole") / "run"
+    assert main(["train", f"data_dir={digits_dir}", *CE_RUN, f"run_dir={run}"]) == 0
+    return run
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for every test that needs it (starting one costs seconds)."""

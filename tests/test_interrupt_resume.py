@@ -14,6 +14,8 @@ import yaml
 
 from noisymix.distributed.artifacts import RunDir
 
+from conftest import CE_RUN
+
 
 def noisymix(*args, cwd):
     return subprocess.Popen([sys.executable, "-m", "noisymix.launch.cli", *args], cwd=cwd, stdout=subprocess.PIPE,
@@ -49,7 +51,7 @@ def epochs(run_dir):
 
 # One SelectMix setting for the three SelectMix faults below, trained once uninterrupted: one fold at a time on
 # 2 CPUs (fold_cpus=2), so that a fold can be interrupted or killed while the others wait.
-SELECTMIX = ["method=selectmix", "epochs=6", "folds=3", "fold_epochs=3", "fold_cpus=2", "partner_source=global"]
+SELECTMIX = ["method=selectmix", "epochs=6", "folds=3", "fold_epochs=2", "fold_cpus=2", "partner_source=global"]
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +113,7 @@ def test_selectmix_interrupted_during_its_folds_keeps_the_finished_ones(selectmi
     assert not (cut / "folds" / "epoch0").exists(), "the fold cache goes once oof.npz holds the round"
 
 
-def test_an_interrupted_bench_resumes_its_cell_to_the_numbers_of_an_uninterrupted_run(ray_session, tmp_path):
+def test_an_interrupted_bench_resumes_its_cell_to_the_numbers_of_an_uninterrupted_run(ce_whole, tmp_path):
     spec = tmp_path / "tiny.yaml"
     spec.write_text(yaml.safe_dump({
         # 12 short epochs: the signal after epoch 2 must land while the cell still trains, however late the
@@ -126,8 +128,7 @@ def test_an_interrupted_bench_resumes_its_cell_to_the_numbers_of_an_uninterrupte
     assert RunDir(cell_run).status()["state"] == "interrupted"
     resumed = finish(bench, tmp_path)
     assert "resuming the interrupted run" in resumed
-    finish(["train", str(cell_run / "config.yaml"), f"run_dir={tmp_path / 'whole'}"], tmp_path)
-    assert epochs(cell_run) == epochs(tmp_path / "whole"), "the resumed cell equals an uninterrupted run"
+    assert epochs(cell_run) == epochs(ce_whole), "the resumed cell equals an uninterrupted run"
 
 
 @pytest.fixture
@@ -143,12 +144,10 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
-def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes_once_there_is_room(ray_session, digits_dir, tmp_path,
+def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes_once_there_is_room(ce_whole, digits_dir, tmp_path,
                                                                                 small_disk):
-    common = [f"data_dir={digits_dir}", "num_shards=4", "method=ce", "epochs=4"]
-    finish(["train", *common, f"run_dir={tmp_path / 'whole'}"], tmp_path)
     cut = small_disk / "run"
-    process = noisymix("train", *common, f"run_dir={cut}", cwd=tmp_path)
+    process = noisymix("train", f"data_dir={digits_dir}", *CE_RUN, f"run_dir={cut}", cwd=tmp_path)
     out, _ = process.communicate(timeout=600)
     last = out.strip().splitlines()[-1]
     assert process.returncode == 2 and last.startswith("noisymix: error: ") and "No space left on device" in last, out
@@ -156,7 +155,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes_once_there_is_room
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)   # room again
     resumed = finish(["train", f"resume={cut}"], tmp_path)
     assert "resuming the" in resumed
-    assert epochs(cut) == epochs(tmp_path / "whole"), "nothing lost: the epochs of an uninterrupted run"
+    assert epochs(cut) == epochs(ce_whole), "nothing lost: the epochs of an uninterrupted run"
     assert RunDir(cut).status()["state"] == "finished"
 
 

@@ -4,6 +4,7 @@ on 127.0.0.1, and stopped at the end)."""
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -65,7 +66,9 @@ def ray_head(tmp_path):
             time.sleep(2)
         yield ray_cli, address, env
     finally:
-        head.terminate()
+        # The head's process group holds every process of this cluster (and of no other): killing it is
+        # `ray stop` for this cluster alone, without its 30 s of graceful shutdown.
+        os.killpg(head.pid, signal.SIGKILL)
         head.wait(timeout=120)
         log.close()
         shutil.rmtree(temp, ignore_errors=True)

@@ -12,7 +12,7 @@ from noisymix.distributed.artifacts import RunDir
 from noisymix.launch.prepare import prepare
 from test_interrupt_resume import epochs, finish, interrupt_when, noisymix
 
-from conftest import make_config
+from conftest import CE_RUN, make_config
 
 
 @pytest.fixture(scope="module")
@@ -107,28 +107,22 @@ def test_a_url_without_a_dataset_is_refused_by_name(s3_endpoint):
             shards.load_manifest(url)
 
 
-@pytest.mark.slow
-def test_train_from_s3_into_s3_stop_and_resume_there(s3_digits, tmp_path, monkeypatch):
+def test_train_from_s3_into_s3_stop_and_resume_there(s3_digits, ce_whole, tmp_path, monkeypatch):
     url, _ = s3_digits
     monkeypatch.setenv("NOISYMIX_CACHE", str(tmp_path / "cache"))   # the runs' working copies
-    common = [f"data_dir={url}", "num_shards=4", "method=ce", "epochs=4"]
-    started = time.perf_counter()
-    finish(["train", *common, "run_dir=s3://nmx-runs/whole"], tmp_path)
-    whole_s = time.perf_counter() - started
     cut = "s3://nmx-runs/cut"
-    code, out = interrupt_when(noisymix("train", *common, f"run_dir={cut}", cwd=tmp_path), "epoch   2/4",
-                               signal.SIGINT)
+    code, out = interrupt_when(noisymix("train", f"data_dir={url}", *CE_RUN, f"run_dir={cut}", cwd=tmp_path),
+                               "epoch   2/12", signal.SIGINT)
     assert code == 130 and f"resume with: noisymix train resume={cut}" in out, out
     assert RunDir(cut).status()["state"] == "interrupted"
     assert RunDir(cut).latest_checkpoint_epoch() is not None, "Ray Train's checkpoints are in the store"
     resumed = finish(["train", f"resume={cut}"], tmp_path)
     assert "resuming the interrupted run" in resumed
-    assert epochs(cut) == epochs("s3://nmx-runs/whole"), "every epoch as in the uninterrupted run"
+    assert epochs(cut) == epochs(ce_whole), "every epoch as in an uninterrupted run (on the same data, kept locally)"
     names = storage.list_files(cut)
     assert {"summary.json", "model_best.pt", "model_last.pt", "metrics.jsonl", "status.json"} <= set(names)
     assert any(name.startswith("ray/train/checkpoint_") for name in names)
-    assert RunDir(cut).summary()["test_acc"] == RunDir("s3://nmx-runs/whole").summary()["test_acc"]
-    print(f"s3 round trip: a 4-epoch CE run from and into the store in {whole_s:.1f}s")
+    assert RunDir(cut).summary()["test_acc"] == RunDir(ce_whole).summary()["test_acc"]
 
 
 def test_a_bench_keeps_its_cells_in_the_store_and_reuses_them(s3_endpoint, tmp_path, monkeypatch):

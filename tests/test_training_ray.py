@@ -77,7 +77,8 @@ def test_two_workers_see_every_id_once_per_epoch_without_reading_true_labels(ray
     assert summary["test_acc"] == chosen["test_acc"], "headline is picked on noisy validation, not test"
     state = torch.load(run / "model_last.pt", weights_only=True)
     assert state["epoch"] == 1 and "model" in state and (run / "model_best.pt").is_file()
-    assert (run / "config.yaml").is_file()
+    assert (run / "config.yaml").is_file() and (run / "curves.png").is_file()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*")), "TensorBoard event files in the run directory"
 
 
 @pytest.mark.parametrize("method", [["method=selectmix", "folds=3", "fold_epochs=1"],

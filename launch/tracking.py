@@ -1,0 +1,81 @@
+"""Experiment tracking of a run: TensorBoard event files and curves.png in its run directory. A sweep's trials
+keep theirs in their own run directories, so `tensorboard --logdir SWEEP_DIR` shows them side by side."""
+
+from __future__ import annotations
+
+import numbers
+from pathlib import Path
+
+import yaml
+
+from noisymix.distributed.artifacts import RunDir
+
+TENSORBOARD, CURVES = "tensorboard", "curves.png"
+
+
+def scalars(record: dict, prefix: str = "") -> dict[str, float]:
+    """Every number of a record, nested ones named by path (detection/f1); the epoch itself is the step."""
+    found = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            found.update(scalars(value, f"{name}/"))
+        elif isinstance(value, numbers.Real) and not isinstance(value, bool) and key != "epoch":
+            found[name] = float(value)
+    return found
+
+
+class TensorBoardLog:
+    """Writes each epoch record's numbers as scalars (step = epochs done), and at the end the stage times and
+    the config as text. The event files live in the run's local folder (its working copy for a URL run, uploaded
+    when the run closes)."""
+
+    def __init__(self, run: RunDir):
+        self.run, self.writer = run, None
+
+    def _open(self):
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(self.run.path / TENSORBOARD))
+        return self.writer
+
+    def epoch(self, record: dict) -> None:
+        writer = self._open()
+        for name, value in scalars(record).items():
+            writer.add_scalar(name, value, global_step=record["epoch"] + 1)
+        writer.flush()
+
+    def close(self, config: dict, stage_times: dict | None = None) -> None:
+        writer = self._open()
+        writer.add_text("config", "\n".join(f"    {line}" for line in yaml.safe_dump(config).splitlines()))
+        for stage, seconds in (stage_times or {}).items():
+            writer.add_scalar(f"stage_time_s/{stage}", seconds)
+        writer.close()
+        for path in sorted((self.run.path / TENSORBOARD).glob("*")):
+            self.run.written(f"{TENSORBOARD}/{path.name}")
+
+
+def plot_curves(records: list[dict], path: Path, title: str) -> None:
+    """Noisy-validation and test accuracy per epoch, with the training loss on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] + 1 for r in records]
+    figure, axes = plt.subplots(figsize=(6, 4))
+    axes.plot(epochs, [r["val_acc"] for r in records], label="noisy validation accuracy")
+    axes.plot(epochs, [r["test_acc"] for r in records], label="test accuracy")
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("accuracy")
+    loss = axes.twinx()
+    loss.plot(epochs, [r["train_loss"] for r in records], color="grey", linestyle=":", label="training loss")
+    loss.set_ylabel("training loss")
+    axes.set_title(title)
+    lines = axes.get_legend_handles_labels()
+    extra = loss.get_legend_handles_labels()
+    axes.legend(lines[0] + extra[0], lines[1] + extra[1], loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
