@@ -89,15 +89,21 @@ def _check_config(cell: Cell) -> None:
                         f"(relative paths are read from the current directory, {Path.cwd()})")
 
 
+def spec_name(raw: dict, keys: tuple[str, ...], error: type[Exception]) -> str:
+    """A spec's name, after refusing keys it does not know; the name must be usable as a file name."""
+    unknown = sorted(set(raw) - set(keys))
+    if unknown:
+        raise error(f"unknown spec key(s): {', '.join(unknown)} (known: {', '.join(keys)})")
+    name = raw.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise error(f"name must be a file-name-safe string, got {name!r}")
+    return name
+
+
 def parse_spec(raw: dict) -> Spec:
     """Validate a spec mapping and expand it into cells: seed-major, settings and methods in spec order."""
     raw = _mapping(raw, "the spec")
-    unknown = sorted(set(raw) - set(SPEC_KEYS))
-    if unknown:
-        raise SpecError(f"unknown spec key(s): {', '.join(unknown)} (known: {', '.join(SPEC_KEYS)})")
-    name = raw.get("name")
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise SpecError(f"name must be a file-name-safe string, got {name!r}")
+    name = spec_name(raw, SPEC_KEYS, SpecError)
     base = _mapping(raw.get("base", {}), "base")
     settings = _mapping(raw.get("settings"), "settings")
     methods = _mapping(raw.get("methods"), "methods")
@@ -162,12 +168,16 @@ def parse_spec(raw: dict) -> Spec:
     return Spec(name, cells, setting_values, list(method_values), curves, base)
 
 
-def load_spec(path: str | Path) -> Spec:
+def read_spec_file(path: str | Path, error: type[Exception] = SpecError, what: str = "spec"):
+    """A spec file's YAML; a missing file or invalid YAML is `error`, naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise SpecError(f"spec file not found: {path}")
+        raise error(f"{what} file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise SpecError(f"spec {path} is not valid YAML: {exc}") from exc
-    return parse_spec(raw)
+        raise error(f"{what} {path} is not valid YAML: {exc}") from exc
+
+
+def load_spec(path: str | Path) -> Spec:
+    return parse_spec(read_spec_file(path))

@@ -7,12 +7,10 @@ key named after a method holds that method's own sub-space, used only by trials 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from noisymix.launch.bench_spec import read_spec_file, spec_name
 from noisymix.launch.config import ConfigError, build_config
 from noisymix.launch.prepare import DataSection
 from noisymix.mixing.method import method_class, method_names
@@ -218,12 +216,7 @@ def parse_sweep(raw, overrides: dict | None = None) -> SweepSpec:
         raise SweepSpecError(f"the spec must be a mapping, got {type(raw).__name__}")
     overrides = dict(overrides or {})
     raw = {**raw, **{k: overrides.pop(k) for k in list(overrides) if k in SPEC_KEYS}}
-    unknown = sorted(set(raw) - set(SPEC_KEYS))
-    if unknown:
-        raise SweepSpecError(f"unknown spec key(s): {', '.join(unknown)} (known: {', '.join(SPEC_KEYS)})")
-    name = raw.get("name")
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise SweepSpecError(f"name must be a file-name-safe string, got {name!r}")
+    name = spec_name(raw, SPEC_KEYS, SweepSpecError)
     base, space = raw.get("base", {}), raw.get("space")
     if not isinstance(base, dict):
         raise SweepSpecError(f"base must be a mapping of config keys, got {type(base).__name__}")
@@ -269,11 +262,4 @@ def parse_sweep(raw, overrides: dict | None = None) -> SweepSpec:
 
 
 def load_sweep(path: str | Path, overrides: dict | None = None) -> SweepSpec:
-    path = Path(path)
-    if not path.is_file():
-        raise SweepSpecError(f"sweep spec not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise SweepSpecError(f"sweep spec {path} is not valid YAML: {exc}") from exc
-    return parse_sweep(raw, overrides)
+    return parse_sweep(read_spec_file(path, SweepSpecError, "sweep spec"), overrides)
