@@ -9,9 +9,11 @@ method are accepted and set aside (`ignored`), so one recipe can serve several m
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 from pathlib import Path
 
 import yaml
@@ -19,24 +21,34 @@ import yaml
 from noisymix.distributed.engine import TrainSection
 from noisymix.distributed.settings import AuditSection, ResourcesSection
 from noisymix.launch.prepare import RETIRED_DATA_KEYS, DataSection
-from noisymix.mixing.config import ConfigError, Section
+from noisymix.mixing.config import ConfigError, Section, check_choice
 from noisymix.mixing.method import Method, method_class, method_knobs
 
 __all__ = ["Config", "ConfigError", "RunSection", "build_config", "config_from_record", "parse_overrides",
            "computed_values", "with_defaults"]
 
 
+TRACKERS = ("tensorboard", "mlflow")
+
+
 @dataclass
 class RunSection(Section):
-    """The run itself: which method, the seed of everything random, and where its directory goes."""
+    """The run itself: which method, the seed of everything random, where its directory goes, and where else its
+    records go (TensorBoard files in the run directory always; `tracking=mlflow` also logs to MLflow's
+    `tracking_uri`, default a local SQLite store `./mlflow.db`)."""
 
     method: str = "selectmix"
     seed: int = 0
     run_dir: str = "auto"
+    tracking: str = "tensorboard"
+    tracking_uri: Optional[str] = None
 
     def validate(self) -> None:
         super().validate()
         method_class(self.method)
+        check_choice("tracking", self.tracking, TRACKERS)
+        if self.tracking == "mlflow" and importlib.util.find_spec("mlflow") is None:
+            raise ConfigError("tracking=mlflow needs MLflow: pip install -e '.[mlflow]' (or mlflow-skinny)")
 
 
 # The sections every run has, in the order config.yaml lists their keys; the method's knobs follow `data`
@@ -45,7 +57,8 @@ SECTIONS = {"run": RunSection, "data": DataSection, "train": TrainSection, "reso
             "audit": AuditSection}
 # Keys that say where a run lives or how it talks to Ray, not what it computes.
 # Where things run, not what they compute (the index actor's CPUs, GPU and time budget included).
-PLACEMENT_KEYS = ("run_dir", "data_dir", "ray_address", "ray_logs", "index_cpus", "index_gpu", "index_budget_s")
+PLACEMENT_KEYS = ("run_dir", "data_dir", "ray_address", "ray_logs", "index_cpus", "index_gpu", "index_budget_s",
+                  "tracking", "tracking_uri")
 # Keys added with a default that changed behaviour: the value that reproduces what runs recorded before
 # the key existed computed (their fold models predicted after their last epoch).
 BEFORE_KEY_EXISTED = {"selectmix": {"fold_select": "last"}}

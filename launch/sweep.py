@@ -163,16 +163,25 @@ def plan_concurrency(spec: SweepSpec, total_cpus: float, total_gpus: float, log)
     resources = configs[0].resources
     workers = resources.num_workers
     alongside = max(alongside_cpus(c.method.task_resources()) for c in configs)
-    per_worker = resources.cpus_per_worker or max(1, int((total_cpus / spec.max_concurrent - alongside) // workers))
+    if resources.cpus_per_worker:
+        per_worker = resources.cpus_per_worker
+    else:   # as a single run: one CPU per GPU worker, else the cluster's CPUs split between the trials' workers
+        per_worker = 1 if resources.use_gpu else max(1, int((total_cpus / spec.max_concurrent - alongside) // workers))
     per_trial = workers * per_worker + alongside
     fits = int(total_cpus // per_trial)
     if resources.use_gpu:
         fits = min(fits, int(total_gpus // workers))
+    if resources.wait_for_resources:   # an autoscaling cluster: trials whose workers cannot be placed yet wait
+        if fits < spec.max_concurrent:
+            log(f"max_concurrent={spec.max_concurrent}: the cluster holds {fits} trial(s) now; the others wait for "
+                "the autoscaler (wait_for_resources=true)")
+        return spec.max_concurrent, {"cpus_per_worker": float(per_worker)}
     if fits < 1:
         raise ConfigError(f"one trial needs {per_trial:g} CPUs ({workers} workers x {per_worker:g}"
                           f"{f' + {alongside:g} alongside' if alongside else ''})"
                           f"{f' and {workers} GPUs' if resources.use_gpu else ''}; the cluster has {total_cpus:g} "
-                          f"CPUs and {total_gpus:g} GPUs")
+                          f"CPUs and {total_gpus:g} GPUs: ask for less, or set wait_for_resources=true on an "
+                          "autoscaling cluster")
     at_once = min(spec.max_concurrent, fits)
     if at_once < spec.max_concurrent:
         log(f"max_concurrent={spec.max_concurrent} lowered to {at_once}: each trial reserves {per_trial:g} CPUs "

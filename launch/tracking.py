@@ -56,6 +56,42 @@ class TensorBoardLog:
             self.run.written(f"{TENSORBOARD}/{path.name}")
 
 
+class MLflowLog:
+    """`tracking=mlflow`: the run's config as parameters, each epoch's numbers as metrics (step = epochs done), and
+    its output files as artefacts, in an MLflow run named after the run directory (experiment `noisymix`)."""
+
+    ARTEFACTS = ("config.yaml", "summary.json", "metrics.jsonl", "label_issues.csv", "curves.png")
+
+    def __init__(self, run: RunDir, config: dict, uri: str | None):
+        import mlflow
+
+        self.mlflow, self.run = mlflow, run
+        # MLflow 3 refuses its old folder store unless told otherwise: the local default is a SQLite file.
+        mlflow.set_tracking_uri(uri or f"sqlite:///{Path('mlflow.db').resolve()}")
+        mlflow.set_experiment("noisymix")
+        self.active = mlflow.start_run(run_name=Path(run.location).name, tags={"run_dir": run.location})
+        # MLflow caps a parameter value at 6000 characters; a config value is far below it.
+        mlflow.log_params({key: str(value) for key, value in config.items()})
+
+    def epoch(self, record: dict) -> None:
+        self.mlflow.log_metrics(scalars(record), step=record["epoch"] + 1)
+
+    def close(self, config: dict, stage_times: dict | None = None) -> None:
+        self.mlflow.log_metrics({f"stage_time_s/{k}": v for k, v in (stage_times or {}).items()})
+        for name in self.ARTEFACTS:
+            if (self.run.path / name).is_file():
+                self.mlflow.log_artifact(str(self.run.path / name))
+        self.mlflow.end_run()
+
+
+def trackers(run: RunDir, config: dict) -> list:
+    """TensorBoard always; MLflow too with tracking=mlflow."""
+    found = [TensorBoardLog(run)]
+    if config.get("tracking") == "mlflow":
+        found.append(MLflowLog(run, config, config.get("tracking_uri")))
+    return found
+
+
 def plot_curves(records: list[dict], path: Path, title: str) -> None:
     """Noisy-validation and test accuracy per epoch, with the training loss on a second axis."""
     import matplotlib

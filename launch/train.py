@@ -23,7 +23,7 @@ from noisymix.launch.config import Config, ConfigError, changed_settings
 from noisymix.launch.errors import one_line, unnamed_file_error
 from noisymix.launch.prepare import prepare
 from noisymix.launch.report import Progress, summarize
-from noisymix.launch.tracking import CURVES, TensorBoardLog, plot_curves
+from noisymix.launch.tracking import CURVES, plot_curves, trackers
 from noisymix.mixing.method import TRUE, Method
 from noisymix.selection.crossval import check_out_of_fold
 from noisymix.selection.report import LabelReport
@@ -34,9 +34,9 @@ class RunRecorder:
     against true labels when the driver has them), and the id/state audits of the tests."""
 
     def __init__(self, run: RunDir, method: Method, epochs: int, true_labels: np.ndarray | None, log,
-                 on_epoch=None):
+                 on_epoch=None, trackers: list | None = None):
         self.run, self.method, self.true, self.on_epoch = run, method, true_labels, on_epoch
-        self.tensorboard = TensorBoardLog(run)
+        self.trackers = trackers or []
         self.progress = Progress(epochs, log)
         self.history: dict[int, dict] = {record["epoch"]: record for record in run.metrics()}  # a resumed run's
         self.belief_metrics: dict[int, dict] = {}
@@ -55,7 +55,8 @@ class RunRecorder:
         self.run.append_metrics(record)
         self.run.write_status("running", "training", epoch=record["epoch"])
         self.progress.epoch(record)
-        self.tensorboard.epoch(record)
+        for tracker in self.trackers:
+            tracker.epoch(record)
         if self.on_epoch is not None:
             self.on_epoch(record)
 
@@ -236,10 +237,11 @@ def finish(config: Config, run: RunDir, recorder: RunRecorder, rounds: Selection
     summary["stage_times_s"] = stage_times
     summary["driver_peak_rss_mb"] = peak_rss_mb()
     summary["run_dir"] = run.location
-    recorder.tensorboard.close(config.to_dict(), stage_times)
     plot_curves(records, run.path / CURVES, f"{config.method.name} on {manifest['dataset']}")
     run.written(CURVES)
     run.write_summary(summary)
+    for tracker in recorder.trackers:
+        tracker.close(config.to_dict(), stage_times)
     run.write_status("finished", "done", **({"rounds": rounds.rounds} if rounds is not None else {}))
     return summary
 
@@ -322,7 +324,8 @@ def run_stages(config: Config, run: RunDir, data_dir: str, manifest: dict, fixed
     # True labels are read for evaluating the method's beliefs only; they stay on the driver.
     true_labels = (shards.load_labels(data_dir, manifest, label_key=shards.TRUE_LABEL)
                    if manifest["has_true_labels"] and method.reports_labels else None)
-    recorder = RunRecorder(run, method, config.train.epochs, true_labels, log, on_epoch)
+    recorder = RunRecorder(run, method, config.train.epochs, true_labels, log, on_epoch,
+                           trackers(run, config.to_dict()))
     rounds = SelectionRounds(config, data_dir, manifest, run, recorder, log) if method.uses_out_of_fold else None
     job = WorkerJob(method, config.train, config.audit, config.run.seed, data_dir, manifest, config.train.epochs,
                     index_name=f"noisymix-index-{uuid.uuid4().hex[:8]}",

@@ -29,3 +29,35 @@ def test_a_run_writes_event_files_tensorboard_reads_back_and_its_curves(tmp_path
     assert "lr: 0.05" in events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
     plot_curves(RECORDS, tmp_path / "curves.png", "mixnn on digits")
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mlflow_tracking_logs_params_metrics_and_artefacts_to_a_local_store(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from noisymix.launch.tracking import MLflowLog
+
+    run = RunDir(tmp_path / "run")
+    run.create()
+    (tmp_path / "run" / "summary.json").write_text('{"test_acc": 0.9}')
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    log = MLflowLog(run, {"method": "mixnn", "lr": 0.05, "tracking": "mlflow"}, uri)
+    for record in RECORDS:
+        log.epoch(record)
+    log.close({}, {"main_training": 12.5})
+    client = MlflowClient(uri)
+    [logged] = client.search_runs([client.get_experiment_by_name("noisymix").experiment_id])
+    assert logged.info.run_name == "run" and logged.info.status == "FINISHED"
+    assert logged.data.params["lr"] == "0.05" and logged.data.tags["run_dir"] == str(tmp_path / "run")
+    history = client.get_metric_history(logged.info.run_id, "val_acc")
+    assert [(m.step, round(m.value, 4)) for m in history] == [(1, 0.3), (2, 0.4), (3, 0.5)]
+    assert logged.data.metrics["detection/f1"] == 0.62 and logged.data.metrics["stage_time_s/main_training"] == 12.5
+    assert [a.path for a in client.list_artifacts(logged.info.run_id)] == ["summary.json"]
+
+
+def test_tracking_takes_known_trackers_only():
+    import pytest
+
+    from noisymix.launch.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match="tracking='wandb' is not one of tensorboard, mlflow"):
+        build_config(overrides={"tracking": "wandb"})

@@ -92,7 +92,8 @@ def test_the_search_never_reads_test_labels(ray_session, digits_dir, tmp_path):
     for name, data in (("clean", digits_dir), ("poisoned", poisoned)):
         spec = parse_sweep({
             "name": name, "sweep_dir": str(tmp_path / name), "max_concurrent": 1, "num_samples": 1,
-            "base": {"data_dir": str(data), "method": "ce", "epochs": 2, "num_shards": 4},
+            # One CPU per worker: the trials never wait on a CPU another test's Ray Train run still holds.
+            "base": {"data_dir": str(data), "method": "ce", "epochs": 2, "num_shards": 4, "cpus_per_worker": 1},
             "space": {"lr": {"grid": [0.05, 0.00001]}},
             "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2}})
         report = run_sweep(spec, log=lambda line: None)

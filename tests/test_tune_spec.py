@@ -96,6 +96,13 @@ def test_concurrency_never_asks_for_more_cores_than_the_cluster_has():
     assert plan_concurrency(parse_sweep(wide), 8.0, 0.0, lines.append) == (2, {"cpus_per_worker": 2.0})
     with pytest.raises(ConfigError, match="one trial needs 6 CPUs"):
         plan_concurrency(parse_sweep(spec(base={**BASE, "num_workers": 2, "cpus_per_worker": 3.0})), 4.0, 0.0, print)
+    gpus = spec(max_concurrent=4, base={**BASE, "num_workers": 2, "use_gpu": True, "num_shards": 8})
+    assert plan_concurrency(parse_sweep(gpus), 16.0, 4.0, lines.append) == (2, {"cpus_per_worker": 1.0})
+    with pytest.raises(ConfigError, match="and 2 GPUs; the cluster has 4 CPUs and 0 GPUs"):
+        plan_concurrency(parse_sweep(gpus), 4.0, 0.0, print)
+    waiting = spec(max_concurrent=4, base={**BASE, "num_workers": 2, "use_gpu": True, "num_shards": 8, "wait_for_resources": True})
+    assert plan_concurrency(parse_sweep(waiting), 4.0, 0.0, lines.append) == (4, {"cpus_per_worker": 1.0})
+    assert lines[-1].startswith("max_concurrent=4: the cluster holds 0 trial(s) now; the others wait")
 
 
 def test_the_fold_key_follows_what_the_folds_read_and_nothing_else():
