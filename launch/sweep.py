@@ -199,7 +199,7 @@ class TrialLines(tune.Callback):
         self.ended += 1
         values = trial_values(self.spec.base, trial.config)
         searched = " ".join(f"{d.name}={_short(_param(trial.config, d))}" for d in self.spec.dimensions
-                            if d.method in (None, values.get("method")))
+                            if d.applies_to(values.get("method")))
         best = trial.metric_analysis.get(self.spec.metric, {}).get(self.spec.mode)
         done = (trial.last_result or {}).get(EPOCHS_DONE, 0)
         score = f"best {self.spec.metric} {best:.4f} in {done} epochs" if best is not None else "no epoch reported"

@@ -43,7 +43,7 @@ def trial_row(spec: SweepSpec, trial) -> dict:
     fold_table = recorded.get("run_values", {}).get("oof_from") or recorded.get("run_values", {}).get("clean_from")
     method = values.get("method", "")
     row = {"trial": trial.trial_id, "method": method,
-           **{d.name: _param(trial.config, d) if d.method in (None, method) else None for d in searched(spec)},
+           **{d.name: _param(trial.config, d) if d.applies_to(method) else None for d in searched(spec)},
            "status": status, "epochs_run": len(records), "epochs": target,
            "best_val_acc": best["val_acc"] if best else None, "best_epoch": best["epoch"] + 1 if best else None,
            "test_acc_at_best_val": best["test_acc"] if best else None,

@@ -46,6 +46,10 @@ class Dimension:
         """The parameter's name in tables: a sub-space key is prefixed with its method."""
         return f"{self.method}.{self.key}" if self.method else self.key
 
+    def applies_to(self, method: str | None) -> bool:
+        """Whether a trial of `method` samples this dimension: top-level ones always, a sub-space its method's."""
+        return self.method is None or self.method == method
+
     def corners(self) -> list:
         """The values that bound what the dimension can take: each choice, or both ends of a range."""
         if self.kind in ("choice", "grid"):
@@ -164,7 +168,7 @@ def _check_trials(base: dict, dims: list[Dimension], methods: list[str]) -> None
     key cannot take stops the sweep before its first trial."""
     for method in methods:
         own = set(method_class(method).Config.keys())
-        for dim in [d for d in dims if d.method in (None, method)] or [None]:
+        for dim in [d for d in dims if d.applies_to(method)] or [None]:
             if dim is not None and dim.method == method and dim.key not in own:
                 raise SweepSpecError(f"space.{method}.{dim.key}: {method} has no knob {dim.key} "
                                      f"(its knobs: {', '.join(sorted(own))})")
