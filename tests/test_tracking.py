@@ -31,7 +31,8 @@ def test_a_run_writes_event_files_tensorboard_reads_back_and_its_curves(tmp_path
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_mlflow_tracking_logs_params_metrics_and_artefacts_to_a_local_store(tmp_path):
+def test_mlflow_tracking_logs_params_metrics_and_artefacts_to_a_local_store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)   # a SQLite store keeps artefacts in ./mlruns beside the working directory
     from mlflow.tracking import MlflowClient
 
     from noisymix.launch.tracking import MLflowLog
