@@ -6,6 +6,7 @@ import dataclasses
 import os
 import queue
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -29,12 +30,27 @@ def start_ray(address: str | None = None, show_logs: bool = False) -> None:
     """
     if ray.is_initialized():
         return
+    dashboard = {}
     if address is None:
         # Ray Train's controller polls workers every 2 s by default, and a report waits for the
         # previous one to be taken: that paces every epoch shorter than 2 s (the digits job).
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    ray.init(address=address, dashboard_host="127.0.0.1", logging_level="WARNING", log_to_driver=show_logs)
+        dashboard["dashboard_port"] = own_state_api()
+    ray.init(address=address, dashboard_host="127.0.0.1", logging_level="WARNING", log_to_driver=show_logs,
+             **dashboard)
     forward_sigterm_as_sigint()   # after ray.init, whose own SIGTERM handler aborts the process
+
+
+def own_state_api() -> int:
+    """A free port for a local cluster's dashboard, named in RAY_API_SERVER_ADDRESS for every process the
+    cluster starts (they inherit this environment). Ray Train's placement-group cleaner asks the State API
+    whether a controller is alive; with a second Ray instance on the machine it cannot tell which cluster to
+    ask, its monitor dies, and a trial that Tune stops keeps its workers' CPUs reserved (the sweep waits forever)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    return port
 
 
 def worker_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool,

@@ -42,7 +42,8 @@ def ray_head(tmp_path):
     agent_ports = {flag: free_port() for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
                                                    "--metrics-export-port", "--runtime-env-agent-port",
                                                    "--ray-client-server-port")}
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    # Its processes ask their own State API, however many Ray instances the machine runs (runner.own_state_api).
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}"}
     beside = Path(sys.executable).with_name("ray")   # the ray of this interpreter, else the one on PATH
     ray_cli = str(beside) if beside.is_file() else shutil.which("ray")
     assert ray_cli, "the ray command is not installed beside this Python nor on PATH"
@@ -75,7 +76,15 @@ def ray_head(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_submitted_as_a_ray_job_trains_on_the_cluster(ray_head, digits_dir, tmp_path):
+def test_a_run_submitted_as_a_ray_job_trains_on_the_cluster(ray_session, ray_head, digits_dir, tmp_path):
+    # Two Ray instances on this machine now (the session's and this head): a process of the session's cluster
+    # still reaches its own State API, which Ray Train's placement-group cleaner needs.
+    def alive_actors() -> int:   # nested: shipped to the worker by value (this test module is not importable there)
+        from ray.util.state import list_actors
+
+        return len(list_actors(filters=[("state", "=", "ALIVE")]))
+
+    assert ray_session.get(ray_session.remote(alive_actors).remote()) >= 0, "raises when it cannot tell the cluster"
     ray_cli, address, env = ray_head
     run_dir = tmp_path / "run"
     submitted = subprocess.run(
