@@ -3,14 +3,16 @@ keep theirs in their own run directories, so `tensorboard --logdir SWEEP_DIR` sh
 
 from __future__ import annotations
 
+import json
 import numbers
+import time
 from pathlib import Path
 
 import yaml
 
-from noisymix.distributed.artifacts import RunDir
+from noisymix.distributed.artifacts import RunDir, write_json_atomic
 
-TENSORBOARD, CURVES = "tensorboard", "curves.png"
+TENSORBOARD, CURVES, MLFLOW_RUN = "tensorboard", "curves.png", "mlflow.json"
 
 
 def scalars(record: dict, prefix: str = "") -> dict[str, float]:
@@ -52,36 +54,85 @@ class TensorBoardLog:
         for stage, seconds in (stage_times or {}).items():
             writer.add_scalar(f"stage_time_s/{stage}", seconds)
         writer.close()
+        self._upload()
+
+    def abandon(self, interrupted: bool) -> None:
+        """A run that stops early keeps the epochs it logged."""
+        if self.writer is not None:
+            self.writer.close()
+            self._upload()
+
+    def _upload(self) -> None:
         for path in sorted((self.run.path / TENSORBOARD).glob("*")):
             self.run.written(f"{TENSORBOARD}/{path.name}")
 
 
 class MLflowLog:
     """`tracking=mlflow`: the run's config as parameters, each epoch's numbers as metrics (step = epochs done), and
-    its output files as artefacts, in an MLflow run named after the run directory (experiment `noisymix`)."""
+    its output files as artefacts, in an MLflow run named after the run directory (experiment `noisymix`).
+
+    Every call names the MLflow run by id (MlflowClient), never MLflow's active run: that is thread-local, and a
+    metric logged from another thread would open a second run. A resumed run directory continues its MLflow run
+    (mlflow.json holds its id); a run that fails or is interrupted ends its MLflow run FAILED or KILLED."""
 
     ARTEFACTS = ("config.yaml", "summary.json", "metrics.jsonl", "label_issues.csv", "curves.png")
+    EXPERIMENT = "noisymix"
 
     def __init__(self, run: RunDir, config: dict, uri: str | None):
-        import mlflow
+        from mlflow.tracking import MlflowClient
 
-        self.mlflow, self.run = mlflow, run
+        self.run = run
         # MLflow 3 refuses its old folder store unless told otherwise: the local default is a SQLite file.
-        mlflow.set_tracking_uri(uri or f"sqlite:///{Path('mlflow.db').resolve()}")
-        mlflow.set_experiment("noisymix")
-        self.active = mlflow.start_run(run_name=Path(run.location).name, tags={"run_dir": run.location})
+        self.uri = uri or f"sqlite:///{Path('mlflow.db').resolve()}"
+        self.client = MlflowClient(self.uri)
+        self.run_id = self._resumed() or self._started(config)
+
+    def _resumed(self) -> str | None:
+        """The MLflow run this run directory logged to before it was interrupted, in the same store."""
+        from mlflow.exceptions import MlflowException
+
+        if not self.run.exists(MLFLOW_RUN):
+            return None
+        known = json.loads((self.run / MLFLOW_RUN).read_text())
+        if known.get("uri") != self.uri:
+            return None
+        try:
+            self.client.update_run(known["run_id"], status="RUNNING")
+        except MlflowException:   # deleted from the store since: log to a new run
+            return None
+        return known["run_id"]
+
+    def _started(self, config: dict) -> str:
+        from mlflow.entities import Param
+
+        experiment = self.client.get_experiment_by_name(self.EXPERIMENT)
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(self.EXPERIMENT)
+        run_id = self.client.create_run(experiment_id, run_name=Path(self.run.location).name,
+                                        tags={"run_dir": self.run.location}).info.run_id
         # MLflow caps a parameter value at 6000 characters; a config value is far below it.
-        mlflow.log_params({key: str(value) for key, value in config.items()})
+        self.client.log_batch(run_id, params=[Param(key, str(value)) for key, value in config.items()])
+        write_json_atomic(self.run.path / MLFLOW_RUN, {"uri": self.uri, "run_id": run_id})
+        self.run.written(MLFLOW_RUN)
+        return run_id
+
+    def _metrics(self, values: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, stamp, step) for k, v in values.items()])
 
     def epoch(self, record: dict) -> None:
-        self.mlflow.log_metrics(scalars(record), step=record["epoch"] + 1)
+        self._metrics(scalars(record), record["epoch"] + 1)
 
     def close(self, config: dict, stage_times: dict | None = None) -> None:
-        self.mlflow.log_metrics({f"stage_time_s/{k}": v for k, v in (stage_times or {}).items()})
+        self._metrics({f"stage_time_s/{k}": v for k, v in (stage_times or {}).items()}, 0)
         for name in self.ARTEFACTS:
             if (self.run.path / name).is_file():
-                self.mlflow.log_artifact(str(self.run.path / name))
-        self.mlflow.end_run()
+                self.client.log_artifact(self.run_id, str(self.run.path / name))
+        self.client.set_terminated(self.run_id, "FINISHED")
+
+    def abandon(self, interrupted: bool) -> None:
+        self.client.set_terminated(self.run_id, "KILLED" if interrupted else "FAILED")
 
 
 def trackers(run: RunDir, config: dict) -> list:
@@ -90,6 +141,16 @@ def trackers(run: RunDir, config: dict) -> list:
     if config.get("tracking") == "mlflow":
         found.append(MLflowLog(run, config, config.get("tracking_uri")))
     return found
+
+
+def abandon(tracked: list, exc: BaseException) -> None:
+    """End each tracker of a run that stopped early (KILLED for an interruption, FAILED otherwise). Best effort:
+    the error that stopped the run is the one to report."""
+    for tracker in tracked:
+        try:
+            tracker.abandon(isinstance(exc, KeyboardInterrupt))
+        except Exception:
+            pass
 
 
 def plot_curves(records: list[dict], path: Path, title: str) -> None:

@@ -23,7 +23,7 @@ from noisymix.launch.config import Config, ConfigError, changed_settings
 from noisymix.launch.errors import one_line, unnamed_file_error
 from noisymix.launch.prepare import prepare
 from noisymix.launch.report import Progress, summarize
-from noisymix.launch.tracking import CURVES, plot_curves, trackers
+from noisymix.launch.tracking import CURVES, abandon, plot_curves, trackers
 from noisymix.mixing.method import TRUE, Method
 from noisymix.selection.crossval import check_out_of_fold
 from noisymix.selection.report import LabelReport
@@ -119,8 +119,8 @@ class SelectionRounds:
         table = selection.table
         write_selection(self.run, selection)
         self.log(f"selection: {int(table.uncertain.sum())} of {len(table.uncertain)} samples flagged "
-                 f"({table.uncertain.mean():.1%}) in {selection.seconds:.1f}s; fold epochs kept: "
-                 f"{[run['kept_epoch'] for run in selection.fold_runs]}"
+                 f"({table.uncertain.mean():.1%}) in {selection.seconds:.1f}s"
+                 + (f"; fold epochs kept: {[run['kept_epoch'] for run in selection.fold_runs]}" if not reused else "")
                  + (f"; classes with no trusted sample use every sample predicted as them: {table.fallback_classes}"
                     if table.fallback_classes else ""))
         info = {"epoch": epoch, "seconds": selection.seconds, "flagged": int(table.uncertain.sum()),
@@ -151,7 +151,7 @@ def preflight(config: Config, log) -> tuple[str, dict]:
         raise ConfigError(f"method={method.name} trains on true labels, and {data_dir} has none (real-noise dataset)")
     tables = [path for path in (method.out_of_fold_file(), method.fixed_clean_file()) if path]
     for path in tables:
-        if not Path(path).is_file():
+        if not storage.is_file(path):
             raise ConfigError(f"out-of-fold table {path} is not a file (oof_from and clean_from name the oof.npz "
                               "of an earlier SelectMix run)")
     if tables:
@@ -326,31 +326,42 @@ def run_stages(config: Config, run: RunDir, data_dir: str, manifest: dict, fixed
                    if manifest["has_true_labels"] and method.reports_labels else None)
     recorder = RunRecorder(run, method, config.train.epochs, true_labels, log, on_epoch,
                            trackers(run, config.to_dict()))
-    rounds = SelectionRounds(config, data_dir, manifest, run, recorder, log) if method.uses_out_of_fold else None
-    job = WorkerJob(method, config.train, config.audit, config.run.seed, data_dir, manifest, config.train.epochs,
-                    index_name=f"noisymix-index-{uuid.uuid4().hex[:8]}",
-                    fixed_clean=None if fixed_clean is None else ray.put(fixed_clean))
-    stage_times, result = {"main_training": 0.0}, None
-    trained_to = run.latest_checkpoint_epoch()   # a resumed run's latest checkpoint
     try:
-        for first, stop in segments(method, config.train.epochs):
-            if trained_to is not None and stop - 1 <= trained_to and stop < config.train.epochs:
-                continue   # a segment a resumed run had finished
-            if rounds is not None:
-                if not rounds.done_at(first):
-                    init = None if first == 0 else model_weights(result.checkpoint if result else latest(run))
-                    rounds.run_round(first, init)
-                job = dataclasses.replace(job, table=rounds.latest.table_ref)
-            run.write_status("running", "training", **({"rounds": rounds.rounds} if rounds else {}))
-            segment_started = time.perf_counter()
-            # Segments share the Ray Train run: each resumes from the previous one's checkpoint.
-            result = run_trainer(dataclasses.replace(job, stop_epoch=stop), config.resources, run.ray_storage,
-                                 recorder.on_message, RAY_RUN)
-            stage_times["main_training"] += time.perf_counter() - segment_started
-    finally:
-        recorder.close()
-    run.write_status("running", "writing the outputs", **({"rounds": rounds.rounds} if rounds else {}))
-    return finish(config, run, recorder, rounds, result, manifest, stage_times, started)
+        rounds = SelectionRounds(config, data_dir, manifest, run, recorder, log) if method.uses_out_of_fold else None
+        job = WorkerJob(method, config.train, config.audit, config.run.seed, data_dir, manifest, config.train.epochs,
+                        index_name=f"noisymix-index-{uuid.uuid4().hex[:8]}",
+                        fixed_clean=None if fixed_clean is None else ray.put(fixed_clean))
+        try:
+            result, seconds = train_segments(config, run, job, rounds, recorder)
+        finally:
+            recorder.close()
+        run.write_status("running", "writing the outputs", **({"rounds": rounds.rounds} if rounds else {}))
+        return finish(config, run, recorder, rounds, result, manifest, {"main_training": seconds}, started)
+    except BaseException as exc:
+        abandon(recorder.trackers, exc)
+        raise
+
+
+def train_segments(config: Config, run: RunDir, job: WorkerJob, rounds, recorder: RunRecorder) -> tuple:
+    """The training segments between selection rounds (one for methods without rounds), skipping those a resumed
+    run had finished; returns Ray Train's last result and the seconds spent training."""
+    result, seconds = None, 0.0
+    trained_to = run.latest_checkpoint_epoch()   # a resumed run's latest checkpoint
+    for first, stop in segments(config.method, config.train.epochs):
+        if trained_to is not None and stop - 1 <= trained_to and stop < config.train.epochs:
+            continue   # a segment a resumed run had finished
+        if rounds is not None:
+            if not rounds.done_at(first):
+                init = None if first == 0 else model_weights(result.checkpoint if result else latest(run))
+                rounds.run_round(first, init)
+            job = dataclasses.replace(job, table=rounds.latest.table_ref)
+        run.write_status("running", "training", **({"rounds": rounds.rounds} if rounds else {}))
+        segment_started = time.perf_counter()
+        # Segments share the Ray Train run: each resumes from the previous one's checkpoint.
+        result = run_trainer(dataclasses.replace(job, stop_epoch=stop), config.resources, run.ray_storage,
+                             recorder.on_message, RAY_RUN)
+        seconds += time.perf_counter() - segment_started
+    return result, seconds
 
 
 def latest(run: RunDir):

@@ -66,7 +66,26 @@ def test_an_interrupted_mixnn_run_resumes_to_the_numbers_of_an_uninterrupted_one
     common = [f"data_dir={digits_dir}", "num_shards=4", "method=mixnn", "epochs=5", "warmup=1", "es=2",
               "num_workers=2"]
     finish(["train", *common, f"run_dir={tmp_path / 'whole'}"], tmp_path)
-    interrupted_then_resumed(common, tmp_path / "whole", tmp_path, "epoch   3/5", signal.SIGTERM)
+    # The interrupted run is tracked in MLflow too: two workers, one MLflow run, KILLED, then FINISHED on resume.
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+
+    def mlflow_runs():
+        return client.search_runs([client.get_experiment_by_name("noisymix").experiment_id])
+
+    def stopped(cut):
+        [logged] = mlflow_runs()
+        assert logged.info.status == "KILLED" and logged.data.params["num_workers"] == "2"
+
+    interrupted_then_resumed([*common, "tracking=mlflow", f"tracking_uri={uri}"], tmp_path / "whole", tmp_path,
+                             "epoch   3/5", signal.SIGTERM, stopped)
+    [logged] = mlflow_runs()
+    assert logged.info.status == "FINISHED" and logged.info.run_name == "cut"
+    history = {m.step: m.value for m in client.get_metric_history(logged.info.run_id, "val_acc")}
+    assert history == {r["epoch"] + 1: r["val_acc"] for r in RunDir(tmp_path / "cut").metrics()}
+    assert "summary.json" in [a.path for a in client.list_artifacts(logged.info.run_id)]
 
 
 def test_selectmix_interrupted_in_training_resumes_its_selection_and_its_numbers(selectmix_whole, digits_dir,
@@ -75,13 +94,16 @@ def test_selectmix_interrupted_in_training_resumes_its_selection_and_its_numbers
                              "epoch   1/6", signal.SIGINT)
 
 
-def interrupted_then_resumed(common: list[str], whole, tmp_path, pattern: str, sig) -> None:
-    """Stop a run with `sig` once `pattern` is printed, resume it, and compare it with the uninterrupted `whole`."""
+def interrupted_then_resumed(common: list[str], whole, tmp_path, pattern: str, sig, stopped=None) -> None:
+    """Stop a run with `sig` once `pattern` is printed (then call `stopped(cut)`), resume it, and compare it with
+    the uninterrupted `whole`."""
     cut = tmp_path / "cut"
     code, out = interrupt_when(noisymix("train", *common, f"run_dir={cut}", cwd=tmp_path), pattern, sig)
     assert code == 130 and f"resume with: noisymix train resume={cut}" in out.strip().splitlines()[-1], out
     status = RunDir(cut).status()
     assert status["state"] == "interrupted" and not (cut / "summary.json").exists()
+    if stopped is not None:
+        stopped(cut)
     resumed = finish(["train", f"resume={cut}"], tmp_path)
     assert "resuming the interrupted run" in resumed
     assert epochs(cut) == epochs(whole), "every epoch as in the uninterrupted run"
