@@ -10,6 +10,7 @@ once complete), and read from the store; Ray Train writes its checkpoints there 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import shutil
 import time
@@ -63,10 +64,11 @@ def _to_cpu(value):
     return [_to_cpu(v) for v in value] if isinstance(value, list) else value
 
 
-def read_out_of_fold(path: Path) -> dict[str, np.ndarray]:
-    """The arrays of an oof.npz (never unpickled); `probs` and `given` must be there."""
+def read_out_of_fold(path: str | Path) -> dict[str, np.ndarray]:
+    """The arrays of an oof.npz, a file or a URL (never unpickled); `probs` and `given` must be there."""
     try:
-        with np.load(path, allow_pickle=False) as data:
+        source = io.BytesIO(storage.read_bytes(path)) if storage.is_url(path) else path
+        with np.load(source, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
     except (OSError, ValueError) as exc:
         raise SelectionError(f"cannot read out-of-fold predictions from {path}: {exc}") from exc

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -28,11 +27,13 @@ from noisymix.launch.tune_spec import SHARED_FOLDS, SweepSpec, SweepSpecError, w
 from noisymix.mixing.selectmix import CrossValConfig
 
 SPEC_FILE, TRIALS, FOLDS, TUNE_RUN = "spec.yaml", "trials", "folds", "tune"
-TRIAL_FILE, STAGE_FILE = "trial.json", "stage.json"
+TRIAL_FILE, TRIAL_LOG, STAGE_FILE = "trial.json", "log.txt", "stage.json"
 EPOCHS_DONE = "epochs_done"   # what ASHA counts a trial's progress in
 TRIAL_DRIVER_MEMORY = 512 * 2**20   # bytes: a trial's driver process (torch imported, the run's records)
-# Keys that name local files: a trial runs in its own working directory, so the driver makes them absolute.
-PATH_KEYS = ("source_path", "noise_file", "pretrained", "oof_from", "clean_from")
+# Keys that name local files a trial reads while training: it runs in its own working directory, so the driver
+# makes them absolute. The data keys (source_path, noise_file) stay as given: only the driver's prepare reads
+# them, and a trial's prepare recognises the prepared data by the same values its manifest recorded.
+PATH_KEYS = ("pretrained", "oof_from", "clean_from")
 # Keys the fold models do not read: the main run's length and schedule (folds have their own).
 NOT_READ_BY_FOLDS = ("epochs", "schedule", "milestones", "gamma")
 
@@ -87,8 +88,9 @@ def run_fold_stage(values: dict, config: Config, folder: str, log) -> None:
     run = RunDir(folder)
     run.create()
     write_selection(run, selection)
-    write_json_atomic(Path(folder) / STAGE_FILE, {"seconds": time.perf_counter() - started, "folds": cv.folds,
-                                                  "fold_epochs": cv.fold_epochs, "fold_runs": selection.fold_runs})
+    write_json_atomic(run.path / STAGE_FILE, {"seconds": time.perf_counter() - started, "folds": cv.folds,
+                                              "fold_epochs": cv.fold_epochs, "fold_runs": selection.fold_runs})
+    run.written(STAGE_FILE)
 
 
 def with_shared_folds(values: dict, sweep_dir: str, registry, log) -> dict:
@@ -101,9 +103,10 @@ def with_shared_folds(values: dict, sweep_dir: str, registry, log) -> dict:
     keys = [key for key, given in wants if given in (None, SHARED_FOLDS)]
     if not keys:
         return values
-    folder = str(Path(sweep_dir) / FOLDS / fold_key(values, config))
-    table = str(Path(folder) / OUT_OF_FOLD)
-    shared_stage(registry, Path(folder).name, lambda: Path(table).is_file(),
+    key = fold_key(values, config)
+    folder = storage.join(sweep_dir, FOLDS, key)
+    table = storage.join(folder, OUT_OF_FOLD)
+    shared_stage(registry, key, lambda: storage.is_file(table),
                  lambda: run_fold_stage(values, config, folder, log), log)
     return {**values, **{key: table for key in keys}}
 
@@ -128,26 +131,36 @@ def run_trial(params: dict, base: dict, sweep_dir: str, placed: dict, metric: st
     run in sweep_dir/trials/<trial id>/run (resumed if a restarted sweep had begun it)."""
     from noisymix.launch.train import train
 
-    trial_dir = Path(sweep_dir) / TRIALS / tune.get_context().get_trial_id()
-    trial_dir.mkdir(parents=True, exist_ok=True)
-    with open(trial_dir / "log.txt", "a", buffering=1) as log_file:
+    trial = RunDir(storage.join(sweep_dir, TRIALS, tune.get_context().get_trial_id()))
+    trial.path.mkdir(parents=True, exist_ok=True)
+    if trial.remote and trial.exists(TRIAL_LOG):   # a resumed trial appends to its log
+        storage.download(trial.url(TRIAL_LOG), trial.path / TRIAL_LOG)
+    with open(trial.path / TRIAL_LOG, "a", buffering=1) as log_file:
         def log(line: str) -> None:
             log_file.write(f"{line}\n")
 
-        values = trial_values(base, params)
-        write_json_atomic(trial_dir / TRIAL_FILE, {"params": params, "values": values})
-        placed = dict(placed)
-        run_values = {**absolute_paths(values, placed.pop("origin")), **placed}
-        shared = with_shared_folds(run_values, sweep_dir, registry, log)
-        write_json_atomic(trial_dir / TRIAL_FILE, {"params": params, "values": values, "run_values": shared})
-        config = build_config(overrides={**shared, "run_dir": str(trial_dir / "run")})
-        reporter = EpochReporter(metric)
-        run = RunDir(config.run.run_dir)
-        if run.summary() is not None:   # finished before the sweep's driver stopped: reported again, not retrained
-            for record in run.metrics():
-                reporter(record)
-            return
-        train(config, log=log, on_epoch=reporter)
+        def record(**fields) -> None:
+            write_json_atomic(trial.path / TRIAL_FILE, {"params": params, "values": values, **fields})
+            trial.written(TRIAL_FILE)
+
+        try:
+            values = trial_values(base, params)
+            record()
+            placed = dict(placed)
+            run_values = {**absolute_paths(values, placed.pop("origin")), **placed}
+            shared = with_shared_folds(run_values, sweep_dir, registry, log)
+            record(run_values=shared)
+            config = build_config(overrides={**shared, "run_dir": storage.join(trial.location, "run")})
+            reporter = EpochReporter(metric)
+            run = RunDir(config.run.run_dir)
+            if run.summary() is not None:   # finished before the sweep's driver stopped: reported again, not retrained
+                for epoch in run.metrics():
+                    reporter(epoch)
+                return
+            train(config, log=log, on_epoch=reporter)
+        finally:
+            log_file.flush()
+            trial.written(TRIAL_LOG)
 
 
 def absolute_paths(values: dict, origin: str) -> dict:
@@ -221,22 +234,26 @@ def _short(value) -> str:
 
 
 def open_sweep(spec: SweepSpec, log) -> bool:
-    """Claim the sweep directory; returns whether it holds this same sweep to resume."""
-    folder = Path(spec.sweep_dir)
-    if storage.is_url(spec.sweep_dir):
-        raise SweepSpecError(f"sweep_dir={spec.sweep_dir}: a sweep directory is a folder (shared by the nodes on a "
-                             "cluster); object-store URLs are not supported for sweeps yet")
-    saved = folder / SPEC_FILE
-    if saved.is_file():
-        if yaml.safe_load(saved.read_text()) != json.loads(json.dumps(spec.to_dict())):
-            raise SweepSpecError(f"sweep_dir {folder} holds a sweep of another spec; choose another sweep_dir")
-        log(f"resuming the sweep in {folder}")
+    """Claim the sweep directory (a folder, or a URL every node of a cluster reaches); returns whether it holds
+    this same sweep to resume."""
+    folder = sweep_folder(spec)
+    if folder.exists(SPEC_FILE):
+        if yaml.safe_load((folder / SPEC_FILE).read_text()) != json.loads(json.dumps(spec.to_dict())):
+            raise SweepSpecError(f"sweep_dir {spec.sweep_dir} holds a sweep of another spec; choose another sweep_dir")
+        log(f"resuming the sweep in {spec.sweep_dir}")
         return True
-    if folder.exists() and any(folder.iterdir()):
-        raise SweepSpecError(f"sweep_dir {folder} holds files that are not a noisymix sweep; choose another sweep_dir")
-    folder.mkdir(parents=True, exist_ok=True)
-    saved.write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    if folder.holds_files():
+        raise SweepSpecError(f"sweep_dir {spec.sweep_dir} holds files that are not a noisymix sweep; choose another "
+                             "sweep_dir")
+    folder.create()
+    (folder.path / SPEC_FILE).write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    folder.written(SPEC_FILE)
     return False
+
+
+def sweep_folder(spec: SweepSpec) -> RunDir:
+    """The sweep directory as a folder-or-URL with a local working copy (what a run directory is too)."""
+    return RunDir(spec.location)
 
 
 def make_searcher(spec: SweepSpec, at_once: int):
@@ -250,12 +267,12 @@ def make_searcher(spec: SweepSpec, at_once: int):
 
 def build_tuner(spec: SweepSpec, at_once: int, placed: dict, registry, resume: bool, log) -> tune.Tuner:
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=spec.base, sweep_dir=str(Path(spec.sweep_dir).resolve()), placed=placed,
+        tune.with_parameters(run_trial, base=spec.base, sweep_dir=spec.location, placed=placed,
                              metric=spec.metric, registry=registry),
         # The trial only drives its run (its workers and fold tasks reserve the CPUs); Ray needs a non-empty
         # bundle, and the driver's memory is what it does use.
         {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY})
-    path = str(Path(spec.sweep_dir).resolve() / TUNE_RUN)
+    path = storage.join(spec.location, TUNE_RUN)
     if resume and tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
     if spec.scheduler["name"] == "asha":
@@ -273,7 +290,7 @@ def build_tuner(spec: SweepSpec, at_once: int, placed: dict, registry, resume: b
                                     scheduler=scheduler, search_alg=searcher,
                                     # random search limits itself (make_searcher); Tune limits any other
                                     max_concurrent_trials=None if spec.search == "random" else at_once),
-        run_config=tune.RunConfig(name=TUNE_RUN, storage_path=str(Path(spec.sweep_dir).resolve()), verbose=0,
+        run_config=tune.RunConfig(name=TUNE_RUN, storage_path=spec.location, verbose=0,
                                   callbacks=[TrialLines(spec, expected_trials(spec), log)],
                                   failure_config=tune.FailureConfig(max_failures=0)))
 
@@ -283,7 +300,7 @@ def run_sweep(spec: SweepSpec, log=print) -> dict:
     from noisymix.launch.sweep_report import write_sweep_report
 
     config = build_config(overrides=with_table_placeholders(spec.base))
-    fresh = not Path(spec.sweep_dir).exists()
+    fresh = not storage.is_dir(spec.location)
     try:
         data_dir = prepare(config.data, config.run.seed, log=log)
         start_ray(config.resources.ray_address, config.resources.ray_logs)
@@ -293,8 +310,8 @@ def run_sweep(spec: SweepSpec, log=print) -> dict:
                       origin=str(Path.cwd()))
         resume = open_sweep(spec, log)
     except BaseException:
-        if fresh and Path(spec.sweep_dir).exists():
-            shutil.rmtree(spec.sweep_dir, ignore_errors=True)
+        if fresh:
+            storage.delete_tree(spec.location)
         raise
     log(f"sweep {spec.name}: {expected_trials(spec)} trials of {', '.join(spec.methods())}, {at_once} at a time, "
         f"{spec.search} search, {spec.scheduler['name']} scheduler, objective {spec.metric} (noisy validation) -> "

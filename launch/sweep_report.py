@@ -12,25 +12,27 @@ from pathlib import Path
 import yaml
 from scipy.stats import spearmanr
 
-from noisymix.distributed.artifacts import RunDir
+from noisymix.distributed import storage
+from noisymix.distributed.artifacts import OUT_OF_FOLD, RunDir
 from noisymix.launch.config import build_config
 from noisymix.launch.tracking import plot_curves
 from noisymix.launch.tune_spec import SHARED_FOLDS, SweepSpec, with_table_placeholders
 
-TRIALS_CSV, BEST_YAML, SWEEP_MD = "trials.csv", "best.yaml", "sweep.md"
+TRIALS_CSV, BEST_YAML, SWEEP_MD, SWEEP_JSON = "trials.csv", "best.yaml", "sweep.md", "sweep.json"
 SCATTER_PNG, CURVES_PNG = "val_vs_test.png", "best_curves.png"
 
 
 def trial_row(spec: SweepSpec, trial) -> dict:
     """A trial as its run directory and Ray Tune's status tell it."""
-    folder = Path(spec.sweep_dir) / "trials" / trial.trial_id
-    recorded = json.loads((folder / "trial.json").read_text()) if (folder / "trial.json").is_file() else {}
+    folder = storage.join(spec.location, "trials", trial.trial_id)
+    recorded = json.loads(storage.read_bytes(storage.join(folder, "trial.json"))) \
+        if storage.is_file(storage.join(folder, "trial.json")) else {}
     values = recorded.get("values") or {}
-    run = RunDir(folder / "run")
-    records = run.metrics() if (folder / "run").is_dir() else []
+    run = RunDir(storage.join(folder, "run"))
+    records = run.metrics()
     target = build_config(overrides=with_table_placeholders(values)).train.epochs if values else None
     best = max(reversed(records), key=lambda r: r["val_acc"]) if records else None
-    error = (run.status() or {}).get("error") if (folder / "run").is_dir() else None
+    error = (run.status() or {}).get("error")
     if trial.status == "ERROR":
         status = "failed"
         why = error or (str(trial.get_error() or "").strip().splitlines() or ["error"])[-1][:300]
@@ -49,7 +51,7 @@ def trial_row(spec: SweepSpec, trial) -> dict:
            "test_acc_at_best_val": best["test_acc"] if best else None,
            "last_test_acc": records[-1]["test_acc"] if records else None,
            "wall_s": round((trial.last_result or {}).get("time_total_s", 0.0), 1), "why_stopped": why,
-           "fold_stage": Path(fold_table).parent.name if fold_table and shared_table(spec, fold_table) else ""}
+           "fold_stage": fold_stage(spec, fold_table) if fold_table else ""}
     return {**row, "_records": records, "_values": values}
 
 
@@ -58,9 +60,11 @@ def searched(spec: SweepSpec) -> list:
     return [d for d in spec.dimensions if d.key != "method"]
 
 
-def shared_table(spec: SweepSpec, path: str) -> bool:
-    """Whether an oof_from/clean_from path is one of the sweep's own fold stages."""
-    return Path(path).parent.parent == Path(spec.sweep_dir).resolve() / "folds"
+def fold_stage(spec: SweepSpec, table: str) -> str:
+    """The fold stage (its key) whose table an oof_from/clean_from names, or "" for a table not the sweep's."""
+    stages = storage.join(spec.location, "folds") + "/"
+    key, _, name = table[len(stages):].partition("/") if table.startswith(stages) else ("", "", "")
+    return key if name == OUT_OF_FOLD else ""
 
 
 def _param(params: dict, dim):
@@ -70,8 +74,11 @@ def _param(params: dict, dim):
 def fold_stages(spec: SweepSpec, rows: list[dict]) -> dict:
     """How many fold stages ran, how many trials used one, and the fold training time sharing saved."""
     stages = {}
-    for path in sorted((Path(spec.sweep_dir) / "folds").glob("*/stage.json")):
-        stages[path.parent.name] = json.loads(path.read_text())["seconds"]
+    folds = storage.join(spec.location, "folds")
+    for name in storage.list_files(folds):
+        key, _, file = name.partition("/")
+        if file == "stage.json":
+            stages[key] = json.loads(storage.read_bytes(storage.join(folds, name)))["seconds"]
     uses = {key: sum(row["fold_stage"] == key for row in rows) for key in stages}
     saved = sum(stages[key] * max(0, uses[key] - 1) for key in stages)
     return {"stages_run": len(stages), "trials_using_one": sum(uses.values()), "stage_seconds": stages,
@@ -99,7 +106,7 @@ def best_config(spec: SweepSpec, row: dict) -> dict:
     for clean_from, and is left out for SelectMix (which trains its own folds, as with any other seed)."""
     values = dict(row["_values"])
     if values.get("clean_from") == SHARED_FOLDS:
-        values["clean_from"] = str(Path(spec.sweep_dir).resolve() / "folds" / row["fold_stage"] / "oof.npz")
+        values["clean_from"] = storage.join(spec.location, "folds", row["fold_stage"], OUT_OF_FOLD)
     return values
 
 
@@ -160,7 +167,8 @@ def markdown(spec: SweepSpec, rows: list[dict], best: dict | None, folds: dict, 
 
 
 def write_sweep_report(spec: SweepSpec, grid, wall_s: float, log) -> dict:
-    folder = Path(spec.sweep_dir)
+    sweep = RunDir(spec.location)
+    folder = sweep.path
     rows = [trial_row(spec, trial) for trial in grid._experiment_analysis.trials]
     scored = [r for r in rows if r["best_val_acc"] is not None]
     best = max(scored, key=lambda r: r["best_val_acc"]) if scored else None
@@ -177,7 +185,10 @@ def write_sweep_report(spec: SweepSpec, grid, wall_s: float, log) -> dict:
     (folder / SWEEP_MD).write_text(markdown(spec, rows, best, folds, asha, rho, wall_s, plots))
     report = {"trials": public, "best": None if best is None else best["trial"], "fold_stages": folds,
               "asha": asha, "rank_correlation": rho, "wall_s": wall_s}
-    (folder / "sweep.json").write_text(json.dumps(report, indent=2, default=str))
-    log(f"sweep {spec.name}: best trial {report['best']}; wrote {folder / TRIALS_CSV}, {folder / BEST_YAML}, "
-        f"{folder / SWEEP_MD}")
+    (folder / SWEEP_JSON).write_text(json.dumps(report, indent=2, default=str))
+    for name in (TRIALS_CSV, BEST_YAML, SWEEP_MD, SWEEP_JSON, *plots):
+        if (folder / name).is_file():
+            sweep.written(name)
+    log(f"sweep {spec.name}: best trial {report['best']}; wrote {sweep.url(TRIALS_CSV)}, {sweep.url(BEST_YAML)}, "
+        f"{sweep.url(SWEEP_MD)}")
     return report

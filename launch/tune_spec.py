@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from noisymix.distributed import storage
 from noisymix.launch.bench_spec import read_spec_file, spec_name
 from noisymix.launch.config import ConfigError, build_config
 from noisymix.launch.prepare import DataSection
@@ -74,6 +75,11 @@ class SweepSpec:
     @property
     def mode(self) -> str:
         return METRICS[self.metric]
+
+    @property
+    def location(self) -> str:
+        """Where the sweep lives: an absolute folder (trials run in their own working directories), or a URL."""
+        return self.sweep_dir if storage.is_url(self.sweep_dir) else str(Path(self.sweep_dir).resolve())
 
     def methods(self) -> list[str]:
         """The methods the sweep's trials can train."""

@@ -159,3 +159,41 @@ def test_a_bench_keeps_its_cells_in_the_store_and_reuses_them(s3_endpoint, tmp_p
 
 def build_data_dirs(spec, work):
     return {cell.config(work).data.data_dir for cell in spec.cells}
+
+
+@pytest.mark.slow
+def test_a_sweep_lives_in_the_store_folds_shared_and_outputs_there(s3_digits, tmp_path, monkeypatch):
+    """sweep_dir as a URL (the nodes of a cluster share no folder): the trials' run directories, the shared fold
+    stage, Ray Tune's own state and the report are objects under it; nothing is left in the working directory."""
+    import csv
+    import io
+
+    import yaml
+
+    from noisymix.launch.sweep import open_sweep
+    from noisymix.launch.tune_spec import SweepSpecError, parse_sweep
+
+    url, _ = s3_digits
+    monkeypatch.setenv("NOISYMIX_CACHE", str(tmp_path / "cache"))
+    sweep = "s3://nmx-runs/sweeps/alpha"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "alpha", "sweep_dir": sweep, "scheduler": "fifo", "max_concurrent": 1,
+        "base": {"data_dir": url, "method": "selectmix", "epochs": 2, "num_shards": 4, "folds": 2, "fold_epochs": 1},
+        "space": {"alpha": {"grid": [0.5, 2.0]}}}))
+    work = tmp_path / "work"
+    work.mkdir()
+    out = finish(["tune", str(spec)], work)
+    assert f"wrote {sweep}/trials.csv" in out, out
+    table = list(csv.DictReader(io.StringIO(storage.read_bytes(f"{sweep}/trials.csv").decode())))
+    assert [row["status"] for row in table] == ["finished"] * 2, table
+    assert len({row["fold_stage"] for row in table}) == 1 and table[0]["fold_stage"], "one fold stage, shared"
+    files = storage.list_files(sweep)
+    assert {"spec.yaml", "best.yaml", "sweep.md", "val_vs_test.png"} <= set(files)
+    assert sum(name.endswith("/run/summary.json") for name in files) == 2
+    assert f"folds/{table[0]['fold_stage']}/oof.npz" in files and any(name.startswith("tune/") for name in files)
+    assert yaml.safe_load(storage.read_bytes(f"{sweep}/best.yaml"))["alpha"] in (0.5, 2.0)
+    assert list(work.iterdir()) == [], "no local sweep folder"
+    other = yaml.safe_load(spec.read_text().replace("2.0", "3.0"))
+    with pytest.raises(SweepSpecError, match=f"sweep_dir {sweep} holds a sweep of another spec"):
+        open_sweep(parse_sweep(other), print)

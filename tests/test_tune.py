@@ -87,20 +87,24 @@ def poison_test_labels(data_dir: Path, into: Path, classes: int = 10) -> Path:
 
 
 def test_the_search_never_reads_test_labels(ray_session, digits_dir, tmp_path):
+    """Through Optuna's sampler (seeded): poisoned test labels change neither the trials it proposes, nor ASHA's
+    stops, nor the choice."""
     poisoned = poison_test_labels(Path(digits_dir), tmp_path / "poisoned-data")
     chosen = {}
     for name, data in (("clean", digits_dir), ("poisoned", poisoned)):
         spec = parse_sweep({
-            "name": name, "sweep_dir": str(tmp_path / name), "max_concurrent": 1, "num_samples": 1,
+            "name": name, "sweep_dir": str(tmp_path / name), "max_concurrent": 1, "num_samples": 2,
+            "search": "optuna", "seed": 0,
             # One CPU per worker: the trials never wait on a CPU another test's Ray Train run still holds.
             "base": {"data_dir": str(data), "method": "ce", "epochs": 2, "num_shards": 4, "cpus_per_worker": 1},
-            "space": {"lr": {"grid": [0.05, 0.00001]}},
+            "space": {"lr": {"loguniform": [0.00001, 0.1]}},
             "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2}})
         report = run_sweep(spec, log=lambda line: None)
         table = rows(spec.sweep_dir)
         best = next(r for r in table if r["trial"] == report["best"])
         chosen[name] = ([(r["lr"], r["status"], r["epochs_run"], r["best_val_acc"]) for r in table],
                         (best["lr"], best["best_val_acc"]), [float(r["test_acc_at_best_val"]) for r in table])
+    assert len(chosen["clean"][0]) == 2 and len({row[0] for row in chosen["clean"][0]}) == 2, chosen
     assert chosen["clean"][0] == chosen["poisoned"][0], "same trials, same stops, same objective values"
     assert chosen["clean"][1] == chosen["poisoned"][1], "same choice"
     assert chosen["clean"][2] != chosen["poisoned"][2], "the poison reached the test accuracy the report shows"

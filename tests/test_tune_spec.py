@@ -1,12 +1,14 @@
 """`noisymix tune`: the sweep spec, every refusal before a trial starts, the resource plan, the fold key and
 the report's figures. No Ray cluster (the sweep itself is in test_tune.py)."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
 from noisymix.launch.cli import main
 from noisymix.launch.config import ConfigError, build_config
-from noisymix.launch.sweep import EpochReporter, fold_key, make_searcher, plan_concurrency, search_space
+from noisymix.launch.sweep import EpochReporter, absolute_paths, fold_key, make_searcher, plan_concurrency, search_space
 from noisymix.launch.sweep_report import asha_savings, rank_correlation
 from noisymix.launch.tune_spec import SweepSpecError, parse_sweep, trial_values
 
@@ -146,3 +148,24 @@ def test_optuna_samples_the_nested_space_with_the_spec_seed():
     point = suggested[0]
     assert point["method"] in ("selectmix", "mixnn") and 0.01 <= point["lr"] <= 0.1
     assert 0.5 <= point["selectmix"]["alpha"] <= 4.0 and 1 <= point["mixnn"]["knn"] < 5
+
+
+def test_a_trial_recognises_data_the_driver_prepared_from_a_relative_source_path(tmp_path, monkeypatch):
+    """The driver prepares from its own directory; a trial runs in another one. It must find the prepared data
+    as it is (no 'prepared with other settings'), and still read the run's own files from the driver's folder."""
+    from noisymix.launch.prepare import prepare
+    from tests.test_sources import make_idx_dir
+
+    driver, trial = tmp_path / "driver", tmp_path / "trial"
+    (driver / "idx").mkdir(parents=True)
+    trial.mkdir()
+    make_idx_dir(driver / "idx", n_train=40, n_test=10, gz=False)
+    base = {"source": "idx", "source_path": "idx", "num_shards": 2, "data_dir": "data/tiny", "oof_from": "oof.npz"}
+    monkeypatch.chdir(driver)
+    prepared = prepare(build_config(overrides=base).data, 0, log=print)
+    values = absolute_paths({**base, "data_dir": str(Path(prepared).resolve())}, str(driver))
+    assert values["oof_from"] == str(driver / "oof.npz") and values["source_path"] == "idx"
+    monkeypatch.chdir(trial)
+    lines = []
+    prepare(build_config(overrides={k: v for k, v in values.items() if k != "oof_from"}).data, 0, log=lines.append)
+    assert lines == [f"data ready: {driver / 'data' / 'tiny'} (already prepared with this spec)"]
