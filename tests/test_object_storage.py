@@ -179,7 +179,7 @@ def test_a_sweep_lives_in_the_store_folds_shared_and_outputs_there(s3_digits, tm
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump({
         "name": "alpha", "sweep_dir": sweep, "scheduler": "fifo", "max_concurrent": 1,
-        "base": {"data_dir": url, "method": "selectmix", "epochs": 2, "num_shards": 4, "folds": 2, "fold_epochs": 1},
+        "base": {"data_dir": url, "method": "selectmix", "epochs": 1, "num_shards": 4, "folds": 2, "fold_epochs": 1},
         "space": {"alpha": {"grid": [0.5, 2.0]}}}))
     work = tmp_path / "work"
     work.mkdir()
