@@ -46,11 +46,16 @@ def own_state_api() -> int:
     cluster starts (they inherit this environment). Ray Train's placement-group cleaner asks the State API
     whether a controller is alive; with a second Ray instance on the machine it cannot tell which cluster to
     ask, its monitor dies, and a trial that Tune stops keeps its workers' CPUs reserved (the sweep waits forever)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     return port
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that no process holds now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def worker_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool,

@@ -15,6 +15,7 @@ from scipy.stats import spearmanr
 from noisymix.distributed import storage
 from noisymix.distributed.artifacts import OUT_OF_FOLD, RunDir
 from noisymix.launch.config import build_config
+from noisymix.launch.sweep import FOLDS, STAGE_FILE, TRIAL_FILE, TRIALS
 from noisymix.launch.tracking import plot_curves
 from noisymix.launch.tune_spec import SHARED_FOLDS, SweepSpec, with_table_placeholders
 
@@ -24,11 +25,10 @@ SCATTER_PNG, CURVES_PNG = "val_vs_test.png", "best_curves.png"
 
 def trial_row(spec: SweepSpec, trial) -> dict:
     """A trial as its run directory and Ray Tune's status tell it."""
-    folder = storage.join(spec.location, "trials", trial.trial_id)
-    recorded = json.loads(storage.read_bytes(storage.join(folder, "trial.json"))) \
-        if storage.is_file(storage.join(folder, "trial.json")) else {}
+    folder = RunDir(storage.join(spec.location, TRIALS, trial.trial_id))
+    recorded = json.loads((folder / TRIAL_FILE).read_text()) if folder.exists(TRIAL_FILE) else {}
     values = recorded.get("values") or {}
-    run = RunDir(storage.join(folder, "run"))
+    run = RunDir(folder.url("run"))
     records = run.metrics()
     target = build_config(overrides=with_table_placeholders(values)).train.epochs if values else None
     best = max(reversed(records), key=lambda r: r["val_acc"]) if records else None
@@ -62,7 +62,7 @@ def searched(spec: SweepSpec) -> list:
 
 def fold_stage(spec: SweepSpec, table: str) -> str:
     """The fold stage (its key) whose table an oof_from/clean_from names, or "" for a table not the sweep's."""
-    stages = storage.join(spec.location, "folds") + "/"
+    stages = storage.join(spec.location, FOLDS) + "/"
     key, _, name = table[len(stages):].partition("/") if table.startswith(stages) else ("", "", "")
     return key if name == OUT_OF_FOLD else ""
 
@@ -74,10 +74,10 @@ def _param(params: dict, dim):
 def fold_stages(spec: SweepSpec, rows: list[dict]) -> dict:
     """How many fold stages ran, how many trials used one, and the fold training time sharing saved."""
     stages = {}
-    folds = storage.join(spec.location, "folds")
+    folds = storage.join(spec.location, FOLDS)
     for name in storage.list_files(folds):
         key, _, file = name.partition("/")
-        if file == "stage.json":
+        if file == STAGE_FILE:
             stages[key] = json.loads(storage.read_bytes(storage.join(folds, name)))["seconds"]
     uses = {key: sum(row["fold_stage"] == key for row in rows) for key in stages}
     saved = sum(stages[key] * max(0, uses[key] - 1) for key in stages)
@@ -106,7 +106,7 @@ def best_config(spec: SweepSpec, row: dict) -> dict:
     for clean_from, and is left out for SelectMix (which trains its own folds, as with any other seed)."""
     values = dict(row["_values"])
     if values.get("clean_from") == SHARED_FOLDS:
-        values["clean_from"] = storage.join(spec.location, "folds", row["fold_stage"], OUT_OF_FOLD)
+        values["clean_from"] = storage.join(spec.location, FOLDS, row["fold_stage"], OUT_OF_FOLD)
     return values
 
 

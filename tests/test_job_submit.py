@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,12 +14,7 @@ from pathlib import Path
 import pytest
 
 from noisymix.distributed.artifacts import RunDir
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from noisymix.distributed.runner import free_port
 
 
 def head_diagnosis(tmp_path, temp: str, probe) -> str:
