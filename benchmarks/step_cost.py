@@ -32,6 +32,7 @@ from noisymix.distributed.sample_state import SampleState
 from noisymix.launch.noise import symmetric
 from noisymix.launch.sources import SourceData, read_idx
 from noisymix.mixing.method import BatchContext, method_class
+from noisymix.mixing.soft_targets import TargetCodec
 from noisymix.selection.mismatch import build_mixing_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,13 +47,12 @@ def planted_state(labels: np.ndarray, true: np.ndarray, rng: np.random.Generator
     guess = np.where(rng.random(n) < 0.85, true, rng.integers(0, CLASSES, n))
     probs = np.full((n, CLASSES), 0.02, np.float32)
     probs[np.arange(n), guess] = 1 - 0.02 * (CLASSES - 1)
-    state = SampleState(n, CLASSES)
-    state.given = torch.from_numpy(labels)
-    state.targets = torch.from_numpy(probs.copy())
-    state.clean = torch.from_numpy(np.where(labels == true, 0.9, 0.1).astype(np.float32))
     by_class = [np.flatnonzero(true == c) for c in range(CLASSES)]
-    state.neighbours = torch.from_numpy(np.stack([rng.choice(by_class[c], 3) for c in true]))
-    state.embeddings = torch.nn.functional.normalize(torch.randn(n, 64) + 3 * torch.eye(CLASSES, 64)[true], dim=1)
+    state = SampleState(n, TargetCodec(CLASSES))
+    state.fill(torch.from_numpy(labels), torch.from_numpy(probs.copy()),
+               torch.from_numpy(np.where(labels == true, 0.9, 0.1).astype(np.float32)),
+               neighbours=torch.from_numpy(np.stack([rng.choice(by_class[c], 3) for c in true])),
+               embeddings=torch.nn.functional.normalize(torch.randn(n, 64) + 3 * torch.eye(CLASSES, 64)[true], dim=1))
     return probs, state
 
 

@@ -42,9 +42,10 @@ def unwrap(model):
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, seed: int, sample_state=None) -> None:
-    """Everything a resumed run needs; the RNG state is a function of (seed, epoch, rank): see epoch_rng."""
-    extra = {} if sample_state is None else {"sample_state": _to_cpu(sample_state.state_dict())}
+def save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, seed: int, extra: dict | None = None) -> None:
+    """Everything a resumed run needs but the per-sample state (each rank's own file beside this one); the RNG
+    state is a function of (seed, epoch, rank): see epoch_rng. `extra`: tensors and lists of them."""
+    extra = {} if extra is None else _to_cpu(extra)
     torch.save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch, "seed": seed,
                 "torch_rng": torch.get_rng_state(), **extra}, path)

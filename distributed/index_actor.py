@@ -1,7 +1,8 @@
 """A named Ray actor holding a FAISS index of the training embeddings, for MixNN's global neighbours.
 
-Refreshed from each epoch's exact pass; asked once per refresh for the whole neighbour table
-(N x K ids), so workers never wait on a round trip per sample or per step.
+Refreshed from each epoch's exact pass: every rank streams its own embeddings in, in chunks (no rank ever
+holds all N x d), rank 0 has the index built, then every rank asks for the neighbours of its own samples,
+once per refresh, so workers never wait on a round trip per sample or per step.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class NeighbourIndex:
         self.gpu_resources = faiss.StandardGpuResources() if self.on_gpu else None
         self.index = None
         self.count = 0
+        self.filling: tuple[int, np.ndarray, np.ndarray] | None = None   # (token, embeddings by id, filled)
 
     def kind_for(self, count: int) -> str:
         """The index kind used for `count` embeddings."""
@@ -108,11 +110,47 @@ class NeighbourIndex:
                    "index_peak_rss_mb": peak_rss_mb(), "index_ivf": float(self.kind_for(len(embeddings)) == "ivf")}
         return drop_self(ids, k), timings
 
+    def add(self, token: int, total: int, ids: np.ndarray, embeddings: np.ndarray) -> int:
+        """Put a chunk of the refresh `token`'s embeddings (rows of sample ids `ids`, out of `total`) in place;
+        a new token starts a new fill. Returns how many rows are filled."""
+        embeddings = self._check(embeddings, "embeddings")
+        if self.filling is None or self.filling[0] != token:
+            self.filling = (token, np.zeros((total, self.dim), np.float32), np.zeros(total, bool))
+        _, buffer, filled = self.filling
+        if len(ids) != len(embeddings) or (len(ids) and not 0 <= ids.min() <= ids.max() < total):
+            raise ValueError(f"{len(ids)} ids (each in [0, {total})) must come with {len(embeddings)} embeddings")
+        if filled[ids].any():
+            raise ValueError(f"refresh {token}: sample ids sent twice (first {ids[filled[ids]][:3].tolist()})")
+        buffer[ids], filled[ids] = embeddings, True
+        return int(filled.sum())
 
-def drop_self(ids: np.ndarray, k: int) -> np.ndarray:
-    """Remove each row's own id (normally first; absent when ties or IVF probing miss it)."""
+    def build(self, token: int) -> dict[str, float]:
+        """Index the refresh `token`'s embeddings once every id has arrived; returns the seconds it took."""
+        if self.filling is None or self.filling[0] != token or not self.filling[2].all():
+            have = 0 if self.filling is None or self.filling[0] != token else int(self.filling[2].sum())
+            raise ValueError(f"refresh {token}: {have} embeddings arrived, the index needs every sample's")
+        started = time.perf_counter()
+        self.refresh(self.filling[1])
+        self.filling = None
+        return {"index_refresh_s": time.perf_counter() - started, "index_peak_rss_mb": peak_rss_mb(),
+                "index_ivf": float(self.kind_for(self.count) == "ivf")}
+
+    def neighbours(self, ids: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, float]:
+        """len(ids) x k ids of the nearest OTHER samples of these samples (their own embeddings as queries), and
+        the seconds of the search."""
+        if not 1 <= k < self.count:
+            raise ValueError(f"k={k} neighbours need 1 <= k < N={self.count}")
+        started = time.perf_counter()
+        _, found = self.search(queries, k + 1)
+        return drop_self(found, k, ids), time.perf_counter() - started
+
+
+def drop_self(ids: np.ndarray, k: int, own_ids: np.ndarray | None = None) -> np.ndarray:
+    """Remove each row's own id (row i is sample own_ids[i], default i; normally first, absent when ties or IVF
+    probing miss it)."""
     n = ids.shape[0]
-    own = ids == np.arange(n)[:, None]
+    own_ids = np.arange(n) if own_ids is None else np.asarray(own_ids)
+    own = ids == own_ids[:, None]
     keep = ~own
     # Where a row lacks its own id, drop its last (farthest) column instead.
     missing = ~own.any(axis=1)

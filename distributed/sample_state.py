@@ -1,16 +1,21 @@
-"""Per-sample state keyed by id (soft targets N x C, clean probability N, neighbours N x K), the exact
-pass that feeds it, and how ranks keep it identical.
+"""Per-sample state keyed by id (given label, soft target, clean probability), sharded across ranks, the exact
+pass that feeds it, and its per-rank checkpoint files.
 
-Consistency: every rank runs the pass over its own shards (each id exactly once across ranks), the
-results are all-gathered in id order, and the two steps that could differ between ranks (the GMM
-fit and the index query) run on rank 0 and are broadcast. Every rank then applies the same update.
+Layout: each rank is the home of one contiguous id range (distributed.exchange) and holds only those rows,
+soft targets in the method's compact codec. An epoch's refresh: every rank passes over the shards it will train
+on this epoch, fetches those ids' targets from their homes, sends its losses to rank 0 (N floats) for the GMM,
+whose clean probabilities go back to their homes; moved targets are stored back; neighbours come from the
+index actor; and each rank fetches the rows of its epoch ids and their neighbours (its working rows).
+Held per rank: (N/W) x (4 + codec bytes + 4) at home, plus the working rows of (1 + K) x N/W ids.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import ray
@@ -20,53 +25,26 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from noisymix.distributed.engine import InputTransform, eval_outputs
+from noisymix.distributed.exchange import (collective_device, fetch, from_rank0, home_range, rank_and_world, store,
+                                           to_rank0)
 from noisymix.distributed.index_actor import NeighbourIndexError, index_actor
 from noisymix.mixing.gmm_select import GMMConfig
 from noisymix.mixing.method import EpochPlan, NeighbourQuery
 from noisymix.mixing.mixnn import update_soft_targets
+from noisymix.mixing.soft_targets import TargetCodec
 from noisymix.selection.gmm import clean_probability, normalise_losses, window_average
 
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def gather_rows(ids: torch.Tensor, rows: torch.Tensor, total: int) -> torch.Tensor:
-    """All ranks' (id, row) pairs as one (total x ...) tensor in id order; every id must come exactly once."""
-    if _distributed():
-        count = torch.tensor([len(ids)], device=rows.device)
-        counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
-        dist.all_gather(counts, count)
-        longest = int(max(c.item() for c in counts))
-        pad = longest - len(ids)
-        padded_ids = F.pad(ids.to(rows.device), (0, pad), value=-1)
-        padded_rows = torch.cat([rows, rows.new_zeros((pad, *rows.shape[1:]))])
-        all_ids = [torch.empty_like(padded_ids) for _ in counts]
-        all_rows = [torch.empty_like(padded_rows) for _ in counts]
-        dist.all_gather(all_ids, padded_ids)
-        dist.all_gather(all_rows, padded_rows)
-        ids, rows = torch.cat(all_ids), torch.cat(all_rows)
-        keep = ids >= 0
-        ids, rows = ids[keep], rows[keep]
-    ids = ids.to(rows.device)
-    if len(ids) != total or not torch.equal(torch.sort(ids).values, torch.arange(total, device=ids.device)):
-        raise RuntimeError(f"the pass gathered {len(ids)} rows for {total} ids, not each id once: a shard is "
-                           "missing, duplicated or unevenly dealt")
-    out = torch.empty_like(rows)
-    out[ids] = rows
-    return out
+STATE_FILE = re.compile(r"sample_state_(\d+)_(\d+)\.pt")
+CHUNK = 65_536    # rows per message to the index actor, and per decode when the whole home range is read
 
 
-def broadcast(tensor: torch.Tensor) -> torch.Tensor:
-    """Rank 0's tensor on every rank."""
-    if _distributed():
-        dist.broadcast(tensor, src=0)
-    return tensor
+class StateCheckpointError(RuntimeError):
+    """A per-sample state checkpoint that does not belong to this run (other samples, classes, or incomplete)."""
 
 
 def exact_pass(model, batches, transform: InputTransform, device, amp: bool, embeddings: str):
-    """(ids, given labels, logits, embeddings) of this rank's samples, un-augmented, in eval mode; the
-    embeddings L2-normalised ("l2"), raw ("raw") or not kept ("")."""
+    """(ids, given labels, logits, embeddings) of this rank's samples in id order, un-augmented, in eval mode;
+    the embeddings L2-normalised ("l2"), raw ("raw") or not kept ("")."""
     out = {"ids": [], "labels": [], "logits": [], "z": []}
     for ids, labels, z, logits in eval_outputs(model, batches, transform, device, amp):
         out["ids"].append(torch.from_numpy(ids))
@@ -74,97 +52,214 @@ def exact_pass(model, batches, transform: InputTransform, device, amp: bool, emb
         out["logits"].append(logits)
         if embeddings:
             out["z"].append(F.normalize(z, dim=1) if embeddings == "l2" else z)
-    return {k: torch.cat(v) if v else torch.empty(0) for k, v in out.items()}
+    out = {k: torch.cat(v) if v else torch.empty(0) for k, v in out.items()}
+    order = torch.argsort(out["ids"])
+    return {k: v[order.to(v.device)] if len(v) else v for k, v in out.items()}
 
 
 @dataclass
 class SampleState:
-    """Given labels, soft targets t (N x C), clean probability w (N), neighbours (N x K), embeddings (N x d).
-
-    Filled by the first pass; until then `ready` is False and methods train on the given labels.
-    """
+    """One rank's share of the per-sample state: its home rows (given label, encoded soft target, clean
+    probability) and this epoch's working rows. Until the first refresh `ready` is False and methods train
+    on the given labels. The batch rules read it by id: targets_of, clean_of, neighbours_of, embeddings_of."""
 
     num_samples: int
-    num_classes: int
-    given: torch.Tensor | None = None
-    targets: torch.Tensor | None = None
-    clean: torch.Tensor | None = None
-    neighbours: torch.Tensor | None = None
-    embeddings: torch.Tensor | None = None
-    loss_history: list = field(default_factory=list)
+    codec: TargetCodec
+    device: torch.device | str = "cpu"
+    ready: bool = False
+    loss_history: list = field(default_factory=list)       # rank 0 only: the GMM's loss window, N floats each
+
+    def __post_init__(self):
+        self.rank, self.world = rank_and_world()
+        self.start, self.stop = home_range(self.rank, self.world, self.num_samples)
+        size = self.stop - self.start
+        self.given = torch.zeros(size, dtype=torch.int32, device=self.device)
+        self.targets = torch.zeros((size, self.codec.width), dtype=self.codec.storage_dtype, device=self.device)
+        self.clean = torch.zeros(size, dtype=torch.float32, device=self.device)
+        self.epoch_ids = self.rows_ids = torch.empty(0, dtype=torch.int64, device=self.device)
+        self.rows_targets, self.rows_clean = self.targets[:0], self.clean[:0]
+        self.neighbours: torch.Tensor | None = None
+        self.embeddings: torch.Tensor | None = None
 
     @property
-    def ready(self) -> bool:
-        return self.targets is not None
+    def num_classes(self) -> int:
+        return self.codec.num_classes
 
-    def state_dict(self) -> dict:
-        """Checkpointable content: tensors and lists of tensors only (weights_only loading)."""
-        return {"given": self.given, "targets": self.targets, "clean": self.clean, "neighbours": self.neighbours,
-                "embeddings": self.embeddings, "loss_history": [torch.from_numpy(h) for h in self.loss_history]}
+    def _fetch(self, ids: torch.Tensor, home: torch.Tensor) -> torch.Tensor:
+        return fetch(ids, home, self.start, self.world, self.num_samples)
+
+    def _store(self, ids: torch.Tensor, rows: torch.Tensor, home: torch.Tensor) -> None:
+        store(ids, rows, home, self.start, self.world, self.num_samples)
+
+    @staticmethod
+    def _at(sorted_ids: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.to(sorted_ids.device).long().contiguous()
+        at = torch.searchsorted(sorted_ids, ids).clamp_max(max(len(sorted_ids) - 1, 0))
+        if len(ids) and (len(sorted_ids) == 0 or not torch.equal(sorted_ids[at], ids)):
+            raise RuntimeError("a batch asked for per-sample state of ids this rank did not fetch for the epoch: "
+                               "the epoch's shards differ from its refresh's")
+        return at
+
+    def targets_of(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.codec.decode(self.rows_targets[self._at(self.rows_ids, ids)])
+
+    def clean_of(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.rows_clean[self._at(self.rows_ids, ids)]
+
+    def neighbours_of(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.neighbours[self._at(self.epoch_ids, ids)]
+
+    def embeddings_of(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embeddings[self._at(self.epoch_ids, ids)]
+
+    def corrected(self) -> torch.Tensor:
+        """The argmax of each home soft target."""
+        return corrected_labels(self.codec, self.targets)
 
     def digest(self) -> str:
-        """sha256 over the state's tensors: equal digests on two ranks mean equal state."""
-        digest = hashlib.sha256()
-        for tensor in (self.given, self.targets, self.clean, self.neighbours):
-            if tensor is not None:
-                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        """sha256 over the home rows: equal digests mean equal state for this id range."""
+        digest = hashlib.sha256(f"{self.start}:{self.stop}".encode())
+        for tensor in (self.given, self.targets, self.clean):
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
 
-    def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
-        def to(value):
-            return None if value is None else value.to(device)
+    def held_bytes(self) -> dict[str, int]:
+        """Bytes of the home rows and of the epoch's working rows (neighbours and embeddings included)."""
+        def size(*tensors):
+            return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return {"home": size(self.given, self.targets, self.clean),
+                "working": size(self.epoch_ids, self.rows_ids, self.rows_targets, self.rows_clean, self.neighbours,
+                                self.embeddings)}
 
-        self.given, self.targets, self.clean = to(state["given"]), to(state["targets"]), to(state["clean"])
-        self.neighbours, self.embeddings = to(state["neighbours"]), to(state["embeddings"])
-        self.loss_history = [h.numpy() for h in state["loss_history"]]
+    def fill(self, given: torch.Tensor, targets: torch.Tensor, clean: torch.Tensor,
+             neighbours: torch.Tensor | None = None, embeddings: torch.Tensor | None = None) -> None:
+        """Set the whole state of a one-process run at once, every id a working row (benchmarks, tests)."""
+        if self.world != 1:
+            raise RuntimeError("fill() sets every id's state: one process only")
+        self.given[:], self.targets[:], self.clean[:] = given, self.codec.encode(targets), clean
+        self.epoch_ids = self.rows_ids = torch.arange(self.num_samples, device=self.device)
+        self.rows_targets, self.rows_clean = self.targets, self.clean
+        self.neighbours, self.embeddings, self.ready = neighbours, embeddings, True
+
+    def file_name(self) -> str:
+        return f"sample_state_{self.start:012d}_{self.stop:012d}.pt"
+
+    def save(self, directory: Path) -> None:
+        """This rank's home rows as one file of the checkpoint directory (Ray Train merges the ranks' files)."""
+        codec = self.codec
+        torch.save({"start": self.start, "stop": self.stop, "num_samples": self.num_samples,
+                    "codec": {"num_classes": codec.num_classes, "topk": codec.topk, "dtype": codec.dtype},
+                    "given": self.given.cpu(), "targets": self.targets.cpu(), "clean": self.clean.cpu()},
+                   Path(directory) / self.file_name())
+
+    def load(self, directory: Path) -> bool:
+        """Fill this rank's home rows from the per-rank files of a checkpoint written with any world size
+        (each file memory-mapped, only its overlap with this range copied); False when it holds no state."""
+        files = state_files(directory)
+        if not files:
+            return False
+        if [(a, b) for a, b, _ in files] != list(zip([0, *[b for _, b, _ in files[:-1]]], [b for _, b, _ in files])) \
+                or files[-1][1] != self.num_samples:
+            raise StateCheckpointError(f"the checkpoint's per-sample state files cover {[(a, b) for a, b, _ in files]}, "
+                                       f"not the {self.num_samples} samples of this run once each: it is incomplete or "
+                                       "from another dataset")
+        for first, last, path in files:
+            lo, hi = max(first, self.start), min(last, self.stop)
+            if lo >= hi:
+                continue
+            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            self._check_saved(saved, path)
+            codec = TargetCodec(**saved["codec"])
+            rows = slice(lo - first, hi - first)
+            at = slice(lo - self.start, hi - self.start)
+            self.given[at] = saved["given"][rows].to(self.device)
+            self.clean[at] = saved["clean"][rows].to(self.device)
+            targets = saved["targets"][rows]
+            self.targets[at] = (targets if codec == self.codec else self.codec.encode(codec.decode(targets))).to(
+                self.device)
+        self.ready = True
+        return True
+
+    def _check_saved(self, saved: dict, path: Path) -> None:
+        if saved["num_samples"] != self.num_samples or saved["codec"]["num_classes"] != self.num_classes:
+            raise StateCheckpointError(
+                f"{path.name} holds per-sample state for {saved['num_samples']} samples of "
+                f"{saved['codec']['num_classes']} classes; this run has {self.num_samples} samples of "
+                f"{self.num_classes} classes: the checkpoint comes from another dataset")
+
+
+def corrected_labels(codec: TargetCodec, rows: torch.Tensor) -> torch.Tensor:
+    """The argmax class of each encoded soft target, decoded a chunk at a time (no N x C float copy)."""
+    return torch.cat([codec.decode(rows[i:i + CHUNK]).argmax(dim=1) for i in range(0, len(rows), CHUNK)]
+                     or [torch.empty(0, dtype=torch.int64, device=rows.device)])
+
+
+def state_files(directory: Path) -> list[tuple[int, int, Path]]:
+    """The per-rank state files of a checkpoint directory as (start, stop, path), in id order."""
+    return sorted((int(m[1]), int(m[2]), path) for path in Path(directory).iterdir()
+                  if (m := STATE_FILE.fullmatch(path.name)))
+
+
+def read_beliefs(directory: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(given, corrected, clean) for every id from a checkpoint's per-rank state files; None without them."""
+    parts = []
+    for _, _, path in state_files(directory):
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        corrected = corrected_labels(TargetCodec(**saved["codec"]), saved["targets"])
+        parts.append((saved["given"].long().numpy(), corrected.cpu().numpy(), saved["clean"].numpy()))
+    return None if not parts else tuple(np.concatenate(column) for column in zip(*parts))
 
 
 def refresh_state(state: SampleState, model, batches, transform: InputTransform, device, amp: bool,
                   plan: EpochPlan, b1: GMMConfig, seed: int, fixed_clean: np.ndarray | None = None,
-                  index_name: str = "") -> dict:
-    """One epoch-start refresh: pass -> gather -> GMM (rank 0, broadcast) -> EMA -> neighbours. Returns timings.
-
-    The clean probabilities come from B1's GMM on the losses, or are `fixed_clean` (`clean_from`)."""
-    rank = dist.get_rank() if _distributed() else 0
+                  index_name: str = "", token: int = 0) -> dict:
+    """One epoch-start refresh over this rank's epoch shards (`batches`): pass -> targets from their homes ->
+    losses to rank 0, GMM, clean probabilities to their homes -> EMA stored home -> neighbours -> working rows.
+    The clean probabilities come from B1's GMM on the losses, or are `fixed_clean` (`clean_from`, rank 0 reads
+    it). Returns timings."""
     timings, started = {}, time.perf_counter()
     local = exact_pass(model, batches, transform, device, amp, plan.embeddings)
-    n = state.num_samples
-    labels = gather_rows(local["ids"], local["labels"].to(device), n)
-    logits = gather_rows(local["ids"], local["logits"], n)
-    z = gather_rows(local["ids"], local["z"], n) if plan.embeddings else None
+    ids, n, codec = local["ids"].to(device), state.num_samples, state.codec
     timings["pass_s"] = time.perf_counter() - started
-    if not state.ready:
-        state.given = labels.long()
-        state.targets = F.one_hot(state.given, state.num_classes).float()
-    # B1: loss against the current soft targets' argmax, on un-augmented inputs.
-    losses = F.cross_entropy(logits, state.targets.argmax(dim=1), reduction="none").cpu().numpy()
+    if state.ready:
+        targets = codec.decode(state._fetch(ids, state.targets))
+    else:
+        state._store(ids, local["labels"].to(device=device, dtype=torch.int32), state.given)
+        targets = F.one_hot(local["labels"].to(device).long(), state.num_classes).float()
+    # B1: loss against the current soft targets' argmax, on un-augmented inputs; the GMM on rank 0.
+    losses = F.cross_entropy(local["logits"], targets.argmax(dim=1), reduction="none")
     started = time.perf_counter()
-    state.loss_history = (state.loss_history + [normalise_losses(losses)])[-b1.loss_window:]
-    w = torch.zeros(n, dtype=torch.float32, device=device)
-    degenerate = 0.0
-    if rank == 0 and fixed_clean is not None:
-        w = torch.from_numpy(fixed_clean.astype(np.float32)).to(device)
-    elif rank == 0:
-        fit = clean_probability(window_average(state.loss_history, b1.loss_window), max_iter=b1.gmm_max_iter,
-                                tol=b1.gmm_tol, reg_covar=b1.gmm_reg_covar, seed=seed)
-        w = torch.from_numpy(fit.w.astype(np.float32)).to(device)
-        degenerate = float(fit.degenerate)
-    state.clean = broadcast(w)
+    all_losses = to_rank0(ids, losses.float(), n)
+    w, degenerate = None, 0.0
+    if all_losses is not None:
+        state.loss_history = (state.loss_history + [normalise_losses(all_losses.cpu().numpy())])[-b1.loss_window:]
+        if fixed_clean is not None:
+            w = torch.from_numpy(fixed_clean.astype(np.float32))
+        else:
+            fit = clean_probability(window_average(state.loss_history, b1.loss_window), max_iter=b1.gmm_max_iter,
+                                    tol=b1.gmm_tol, reg_covar=b1.gmm_reg_covar, seed=seed)
+            w, degenerate = torch.from_numpy(fit.w.astype(np.float32)), float(fit.degenerate)
+    from_rank0(w, state.clean, state.world, n)
     timings["gmm_s"] = time.perf_counter() - started
     # B2: t <- m t + (1 - m) p on the schedule the method planned.
     if plan.target_momentum is not None:
-        state.targets = update_soft_targets(state.targets, torch.softmax(logits, dim=1), plan.target_momentum)
-    state.embeddings = z
+        targets = update_soft_targets(targets, torch.softmax(local["logits"].float(), dim=1), plan.target_momentum)
+    if plan.target_momentum is not None or not state.ready:
+        state._store(ids, codec.encode(targets), state.targets)
+    del targets, losses
+    state.epoch_ids, state.embeddings = ids, (local["z"] if plan.embeddings else None)
+    state.neighbours, wanted = None, ids
     if plan.neighbours is not None:
         started = time.perf_counter()
-        table = torch.zeros((n, plan.neighbours.k), dtype=torch.int64, device=device)
-        actor_timings = {"index_refresh_s": 0.0, "index_query_s": 0.0, "index_peak_rss_mb": 0.0}
-        if rank == 0:
-            ids, actor_timings = neighbour_table(z.cpu().numpy(), plan.neighbours, index_name)
-            table = torch.from_numpy(ids).to(device)
-        state.neighbours = broadcast(table)
+        table, actor_timings = neighbour_rows(ids.cpu().numpy(), local["z"].float().cpu().numpy(), n,
+                                              plan.neighbours, index_name, token)
+        state.neighbours = torch.from_numpy(table).to(device)
+        wanted = torch.unique(torch.cat([ids, state.neighbours.reshape(-1)]))
         timings["index_s"] = time.perf_counter() - started
         timings.update(actor_timings)
+    state.rows_ids = wanted
+    state.rows_targets, state.rows_clean = state._fetch(wanted, state.targets), state._fetch(wanted, state.clean)
+    state.ready = True
     timings["gmm_degenerate"] = degenerate
     return timings
 
@@ -173,25 +268,51 @@ def refresh_state(state: SampleState, model, batches, transform: InputTransform,
 _INDEX_ACTORS: dict[str, ray.actor.ActorHandle] = {}
 
 
-def neighbour_table(embeddings: np.ndarray, query: NeighbourQuery, name: str) -> tuple[np.ndarray, dict[str, float]]:
-    """Ask the index actor `name` for the N x K table and its refresh/query seconds; a dead actor is
-    re-created and refilled from this pass. A refresh longer than query.budget_s stops the run with what
-    would make it faster (instead of every rank waiting into Ray Train's collective timeout)."""
-    def ask():
+def neighbour_rows(ids: np.ndarray, embeddings: np.ndarray, total: int, query: NeighbourQuery, name: str,
+                   token: int) -> tuple[np.ndarray, dict[str, float]]:
+    """The K global neighbours of this rank's samples `ids`, from the index actor `name`: every rank streams its
+    embeddings in (chunks of CHUNK rows), rank 0 has the index built, every rank queries its own rows. Returns
+    (len(ids) x K ids, rank 0's refresh/query seconds). The ranks agree after each step; a dead actor is
+    re-created and refilled once, by every rank together. A refresh longer than query.budget_s stops the run
+    with what would make it faster (instead of every rank waiting into Ray Train's collective timeout)."""
+    rank = rank_and_world()[0]
+    for attempt in range(2):
         if name not in _INDEX_ACTORS:
             _INDEX_ACTORS[name] = index_actor(name, embeddings.shape[1], query)
-        return ray.get(_INDEX_ACTORS[name].neighbour_table.remote(embeddings, query.k), timeout=query.budget_s)
+        actor, deadline, refresh = _INDEX_ACTORS[name], time.monotonic() + query.budget_s, token * 2 + attempt
+        chunks = [(ids[i:i + CHUNK], embeddings[i:i + CHUNK]) for i in range(0, len(ids), CHUNK)]
+        steps = [lambda: [actor.add.remote(refresh, total, *chunk) for chunk in chunks],
+                 lambda: [actor.build.remote(refresh)] if rank == 0 else [],
+                 lambda: [actor.neighbours.remote(*chunk, query.k) for chunk in chunks]]
+        answers = []
+        for step in steps:
+            answers.append(_step(step, deadline, query, total, embeddings.shape[1], name))
+            if answers[-1] is None:
+                break
+        else:
+            built, found = answers[1], answers[2]
+            timings = {"index_refresh_s": 0.0, "index_peak_rss_mb": 0.0, "index_ivf": 0.0, **(built[0] if built else {}),
+                       "index_query_s": sum(seconds for _, seconds in found)}
+            table = np.concatenate([rows for rows, _ in found]) if found else np.empty((0, query.k), np.int64)
+            return table, timings
+        _INDEX_ACTORS.pop(name, None)
+    raise NeighbourIndexError(f"the neighbour index actor {name} died twice in one refresh")
 
+
+def _step(start, deadline: float, query: NeighbourQuery, total: int, dim: int, name: str) -> list | None:
+    """Run one step of the index protocol on this rank and agree with the others on its outcome: its answers,
+    or None when any rank lost the actor."""
+    lost = torch.zeros(1, device=collective_device())
     try:
-        try:
-            return ask()
-        except ray.exceptions.RayActorError:
-            _INDEX_ACTORS.pop(name, None)
-            return ask()
+        answers = [ray.get(ref, timeout=max(deadline - time.monotonic(), 1e-3)) for ref in start()]
+    except ray.exceptions.RayActorError:
+        lost[0], answers = 1.0, None
     except ray.exceptions.GetTimeoutError as exc:
         ray.kill(_INDEX_ACTORS.pop(name))
         raise NeighbourIndexError(
-            f"the neighbour index took longer than index_budget_s={query.budget_s:g} for {len(embeddings)} "
-            f"embeddings of dimension {embeddings.shape[1]} (index_kind={query.kind}, index_cpus={query.cpus:g}): "
-            "use index_kind=ivf (or a lower index_auto_above), more index_cpus, index_gpu=true, or a larger "
-            "index_budget_s") from exc
+            f"the neighbour index took longer than index_budget_s={query.budget_s:g} for {total} embeddings of "
+            f"dimension {dim} (index_kind={query.kind}, index_cpus={query.cpus:g}): use index_kind=ivf (or a lower "
+            "index_auto_above), more index_cpus, index_gpu=true, or a larger index_budget_s") from exc
+    if rank_and_world()[1] > 1:
+        dist.all_reduce(lost)
+    return None if lost.item() else answers

@@ -60,12 +60,22 @@ class EpochRecord:
 
 @dataclass
 class StateSnapshot:
-    """Per-sample beliefs after a refresh (rank 0): given label, argmax of the soft target, clean probability."""
+    """Per-sample beliefs after a refresh, one rank's home range from id `start`: given label, argmax of the
+    soft target, clean probability (the driver joins the ranks' parts)."""
 
     epoch: int
     given: np.ndarray
     corrected: np.ndarray
     clean: np.ndarray
+    start: int = 0
+    world: int = 1
+
+    @classmethod
+    def join(cls, parts: list["StateSnapshot"]) -> "StateSnapshot":
+        """The ranks' parts of one refresh as one snapshot in id order."""
+        parts = sorted(parts, key=lambda part: part.start)
+        return cls(parts[0].epoch, *(np.concatenate([getattr(p, key) for p in parts])
+                                     for key in ("given", "corrected", "clean")))
 
 
 @dataclass
@@ -79,10 +89,12 @@ class TrainedIds:
 
 @dataclass
 class StateDigest:
-    """audit_state: a digest of one rank's per-sample state after a refresh."""
+    """audit_state: a digest of one rank's home rows [start, stop) of the per-sample state after a refresh."""
 
     epoch: int
     rank: int
+    start: int
+    stop: int
     digest: str
 
 
@@ -97,8 +109,10 @@ def train_loop(job: WorkerJob) -> None:
     model = ray.train.torch.prepare_model(build_model(train, data))  # Ray
     optimizer = build_optimizer(model, train.lr, train.momentum, train.weight_decay)
     scheduler = build_schedule(optimizer, train.schedule, train.epochs, train.milestones, train.gamma)
-    state = SampleState(data.counts["train"], data.num_classes) if job.method.uses_sample_state else None
-    resumed_from = restore(ray.train.get_checkpoint(), model, optimizer, scheduler, state, device)  # Ray
+    state = None
+    if job.method.uses_sample_state:
+        state = SampleState(data.counts["train"], job.method.target_codec(data.num_classes), device)
+    resumed_from = restore(ray.train.get_checkpoint(), model, optimizer, scheduler, state)  # Ray
     train_transform, eval_transform = transforms(train, data)
     context = batch_context(job, data, state, train_transform, device)
     rule = job.method.batch_rule(context)
@@ -110,9 +124,13 @@ def train_loop(job: WorkerJob) -> None:
             context.fetch_inputs.epoch = epoch
         refresh = {}
         if plan.refresh:
-            refresh = refresh_state(state, unwrap(model), streams.exact("train"), eval_transform, device, train.amp,
-                                    plan, job.method.config, job.seed, fixed_clean(job), job.index_name)
+            refresh = refresh_state(state, unwrap(model), streams.exact("train", epoch), eval_transform, device,
+                                    train.amp, plan, job.method.config, job.seed, fixed_clean(job, rank),
+                                    job.index_name, token=epoch)
             send_state(job, epoch, rank, state)
+        elif state is not None and state.ready:
+            raise RuntimeError(f"{job.method.name} plans epoch {epoch} without a refresh after its per-sample state "
+                               "exists: each epoch's state rows are fetched for that epoch's shards by its refresh")
         stats, ids = run_epoch(model, optimizer, streams.train(epoch), rule, train_transform, device,
                                epoch_rng(job.seed, epoch, rank), train.amp, job.audit.audit_ids, epoch)
         lr = optimizer.param_groups[0]["lr"]
@@ -121,7 +139,8 @@ def train_loop(job: WorkerJob) -> None:
                                 device, train.amp), lr, started, world, resumed_from, device)
         if job.audit.audit_ids:
             send(job, TrainedIds(epoch, rank, ids))
-        checkpoint_and_report(metrics, rank, model, optimizer, scheduler, epoch, job.seed, state)
+        due = (epoch + 1) % job.method.checkpoint_every == 0 or epoch + 1 == job.stop_epoch
+        checkpoint_and_report(metrics, rank, model, optimizer, scheduler, epoch, job.seed, state, due)
         if rank == 0:
             send(job, EpochRecord(metrics))
 
@@ -131,29 +150,31 @@ def send(job: WorkerJob, message) -> None:
         job.channel.put(message)
 
 
-def fixed_clean(job: WorkerJob) -> np.ndarray | None:
-    return None if job.fixed_clean is None else ray.get(job.fixed_clean)
+def fixed_clean(job: WorkerJob, rank: int) -> np.ndarray | None:
+    """w for every id (`clean_from`), read on rank 0 only: the GMM's rank."""
+    return None if job.fixed_clean is None or rank != 0 else ray.get(job.fixed_clean)
 
 
 def send_state(job: WorkerJob, epoch: int, rank: int, state: SampleState) -> None:
+    """Each rank sends its home range's beliefs (and, audited, their digest) to the driver."""
     if job.audit.audit_state:
-        send(job, StateDigest(epoch, rank, state.digest()))
-    if rank == 0:
-        send(job, StateSnapshot(epoch, state.given.cpu().numpy(), state.targets.argmax(dim=1).cpu().numpy(),
-                                state.clean.cpu().numpy()))
+        send(job, StateDigest(epoch, rank, state.start, state.stop, state.digest()))
+    send(job, StateSnapshot(epoch, state.given.cpu().numpy(), state.corrected().cpu().numpy(),
+                            state.clean.cpu().numpy(), state.start, state.world))
 
 
-def restore(checkpoint, model, optimizer, scheduler, state: SampleState | None, device) -> int | None:
-    """Load Ray Train's latest checkpoint, if any; returns the epoch to resume from (None: a fresh start)."""
+def restore(checkpoint, model, optimizer, scheduler, state: SampleState | None) -> int | None:
+    """Load Ray Train's latest checkpoint, if any, and this rank's home range of the per-sample state from the
+    ranks' files in it (written with any world size); returns the epoch to resume from (None: a fresh start)."""
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as directory:
         saved = load_checkpoint(Path(directory) / CHECKPOINT_FILE)
+        if state is not None and state.load(Path(directory)):
+            state.loss_history = [h.numpy() for h in saved.get("loss_history", [])] if state.rank == 0 else []
     unwrap(model).load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    if state is not None and "sample_state" in saved:
-        state.load_state_dict(saved["sample_state"], device)
     return saved["epoch"] + 1
 
 
@@ -201,20 +222,25 @@ class Streams:
         self.urls = {split: shards.shard_urls(self.job.data_dir, self.job.manifest, split)
                      for split in ("train", "val", "test")}
 
+    def shard_seed(self, epoch: int) -> int:
+        return self.job.seed * 100_003 + epoch
+
     def train(self, epoch: int):
         """Shards re-dealt to ranks with a seeded permutation each epoch, samples shuffled in a seeded buffer."""
         job = self.job
         images = image_stages(job.train, self.data, job.seed, epoch)[0]
         stream = shards.sample_stream(
             self.urls["train"], images=images, label_key=shards.LABEL_KEYS[job.method.label_key], rank=self.rank,
-            world_size=self.world, shard_seed=job.seed * 100_003 + epoch, shuffle_buffer=job.train.shuffle_buffer,
+            world_size=self.world, shard_seed=self.shard_seed(epoch), shuffle_buffer=job.train.shuffle_buffer,
             shuffle_seed=int(epoch_rng(job.seed, epoch, self.rank).integers(2**31)), batch_size=job.train.batch_size)
         return shards.iterate_batches(stream, job.loader_workers)
 
-    def exact(self, split: str):
-        """Every sample of this rank's shards of `split` once, in order, with its given label."""
+    def exact(self, split: str, epoch: int | None = None):
+        """Every sample of this rank's shards of `split` once, in order, with its given label; with `epoch`, the
+        shards this rank trains on in that epoch (its per-sample state refresh)."""
         images = image_stages(self.job.train, self.data, self.job.seed)[1]
         stream = shards.sample_stream(self.urls[split], images=images, rank=self.rank, world_size=self.world,
+                                      shard_seed=None if epoch is None else self.shard_seed(epoch),
                                       batch_size=4 * self.job.train.batch_size)
         return shards.iterate_batches(stream, self.job.loader_workers)
 
@@ -265,13 +291,18 @@ def epoch_metrics(job: WorkerJob, epoch: int, plan: EpochPlan, stats, counts: di
 
 
 def checkpoint_and_report(metrics: dict, rank: int, model, optimizer, scheduler, epoch: int, seed: int,
-                          state: SampleState | None) -> None:
-    """Rank 0 writes the checkpoint; every rank reports (a barrier). Ray keeps the epoch with the best
-    noisy-validation accuracy beside the latest; the full record goes to the driver once, as an EpochRecord."""
+                          state: SampleState | None, due: bool = True) -> None:
+    """When `due`, rank 0 writes the checkpoint and each rank its home range of the per-sample state (Ray Train
+    merges the ranks' files into one checkpoint); every rank reports (a barrier). Ray keeps the epoch with the
+    best noisy-validation accuracy beside the latest; the full record goes to the driver once, as an EpochRecord."""
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
-        if rank == 0:
-            save_checkpoint(Path(directory) / CHECKPOINT_FILE, model, optimizer, scheduler, epoch, seed, state)
+        if due and state is not None and state.ready:
+            state.save(Path(directory))
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+        if due and rank == 0:
+            history = {"loss_history": [torch.from_numpy(h) for h in state.loss_history]} if state is not None else {}
+            save_checkpoint(Path(directory) / CHECKPOINT_FILE, model, optimizer, scheduler, epoch, seed, history)
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         ray.train.report({"epoch": epoch, "val_acc": metrics["val_acc"]}, checkpoint=checkpoint)  # Ray
 

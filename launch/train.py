@@ -18,6 +18,7 @@ from noisymix.distributed.artifacts import (CHECKPOINT_FILE, CONFIG, MODEL_BEST,
                                             load_checkpoint, read_out_of_fold)
 from noisymix.distributed.folds import FoldCache, Selection, restore_selection, select
 from noisymix.distributed.runner import check_resources, run_trainer, start_ray
+from noisymix.distributed.sample_state import read_beliefs
 from noisymix.distributed.worker import EpochRecord, StateDigest, StateSnapshot, TrainedIds, WorkerJob
 from noisymix.launch.config import Config, ConfigError, changed_settings
 from noisymix.launch.errors import one_line, unnamed_file_error
@@ -34,8 +35,10 @@ class RunRecorder:
     against true labels when the driver has them), and the id/state audits of the tests."""
 
     def __init__(self, run: RunDir, method: Method, epochs: int, true_labels: np.ndarray | None, log,
-                 on_epoch=None, trackers: list | None = None):
+                 on_epoch=None, trackers: list | None = None, num_samples: int = 0):
         self.run, self.method, self.true, self.on_epoch = run, method, true_labels, on_epoch
+        self.num_samples = num_samples
+        self.state_parts: dict[tuple[int, int], dict[int, StateSnapshot]] = {}   # (epoch, world) -> start -> part
         self.trackers = trackers or []
         self.progress = Progress(epochs, log)
         self.history: dict[int, dict] = {record["epoch"]: record for record in run.metrics()}  # a resumed run's
@@ -62,7 +65,12 @@ class RunRecorder:
 
     @on_message.register
     def _(self, message: StateSnapshot) -> None:
-        self.believe(self.method.label_report(state=message), message.epoch)
+        """A rank's part of a refresh's beliefs; the whole, once every rank's part of it has come."""
+        parts = self.state_parts.setdefault((message.epoch, message.world), {})
+        parts[message.start] = message
+        if sum(len(part.given) for part in parts.values()) == self.num_samples:
+            del self.state_parts[(message.epoch, message.world)]
+            self.believe(self.method.label_report(state=StateSnapshot.join(list(parts.values()))), message.epoch)
 
     @on_message.register
     def _(self, message: TrainedIds) -> None:
@@ -200,13 +208,12 @@ def model_weights(checkpoint) -> dict:
         return load_checkpoint(Path(directory) / CHECKPOINT_FILE)["model"]
 
 
-def state_snapshot(checkpoint) -> StateSnapshot:
-    """The per-sample beliefs a checkpoint holds (a run resumed after its last epoch sends none)."""
+def state_snapshot(checkpoint) -> StateSnapshot | None:
+    """The per-sample beliefs a checkpoint's state files hold (a run resumed after its last epoch sends none)."""
     with checkpoint.as_directory() as directory:
-        saved = load_checkpoint(Path(directory) / CHECKPOINT_FILE)
-    state = saved["sample_state"]
-    return StateSnapshot(saved["epoch"], state["given"].numpy(), state["targets"].argmax(dim=1).numpy(),
-                         state["clean"].numpy())
+        epoch = load_checkpoint(Path(directory) / CHECKPOINT_FILE)["epoch"]
+        beliefs = read_beliefs(Path(directory))
+    return None if beliefs is None else StateSnapshot(epoch, *beliefs)
 
 
 def export_model(run: RunDir, checkpoint, name: str) -> None:
@@ -230,7 +237,8 @@ def finish(config: Config, run: RunDir, recorder: RunRecorder, rounds: Selection
         for key, stage in (("pass_s", "loss_pass"), ("gmm_s", "gmm"), ("index_s", "index")):
             stage_times[stage] = sum(record.get(key, 0.0) for record in records)
     if recorder.report is None and config.method.uses_sample_state and result.checkpoint is not None:
-        recorder.report = config.method.label_report(state=state_snapshot(result.checkpoint))
+        snapshot = state_snapshot(result.checkpoint)
+        recorder.report = None if snapshot is None else config.method.label_report(state=snapshot)
     if recorder.report is not None:
         run.write_label_issues(recorder.report)
         summary.update(recorder.method.evaluate(recorder.report, recorder.true) if recorder.true is not None else {})
@@ -325,7 +333,7 @@ def run_stages(config: Config, run: RunDir, data_dir: str, manifest: dict, fixed
     true_labels = (shards.load_labels(data_dir, manifest, label_key=shards.TRUE_LABEL)
                    if manifest["has_true_labels"] and method.reports_labels else None)
     recorder = RunRecorder(run, method, config.train.epochs, true_labels, log, on_epoch,
-                           trackers(run, config.to_dict()))
+                           trackers(run, config.to_dict()), manifest["splits"]["train"]["count"])
     try:
         rounds = SelectionRounds(config, data_dir, manifest, run, recorder, log) if method.uses_out_of_fold else None
         job = WorkerJob(method, config.train, config.audit, config.run.seed, data_dir, manifest, config.train.epochs,

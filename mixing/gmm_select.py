@@ -9,9 +9,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from noisymix.mixing.config import Section, check_epochs_or_auto, check_range
+from noisymix.mixing.config import Section, check_choice, check_epochs_or_auto, check_range
 from noisymix.mixing.losses import one_hot
 from noisymix.mixing.method import BatchContext, BatchRule, EpochPlan, Method, register
+from noisymix.mixing.soft_targets import TARGET_DTYPES, TargetCodec
 from noisymix.selection.gmm import CleanProbability, out_of_fold_clean_probability
 from noisymix.selection.report import LabelReport, clean_probability_report, evaluate_clean_probability
 
@@ -28,10 +29,16 @@ class GMMConfig(Section):
     gmm_reg_covar: float = 5e-4
     gmm_threshold: float = 0.5
     clean_from: Optional[str] = None
+    target_dtype: str = "float32"  # per-sample soft targets stored as float32, float16 or bfloat16
+    target_topk: int = 0           # >0: keep each soft target's top k classes, the rest as a uniform remainder
+    state_checkpoint_every: int = 1  # epochs between checkpoints of the per-sample state (each rank its shard)
 
     def validate(self) -> None:
         super().validate()
         check_epochs_or_auto("warmup", self.warmup)
+        check_choice("target_dtype", self.target_dtype, TARGET_DTYPES)
+        check_range("target_topk", self.target_topk, 0)
+        check_range("state_checkpoint_every", self.state_checkpoint_every, 1)
         check_range("gmm_threshold", self.gmm_threshold, 0.0, 1.0)
         for key in ("loss_window", "gmm_max_iter"):
             check_range(key, getattr(self, key), 1)
@@ -55,6 +62,13 @@ class CleanProbabilityMethod(Method):
 
     def fixed_clean_file(self) -> str | None:
         return self.config.clean_from
+
+    def target_codec(self, num_classes: int) -> TargetCodec:
+        return TargetCodec(num_classes, self.config.target_topk, self.config.target_dtype)
+
+    @property
+    def checkpoint_every(self) -> int:
+        return self.config.state_checkpoint_every
 
     def fixed_clean_probability(self, probs: np.ndarray, given: np.ndarray, seed: int) -> CleanProbability:
         """B1's GMM on the out-of-fold losses -log P[i, y_i] (selection.gmm.out_of_fold_clean_probability)."""
@@ -84,7 +98,7 @@ class GMMSelectTargets(BatchRule):
         targets = one_hot(labels, self.num_classes)
         if self.phase == "warmup" or not self.state.ready:
             return inputs, targets
-        keep = self.state.clean[ids.to(self.state.clean.device)].to(inputs.device) > self.threshold
+        keep = self.state.clean_of(ids).to(inputs.device) > self.threshold
         return inputs, targets * keep[:, None]
 
 

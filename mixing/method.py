@@ -122,6 +122,15 @@ class Method:
         return f"{type(self).__name__}({self.config!r})"
 
     @property
+    def checkpoint_every(self) -> int:
+        """Epochs between checkpoints (methods with large per-sample state may checkpoint less often)."""
+        return 1
+
+    def target_codec(self, num_classes: int):
+        """How the per-sample soft targets are stored (mixing.soft_targets.TargetCodec); None without state."""
+        return None
+
+    @property
     def reports_labels(self) -> bool:
         """Whether the method holds beliefs about each given label (label_issues.csv, detection metrics)."""
         return self.uses_out_of_fold or self.uses_sample_state

@@ -56,8 +56,9 @@ def in_batch_neighbours(embeddings: torch.Tensor, k: int) -> torch.Tensor:
 
 @dataclass
 class MixNNTargets(BatchRule):
-    """MixNN's batch rule (methods.md B3) over a per-sample state with `targets`, `clean`, `embeddings`
-    and, for global neighbours, `neighbours` (N x K ids) whose inputs `fetch_inputs(ids, rng)` returns.
+    """MixNN's batch rule (methods.md B3) over a per-sample state answering `targets_of(ids)`, `clean_of(ids)`,
+    `embeddings_of(ids)` and, for global neighbours, `neighbours_of(ids)` (K ids each), whose inputs
+    `fetch_inputs(ids, rng)` returns.
 
     Phase `warmup`: CE on the given labels; `mixup`: Mixup Beta(alpha, alpha) on the soft targets;
     `neighbours`: each sample mixed with its K nearest neighbours, weighted by clean probability.
@@ -83,21 +84,20 @@ class MixNNTargets(BatchRule):
         if self.phase == "warmup" or not self.state.ready:
             return inputs, one_hot(labels, self.num_classes)
         device = inputs.device
-        ids_d = ids.to(self.state.targets.device)
-        targets = self.state.targets[ids_d].to(device)
+        targets = self.state.targets_of(ids).to(device)
         if self.phase == "mixup":
             return mixup_batch(inputs, targets, self.alpha, rng)
         if self.neighbour_source == "global":
-            neighbour_ids = self.state.neighbours[ids_d][:, :self.k]
-            flat = neighbour_ids.reshape(-1).cpu().numpy()
-            x_n = self.fetch_inputs(flat, rng).reshape(len(ids), self.k, *inputs.shape[1:])
+            neighbour_ids = self.state.neighbours_of(ids)[:, :self.k]
+            x_n = self.fetch_inputs(neighbour_ids.reshape(-1).cpu().numpy(), rng).reshape(
+                len(ids), self.k, *inputs.shape[1:])
         else:
-            rows = in_batch_neighbours(self.state.embeddings[ids_d], self.k).to(device)
-            neighbour_ids = ids_d[rows.to(ids_d.device)]
-            x_n = inputs[rows]
-        weights = neighbour_weights(self.state.clean[ids_d].to(device), self.state.clean[neighbour_ids].to(device),
+            rows = in_batch_neighbours(self.state.embeddings_of(ids), self.k).cpu()
+            neighbour_ids = ids.cpu()[rows]
+            x_n = inputs[rows.to(device)]
+        weights = neighbour_weights(self.state.clean_of(ids).to(device), self.state.clean_of(neighbour_ids).to(device),
                                     self.eps)
-        t_n = self.state.targets[neighbour_ids].to(device)
+        t_n = self.state.targets_of(neighbour_ids).to(device)
         return synthetic_sample(inputs, x_n, weights), synthetic_target(targets, t_n, weights)
 
 

@@ -93,6 +93,18 @@ class FakeState:
     embeddings = torch.nn.functional.normalize(torch.tensor([[1.0, 0.1], [1.0, 0.0], [0.0, 1.0], [0.1, 1.0]]), dim=1)
     neighbours = torch.tensor([[1], [0], [3], [2]])
 
+    def targets_of(self, ids):
+        return self.targets[ids]
+
+    def clean_of(self, ids):
+        return self.clean[ids]
+
+    def neighbours_of(self, ids):
+        return self.neighbours[ids]
+
+    def embeddings_of(self, ids):
+        return self.embeddings[ids]
+
 
 def inputs_of(ids):
     return torch.tensor(ids, dtype=torch.float32)[:, None, None, None].expand(len(ids), 1, 2, 2).clone()

@@ -10,7 +10,7 @@ import torch
 
 from noisymix.distributed import shards
 from noisymix.distributed.index_actor import NeighbourIndex, NeighbourIndexError, drop_self, index_actor
-from noisymix.distributed.sample_state import neighbour_table
+from noisymix.distributed.sample_state import neighbour_rows, read_beliefs
 from noisymix.launch.cli import main
 from noisymix.mixing.method import NeighbourQuery
 from noisymix.selection.gmm import out_of_fold_clean_probability
@@ -60,9 +60,10 @@ def test_drop_self_when_self_is_not_first():
 def test_a_dead_index_actor_is_recreated_and_refilled(ray_session):
     z = np.random.default_rng(1).standard_normal((200, 6)).astype(np.float32)
     query = NeighbourQuery(2, gpu=False)
-    first, timings = neighbour_table(z, query, "test-index-restart")
+    ids = np.arange(200)
+    first, timings = neighbour_rows(ids, z, 200, query, "test-index-restart", token=0)
     ray.kill(ray.get_actor("test-index-restart"))
-    again, _ = neighbour_table(z, query, "test-index-restart")
+    again, _ = neighbour_rows(ids, z, 200, query, "test-index-restart", token=1)
     assert np.array_equal(first, again) and np.array_equal(first, brute_force_neighbours(z, 2))
     assert set(timings) == {"index_refresh_s", "index_query_s", "index_peak_rss_mb", "index_ivf"}
     assert timings["index_ivf"] == 0.0 and all(timings[key] > 0 for key in ("index_refresh_s", "index_query_s"))
@@ -72,7 +73,7 @@ def test_an_index_slower_than_its_budget_stops_with_what_would_help(ray_session)
     z = np.random.default_rng(1).standard_normal((20000, 64)).astype(np.float32)
     with pytest.raises(NeighbourIndexError, match=r"took longer than index_budget_s=0.01 for 20000 embeddings of "
                                                   r"dimension 64 \(index_kind=flat, index_cpus=0\): use index_kind=ivf"):
-        neighbour_table(z, NeighbourQuery(1, kind="flat", budget_s=0.01), "test-index-budget")
+        neighbour_rows(np.arange(20000), z, 20000, NeighbourQuery(1, kind="flat", budget_s=0.01), "test-index-budget", 0)
     with pytest.raises(ValueError, match="Failed to look up actor"):
         ray.get_actor("test-index-budget")   # killed, not left computing
 
@@ -91,19 +92,19 @@ def test_a_gpu_index_without_gpu_support_is_refused_by_name():
         NeighbourIndex(8, use_gpu=True)
 
 
-@pytest.mark.parametrize("source", ["batch", "global"])
-def test_mixnn_end_to_end_on_two_workers(ray_session, digits_dir, tmp_path, capsys, source):
+@pytest.mark.parametrize("source, compact", [("batch", []), ("global", ["target_topk=3", "target_dtype=float16"])])
+def test_mixnn_end_to_end_on_two_workers(ray_session, digits_dir, tmp_path, capsys, source, compact):
     run = tmp_path / "run"
     code = main(["train", "method=mixnn", f"neighbour_source={source}", f"data_dir={digits_dir}", f"run_dir={run}",
                  "num_workers=2", "epochs=4", "warmup=1", "es=2", "update_every=1", "num_shards=4", "knn=2",
-                 "audit_state=true"])
+                 "audit_state=true", *compact])
     assert code == 0, capsys.readouterr().err
-    # Each rank reports a digest of its own copy of the per-sample state: they agree after every refresh.
+    # Each rank holds (and digests) only its home id range of the per-sample state: the ranges tile the ids.
     digests = json.loads((run / "state_digests.json").read_text())
     by_epoch = {}
     for d in digests:
-        by_epoch.setdefault(d["epoch"], set()).add(d["digest"])
-    assert len(digests) == 2 * 3 and all(len(v) == 1 for v in by_epoch.values()), by_epoch
+        by_epoch.setdefault(d["epoch"], []).append((d["start"], d["stop"]))
+    assert len(digests) == 2 * 3 and all(sorted(v) == [(0, 646), (646, 1293)] for v in by_epoch.values()), by_epoch
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in records] == ["warmup", "mixup", "neighbours", "neighbours"]
     assert all("corrected_label_acc" in r and "detection" in r for r in records[1:])
@@ -120,8 +121,19 @@ def test_mixnn_end_to_end_on_two_workers(ray_session, digits_dir, tmp_path, caps
     assert all((r["flagged"] == "1") == (r["corrected_label"] != r["given_label"] or float(r["clean_probability"]) < 0.5)
                for r in rows)
     assert 0.0 <= summary["given_label_detection"]["f1"] <= 1.0 and summary["given_label_detection"]["auroc"] > 0.6
-    state = torch.load(run / "model_last.pt", weights_only=True)["sample_state"]
-    assert state["targets"].shape == (1293, 10) and torch.allclose(state["targets"].sum(1), torch.ones(1293))
+    # The last checkpoint holds one state file per rank (its home range), in the run's codec, and the beliefs
+    # they hold are those of label_issues.csv.
+    latest = max(path for path in (run / "ray" / "train").glob("checkpoint_*") if path.is_dir())
+    files = sorted(latest.glob("sample_state_*.pt"))
+    assert [f.name for f in files] == ["sample_state_000000000000_000000000646.pt",
+                                       "sample_state_000000000646_000000001293.pt"]
+    part = torch.load(files[1], weights_only=True)
+    assert part["targets"].shape == ((647, 6) if compact else (647, 10))
+    assert part["targets"].dtype == (torch.int16 if compact else torch.float32)
+    given, corrected, clean = read_beliefs(latest)
+    by_id = {int(r["id"]): r for r in rows}
+    assert all(int(by_id[i]["corrected_label"]) == corrected[i] and int(by_id[i]["given_label"]) == given[i]
+               for i in range(1293))
 
 
 def test_clean_probabilities_from_an_out_of_fold_table_replace_the_gmm(ray_session, digits_dir, tmp_path, capsys):

@@ -1,0 +1,122 @@
+"""Per-sample state sharded by id range: rows move to and from their home ranks exactly, and a state
+checkpoint written by W ranks restores every id's state exactly on any other number of ranks.
+
+The ranks are real processes joined by a gloo process group on 127.0.0.1 (no Ray)."""
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from noisymix.distributed import exchange
+from noisymix.distributed.sample_state import SampleState, StateCheckpointError, read_beliefs
+from noisymix.mixing.soft_targets import TargetCodec
+
+N, C = 101, 7   # not a multiple of any world size used: uneven home ranges
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def world_state(seed: int = 0):
+    """The whole state every test compares against: given labels, soft targets, clean probabilities."""
+    rng = np.random.default_rng(seed)
+    given = rng.integers(0, C, N)
+    targets = rng.dirichlet(np.ones(C) * 0.3, N).astype(np.float32)
+    clean = rng.random(N).astype(np.float32)
+    return torch.from_numpy(given).int(), torch.from_numpy(targets), torch.from_numpy(clean)
+
+
+def in_group(rank, world, port, job, *args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        job(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(world: int, job, *args) -> None:
+    mp.start_processes(in_group, args=(world, free_port(), job, *args), nprocs=world, start_method="fork")
+
+
+def write_state(rank, world, directory, codec_args):
+    """Each rank fills its home rows through store() from ids it does not own, then saves its file."""
+    given, targets, clean = world_state()
+    state = SampleState(N, TargetCodec(C, *codec_args))
+    mine = torch.arange(rank, N, world)             # a rank's pass ids: not its home range
+    state._store(mine, given[mine], state.given)
+    state._store(mine, state.codec.encode(targets[mine]), state.targets)
+    state._store(mine, clean[mine], state.clean)
+    state.save(directory)
+
+
+def check_state(rank, world, directory, codec_args):
+    """Each rank loads its home range from files of another world size and fetches arbitrary ids' rows."""
+    given, targets, clean = world_state()
+    codec = TargetCodec(C, *codec_args)
+    state = SampleState(N, codec)
+    assert state.load(directory) and state.ready
+    home = slice(state.start, state.stop)
+    assert torch.equal(state.given, given[home]) and torch.equal(state.clean, clean[home])
+    assert torch.equal(state.targets, codec.encode(targets[home])), "bit-exact soft targets"
+    wanted = torch.from_numpy(np.random.default_rng(rank).choice(N, 30, replace=False))
+    assert torch.equal(state._fetch(wanted, state.clean), clean[wanted])
+    assert torch.allclose(codec.decode(state._fetch(wanted, state.targets)), codec.decode(codec.encode(targets[wanted])))
+    losses = exchange.to_rank0(torch.arange(rank, N, world), torch.arange(rank, N, world).float() * 2, N)
+    assert (losses is None) == (rank != 0) and (rank != 0 or torch.equal(losses, torch.arange(N).float() * 2))
+    exchange.from_rank0(torch.arange(N).float() if rank == 0 else None, state.clean, world, N)
+    assert torch.equal(state.clean, torch.arange(state.start, state.stop).float())
+
+
+@pytest.mark.parametrize("codec_args", [(0, "float32"), (3, "float16")])
+def test_state_written_by_two_ranks_is_restored_exactly_on_one_and_three(tmp_path, codec_args):
+    run_ranks(2, write_state, tmp_path, codec_args)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sample_state_000000000000_000000000050.pt",
+                                                           "sample_state_000000000050_000000000101.pt"]
+    check_state(0, 1, tmp_path, codec_args)          # one process: no group at all
+    run_ranks(3, check_state, tmp_path, codec_args)
+    given, targets, _ = world_state()
+    read_given, corrected, _ = read_beliefs(tmp_path)
+    codec = TargetCodec(C, *codec_args)
+    assert np.array_equal(read_given, given.numpy())
+    assert np.array_equal(corrected, codec.decode(codec.encode(targets)).argmax(1).numpy())
+
+
+def test_home_ranges_tile_the_ids_and_home_of_agrees():
+    for world in (1, 2, 3, 7):
+        ranges = [exchange.home_range(r, world, N) for r in range(world)]
+        assert ranges[0][0] == 0 and ranges[-1][1] == N and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        homes = exchange.home_of(torch.arange(N), world, N)
+        for r, (start, stop) in enumerate(ranges):
+            assert (homes[start:stop] == r).all()
+
+
+def test_a_state_checkpoint_of_another_dataset_or_incomplete_is_refused(tmp_path):
+    state = SampleState(N, TargetCodec(C))
+    state.save(tmp_path)
+    with pytest.raises(StateCheckpointError, match="for 101 samples of 7 classes; this run has 101 samples of 5"):
+        SampleState(N, TargetCodec(5)).load(tmp_path)
+    with pytest.raises(StateCheckpointError, match=r"cover \[\(0, 101\)\], not the 90 samples"):
+        SampleState(90, TargetCodec(C)).load(tmp_path)
+    (tmp_path / "sample_state_000000000000_000000000101.pt").rename(tmp_path / "sample_state_000000000000_000000000050.pt")
+    with pytest.raises(StateCheckpointError, match="incomplete or from another dataset"):
+        SampleState(N, TargetCodec(C)).load(tmp_path)
+    (tmp_path / "empty").mkdir()
+    assert SampleState(N, TargetCodec(C)).load(tmp_path / "empty") is False, "a checkpoint from before the state"
+
+
+def test_a_batch_asking_for_ids_outside_its_working_rows_is_an_error():
+    state = SampleState(4, TargetCodec(2))
+    state.fill(torch.tensor([0, 1, 0, 1]), torch.eye(2)[[0, 1, 0, 1]], torch.ones(4))
+    state.rows_ids, state.rows_clean = torch.tensor([0, 2]), torch.tensor([0.5, 0.25])
+    assert state.clean_of(torch.tensor([2, 0])).tolist() == [0.25, 0.5]
+    with pytest.raises(RuntimeError, match="did not fetch for the epoch"):
+        state.clean_of(torch.tensor([1]))
