@@ -30,8 +30,11 @@ class NeighbourIndex:
 
     def __init__(self, dim: int, metric: str = "ip", kind: str = "auto", nlist: int = 0, nprobe: int = 8,
                  threads: int = 1, use_gpu: bool = False, auto_above: int = 100_000):
-        import faiss
-
+        try:
+            import faiss
+        except ImportError as exc:
+            raise NeighbourIndexError("MixNN's global neighbours need FAISS: pip install noisymix[cpu] (or noisymix[gpu] "
+                                      "on GPU nodes)") from exc
         if dim < 1:
             raise ValueError(f"embedding dimension must be >= 1, got {dim}")
         if metric not in INDEX_METRICS or kind not in INDEX_KINDS:

@@ -6,7 +6,9 @@ soft targets in the method's compact codec. An epoch's refresh: every rank passe
 on this epoch, fetches those ids' targets from their homes, sends its losses to rank 0 (N floats) for the GMM,
 whose clean probabilities go back to their homes; moved targets are stored back; neighbours come from the
 index actor; and each rank fetches the rows of its epoch ids and their neighbours (its working rows).
-Held per rank: (N/W) x (4 + codec bytes + 4) at home, plus the working rows of (1 + K) x N/W ids.
+Held per rank, in bytes per sample of the rank (N/W): 8 + the codec's row at home (given label, clean
+probability, soft target); the working rows of (1 + K) ids each (8 + 4 + codec row, plus K ids of 8); 2d for
+in-batch neighbours' float16 embeddings. Rank 0 adds 4 x loss_window bytes per sample of N (the GMM's window).
 """
 
 from __future__ import annotations
@@ -35,26 +37,53 @@ from noisymix.mixing.soft_targets import TargetCodec
 from noisymix.selection.gmm import clean_probability, normalise_losses, window_average
 
 STATE_FILE = re.compile(r"sample_state_(\d+)_(\d+)\.pt")
-CHUNK = 65_536    # rows per message to the index actor, and per decode when the whole home range is read
+CHUNK_FLOATS = 2**21   # a chunk of decoded rows (or of embeddings sent to the index) holds at most 8 MB of floats
+
+
+def chunks(count: int, width: int) -> list[slice]:
+    """Row slices of `count` rows, each at most CHUNK_FLOATS / width rows: bounded transients whatever C or d."""
+    rows = max(1, CHUNK_FLOATS // max(width, 1))
+    return [slice(i, i + rows) for i in range(0, count, rows)]
 
 
 class StateCheckpointError(RuntimeError):
     """A per-sample state checkpoint that does not belong to this run (other samples, classes, or incomplete)."""
 
 
-def exact_pass(model, batches, transform: InputTransform, device, amp: bool, embeddings: str):
-    """(ids, given labels, logits, embeddings) of this rank's samples in id order, un-augmented, in eval mode;
-    the embeddings L2-normalised ("l2"), raw ("raw") or not kept ("")."""
-    out = {"ids": [], "labels": [], "logits": [], "z": []}
+def pass_rows(model, batches, transform: InputTransform, device, amp: bool, codec: TargetCodec, embeddings: str):
+    """This rank's samples in stream order, un-augmented, in eval mode: ids, given labels, the predictions p in the
+    soft targets' codec (compacted a batch at a time: no n x C float copy is kept) and the embeddings,
+    L2-normalised ("l2"), raw ("raw") or not kept ("")."""
+    out = {"ids": [], "labels": [], "probs": [], "z": []}
     for ids, labels, z, logits in eval_outputs(model, batches, transform, device, amp):
-        out["ids"].append(torch.from_numpy(ids))
-        out["labels"].append(torch.from_numpy(labels))
-        out["logits"].append(logits)
+        out["ids"].append(torch.from_numpy(ids).to(device))
+        out["labels"].append(torch.from_numpy(labels).to(device))
+        out["probs"].append(codec.encode(torch.softmax(logits, dim=1)))
         if embeddings:
-            out["z"].append(F.normalize(z, dim=1) if embeddings == "l2" else z)
-    out = {k: torch.cat(v) if v else torch.empty(0) for k, v in out.items()}
-    order = torch.argsort(out["ids"])
-    return {k: v[order.to(v.device)] if len(v) else v for k, v in out.items()}
+            out["z"].append((F.normalize(z, dim=1) if embeddings == "l2" else z).half())   # 2 bytes per dimension
+    if not out["ids"]:
+        return {"ids": torch.empty(0, dtype=torch.int64, device=device),
+                "labels": torch.empty(0, dtype=torch.int64, device=device), "probs": codec.empty(0, device),
+                "z": torch.empty((0, 0), device=device) if embeddings else None}
+    return {k: torch.cat(v) if v else None for k, v in out.items()}
+
+
+def move_targets(codec: TargetCodec, targets: torch.Tensor | None, labels: torch.Tensor, probs: torch.Tensor,
+                 momentum: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """B1's loss -log p[argmax t] of each sample and its encoded target after B2's t <- m t + (1 - m) p (as it was
+    without a momentum), computed a chunk of rows at a time from the encoded rows; `targets` None: the first
+    refresh, t = onehot(given label)."""
+    losses, out = [], []
+    for rows in chunks(len(probs), codec.num_classes):
+        p = codec.decode(probs[rows])
+        t = F.one_hot(labels[rows].long(), codec.num_classes).float() if targets is None else codec.decode(targets[rows])
+        losses.append(-torch.log(p.gather(1, t.argmax(dim=1, keepdim=True)).squeeze(1).clamp_min(1e-30)))
+        if momentum is not None:
+            out.append(codec.encode(update_soft_targets(t, p, momentum)))
+        elif targets is None:
+            out.append(codec.encode(t))
+    moved = targets if momentum is None and targets is not None else (torch.cat(out) if out else probs[:0])
+    return (torch.cat(losses) if losses else torch.empty(0, device=probs.device)), moved
 
 
 @dataclass
@@ -77,6 +106,7 @@ class SampleState:
         self.targets = torch.zeros((size, self.codec.width), dtype=self.codec.storage_dtype, device=self.device)
         self.clean = torch.zeros(size, dtype=torch.float32, device=self.device)
         self.epoch_ids = self.rows_ids = torch.empty(0, dtype=torch.int64, device=self.device)
+        self.epoch_rows = self.epoch_ids     # epoch_ids[i] is row epoch_rows[i] of neighbours and embeddings
         self.rows_targets, self.rows_clean = self.targets[:0], self.clean[:0]
         self.neighbours: torch.Tensor | None = None
         self.embeddings: torch.Tensor | None = None
@@ -107,10 +137,10 @@ class SampleState:
         return self.rows_clean[self._at(self.rows_ids, ids)]
 
     def neighbours_of(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.neighbours[self._at(self.epoch_ids, ids)]
+        return self.neighbours[self.epoch_rows[self._at(self.epoch_ids, ids)]]
 
     def embeddings_of(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.embeddings[self._at(self.epoch_ids, ids)]
+        return self.embeddings[self.epoch_rows[self._at(self.epoch_ids, ids)]].float()
 
     def corrected(self) -> torch.Tensor:
         """The argmax of each home soft target."""
@@ -137,7 +167,7 @@ class SampleState:
         if self.world != 1:
             raise RuntimeError("fill() sets every id's state: one process only")
         self.given[:], self.targets[:], self.clean[:] = given, self.codec.encode(targets), clean
-        self.epoch_ids = self.rows_ids = torch.arange(self.num_samples, device=self.device)
+        self.epoch_ids = self.rows_ids = self.epoch_rows = torch.arange(self.num_samples, device=self.device)
         self.rows_targets, self.rows_clean = self.targets, self.clean
         self.neighbours, self.embeddings, self.ready = neighbours, embeddings, True
 
@@ -190,7 +220,7 @@ class SampleState:
 
 def corrected_labels(codec: TargetCodec, rows: torch.Tensor) -> torch.Tensor:
     """The argmax class of each encoded soft target, decoded a chunk at a time (no N x C float copy)."""
-    return torch.cat([codec.decode(rows[i:i + CHUNK]).argmax(dim=1) for i in range(0, len(rows), CHUNK)]
+    return torch.cat([codec.decode(rows[part]).argmax(dim=1) for part in chunks(len(rows), codec.num_classes)]
                      or [torch.empty(0, dtype=torch.int64, device=rows.device)])
 
 
@@ -218,18 +248,20 @@ def refresh_state(state: SampleState, model, batches, transform: InputTransform,
     The clean probabilities come from B1's GMM on the losses, or are `fixed_clean` (`clean_from`, rank 0 reads
     it). Returns timings."""
     timings, started = {}, time.perf_counter()
-    local = exact_pass(model, batches, transform, device, amp, plan.embeddings)
-    ids, n, codec = local["ids"].to(device), state.num_samples, state.codec
+    codec, n = state.codec, state.num_samples
+    local = pass_rows(model, batches, transform, device, amp, codec, plan.embeddings)
+    ids = local["ids"]
     timings["pass_s"] = time.perf_counter() - started
-    if state.ready:
-        targets = codec.decode(state._fetch(ids, state.targets))
-    else:
-        state._store(ids, local["labels"].to(device=device, dtype=torch.int32), state.given)
-        targets = F.one_hot(local["labels"].to(device).long(), state.num_classes).float()
-    # B1: loss against the current soft targets' argmax, on un-augmented inputs; the GMM on rank 0.
-    losses = F.cross_entropy(local["logits"], targets.argmax(dim=1), reduction="none")
+    targets = state._fetch(ids, state.targets) if state.ready else None
+    if not state.ready:
+        state._store(ids, local["labels"].to(torch.int32), state.given)
+    # B1: loss against the current soft targets' argmax, on un-augmented inputs; B2: t <- m t + (1 - m) p.
+    losses, moved = move_targets(codec, targets, local["labels"], local.pop("probs"), plan.target_momentum)
+    if plan.target_momentum is not None or not state.ready:
+        state._store(ids, moved, state.targets)
+    del targets, moved
     started = time.perf_counter()
-    all_losses = to_rank0(ids, losses.float(), n)
+    all_losses = to_rank0(ids, losses, n)
     w, degenerate = None, 0.0
     if all_losses is not None:
         state.loss_history = (state.loss_history + [normalise_losses(all_losses.cpu().numpy())])[-b1.loss_window:]
@@ -241,23 +273,16 @@ def refresh_state(state: SampleState, model, batches, transform: InputTransform,
             w, degenerate = torch.from_numpy(fit.w.astype(np.float32)), float(fit.degenerate)
     from_rank0(w, state.clean, state.world, n)
     timings["gmm_s"] = time.perf_counter() - started
-    # B2: t <- m t + (1 - m) p on the schedule the method planned.
-    if plan.target_momentum is not None:
-        targets = update_soft_targets(targets, torch.softmax(local["logits"].float(), dim=1), plan.target_momentum)
-    if plan.target_momentum is not None or not state.ready:
-        state._store(ids, codec.encode(targets), state.targets)
-    del targets, losses
-    state.epoch_ids, state.embeddings = ids, (local["z"] if plan.embeddings else None)
-    state.neighbours, wanted = None, ids
+    state.epoch_rows = torch.argsort(ids)
+    state.epoch_ids, state.embeddings, state.neighbours, wanted = ids[state.epoch_rows], local["z"], None, ids
     if plan.neighbours is not None:
         started = time.perf_counter()
-        table, actor_timings = neighbour_rows(ids.cpu().numpy(), local["z"].float().cpu().numpy(), n,
-                                              plan.neighbours, index_name, token)
-        state.neighbours = torch.from_numpy(table).to(device)
-        wanted = torch.unique(torch.cat([ids, state.neighbours.reshape(-1)]))
+        table, actor_timings = neighbour_rows(ids.cpu().numpy(), local["z"], n, plan.neighbours, index_name, token)
+        state.neighbours, state.embeddings = torch.from_numpy(table).to(device), None   # the index has them
+        wanted = torch.cat([ids, state.neighbours.reshape(-1)])
         timings["index_s"] = time.perf_counter() - started
         timings.update(actor_timings)
-    state.rows_ids = wanted
+    state.rows_ids = wanted = torch.unique(wanted)
     state.rows_targets, state.rows_clean = state._fetch(wanted, state.targets), state._fetch(wanted, state.clean)
     state.ready = True
     timings["gmm_degenerate"] = degenerate
@@ -268,25 +293,29 @@ def refresh_state(state: SampleState, model, batches, transform: InputTransform,
 _INDEX_ACTORS: dict[str, ray.actor.ActorHandle] = {}
 
 
-def neighbour_rows(ids: np.ndarray, embeddings: np.ndarray, total: int, query: NeighbourQuery, name: str,
+def neighbour_rows(ids: np.ndarray, embeddings: torch.Tensor, total: int, query: NeighbourQuery, name: str,
                    token: int) -> tuple[np.ndarray, dict[str, float]]:
     """The K global neighbours of this rank's samples `ids`, from the index actor `name`: every rank streams its
-    embeddings in (chunks of CHUNK rows), rank 0 has the index built, every rank queries its own rows. Returns
+    embeddings in (float32 chunks of at most 8 MB), rank 0 has the index built, every rank queries its own rows. Returns
     (len(ids) x K ids, rank 0's refresh/query seconds). The ranks agree after each step; a dead actor is
     re-created and refilled once, by every rank together. A refresh longer than query.budget_s stops the run
     with what would make it faster (instead of every rank waiting into Ray Train's collective timeout)."""
-    rank = rank_and_world()[0]
+    rank, embeddings = rank_and_world()[0], torch.as_tensor(embeddings)
+    parts = chunks(len(ids), embeddings.shape[1])
+
+    def chunk(rows: slice) -> tuple[np.ndarray, np.ndarray]:
+        return ids[rows], embeddings[rows].float().cpu().numpy()
+
     for attempt in range(2):
         if name not in _INDEX_ACTORS:
             _INDEX_ACTORS[name] = index_actor(name, embeddings.shape[1], query)
         actor, deadline, refresh = _INDEX_ACTORS[name], time.monotonic() + query.budget_s, token * 2 + attempt
-        chunks = [(ids[i:i + CHUNK], embeddings[i:i + CHUNK]) for i in range(0, len(ids), CHUNK)]
-        steps = [lambda: [actor.add.remote(refresh, total, *chunk) for chunk in chunks],
-                 lambda: [actor.build.remote(refresh)] if rank == 0 else [],
-                 lambda: [actor.neighbours.remote(*chunk, query.k) for chunk in chunks]]
+        steps = [[lambda rows=rows: actor.add.remote(refresh, total, *chunk(rows)) for rows in parts],
+                 [lambda: actor.build.remote(refresh)] if rank == 0 else [],
+                 [lambda rows=rows: actor.neighbours.remote(*chunk(rows), query.k) for rows in parts]]
         answers = []
-        for step in steps:
-            answers.append(_step(step, deadline, query, total, embeddings.shape[1], name))
+        for calls in steps:
+            answers.append(_step(calls, deadline, query, total, embeddings.shape[1], name))
             if answers[-1] is None:
                 break
         else:
@@ -299,12 +328,12 @@ def neighbour_rows(ids: np.ndarray, embeddings: np.ndarray, total: int, query: N
     raise NeighbourIndexError(f"the neighbour index actor {name} died twice in one refresh")
 
 
-def _step(start, deadline: float, query: NeighbourQuery, total: int, dim: int, name: str) -> list | None:
-    """Run one step of the index protocol on this rank and agree with the others on its outcome: its answers,
-    or None when any rank lost the actor."""
+def _step(calls: list, deadline: float, query: NeighbourQuery, total: int, dim: int, name: str) -> list | None:
+    """Run one step of the index protocol on this rank, one call at a time (one chunk in flight), and agree with
+    the others on its outcome: its answers, or None when any rank lost the actor."""
     lost = torch.zeros(1, device=collective_device())
     try:
-        answers = [ray.get(ref, timeout=max(deadline - time.monotonic(), 1e-3)) for ref in start()]
+        answers = [ray.get(call(), timeout=max(deadline - time.monotonic(), 1e-3)) for call in calls]
     except ray.exceptions.RayActorError:
         lost[0], answers = 1.0, None
     except ray.exceptions.GetTimeoutError as exc:
