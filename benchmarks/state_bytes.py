@@ -6,10 +6,12 @@ targets from their homes -> GMM on rank 0 -> EMA stored home -> working rows) ov
 (the second refresh is the steady state: targets fetched, moved, stored). The pass is a fixed random network
 (8 x 8 inputs -> d = 512 embeddings -> C logits): only the state's bytes are measured, not a model.
 Held: the tensors of SampleState (home rows + the epoch's working rows), per sample of the rank.
-Peak: the rank's resident-memory growth from before the first refresh to its maximum, per sample of the rank.
+Peak: the rank's resident-memory growth from before the first refresh to its maximum. Measured at two sizes,
+so that what grows with the samples (the slope, bytes per sample of the rank) is told apart from what does
+not (the intercept: chunked transients, buffers).
 Global neighbours are left out (the index actor holds N x d; benchmarks/index_scale.py measures it).
 
-    python benchmarks/state_bytes.py [--samples 100000] [--out benchmarks/results/state_bytes]
+    python benchmarks/state_bytes.py [--samples 50000 100000] [--out benchmarks/results/state_bytes]
 """
 
 from __future__ import annotations
@@ -96,6 +98,13 @@ def measure(total: int, classes: int, world: int, codec_name: str) -> dict:
             "peak_b": worst["peak_growth_mb"] * 2**20 / per}
 
 
+def slope(small: dict, large: dict) -> dict:
+    """Bytes per sample of the rank that grow with N, and the fixed MB, from the same cell at two sizes."""
+    extra = large["samples_per_rank"] - small["samples_per_rank"]
+    peak_b = (large["peak_b"] * large["samples_per_rank"] - small["peak_b"] * small["samples_per_rank"]) / extra
+    return {**large, "peak_b": peak_b, "peak_fixed_mb": (large["peak_b"] - peak_b) * large["samples_per_rank"] / 2**20}
+
+
 def extrapolate(rows: list[dict], workers: int = 8) -> list[dict]:
     """Held and peak GB per rank at Clothing1M and WebVision on `workers` ranks, from the bytes per sample."""
     out = []
@@ -104,23 +113,25 @@ def extrapolate(rows: list[dict], workers: int = 8) -> list[dict]:
             if row["classes"] == classes and row["workers"] == 2:
                 per_rank = n / workers
                 out.append({"dataset": name, "n": n, "classes": classes, "workers": workers, "codec": row["codec"],
-                            "held_gb": per_rank * row["held_b"] / 1e9, "peak_gb": per_rank * row["peak_b"] / 1e9})
+                            "held_gb": per_rank * row["held_b"] / 1e9,
+                            "peak_gb": (per_rank * row["peak_b"] + row["peak_fixed_mb"] * 2**20) / 1e9})
     return out
 
 
 def markdown(result: dict) -> str:
     lines = ["# Per-sample state: bytes per sample per rank", "",
-             f"Command: `python benchmarks/state_bytes.py --samples {result['samples']}`. Machine: "
-             f"{result['machine']}. N = {result['samples']:,} samples, d = {DIM} embeddings, MixNN's refresh with "
-             "moving targets, run twice per cell (steady state). Held: home rows + the epoch's working rows "
-             "(embeddings included); peak: resident-memory growth over the two refreshes. Per sample of the rank "
-             "(N/W), the rank with the larger peak.", "",
-             "| C | W | soft targets | home B | working B (embeddings) | held B | peak B | peak / held |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"Command: `python benchmarks/state_bytes.py --samples {' '.join(map(str, result['samples']))}`. "
+             f"Machine: {result['machine']}. d = {DIM} embeddings (kept as float16 for in-batch neighbours; with "
+             "global neighbours they go to the index actor and are dropped), MixNN's refresh with moving targets, "
+             "run twice per cell (steady state). Held: home rows + the epoch's working rows, per sample of the rank "
+             "(N/W); peak: resident-memory growth over the two refreshes, as bytes per sample of the rank (the slope "
+             "between the two sizes) plus a fixed part; the rank with the larger peak.", "",
+             "| C | W | soft targets | home B | working B (embeddings) | held B | peak B per sample | peak / held | "
+             "peak fixed MB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['classes']} | {r['workers']} | {r['codec']} | {r['home_b']:.0f} | {r['working_b']:.0f} "
                      f"({r['embeddings_b']:.0f}) | {r['held_b']:.0f} | {r['peak_b']:.0f} | "
-                     f"{r['peak_b'] / r['held_b']:.1f}x |")
+                     f"{r['peak_b'] / r['held_b']:.1f}x | {r['peak_fixed_mb']:.0f} |")
     lines += ["", "## Extrapolated per rank (8 ranks, from the W = 2 rows)", "",
               "| dataset | N | C | soft targets | held GB per rank | refresh peak GB per rank |", "|---|---|---|---|---|---|"]
     for r in result["extrapolated"]:
@@ -131,7 +142,7 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=100_000)
+    parser.add_argument("--samples", type=int, nargs=2, default=[50_000, 100_000])
     parser.add_argument("--classes", type=int, nargs="+", default=[14, 100, 1000])
     parser.add_argument("--out", default="benchmarks/results/state_bytes")
     args = parser.parse_args()
@@ -139,7 +150,8 @@ def main() -> None:
     for classes in args.classes:
         for world in (1, 2):
             for codec in CODECS:
-                rows.append(measure(args.samples, classes, world, codec))
+                small, large = (measure(n, classes, world, codec) for n in args.samples)
+                rows.append(slope(small, large))
                 print(json.dumps(rows[-1]), flush=True)
     result = {"samples": args.samples, "machine": f"{platform.machine()}, {os.cpu_count()} cores", "rows": rows,
               "extrapolated": extrapolate(rows)}
