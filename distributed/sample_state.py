@@ -74,10 +74,12 @@ def move_targets(codec: TargetCodec, targets: torch.Tensor | None, labels: torch
     without a momentum), computed a chunk of rows at a time from the encoded rows; `targets` None: the first
     refresh, t = onehot(given label)."""
     losses, out = [], []
+    # A probability stored in 16 bits underflows to 0 below its smallest subnormal: cap the loss there.
+    floor = max(1e-30, torch.finfo(codec.value_dtype).tiny / 1024)
     for rows in chunks(len(probs), codec.num_classes):
         p = codec.decode(probs[rows])
         t = F.one_hot(labels[rows].long(), codec.num_classes).float() if targets is None else codec.decode(targets[rows])
-        losses.append(-torch.log(p.gather(1, t.argmax(dim=1, keepdim=True)).squeeze(1).clamp_min(1e-30)))
+        losses.append(-torch.log(p.gather(1, t.argmax(dim=1, keepdim=True)).squeeze(1).clamp_min(floor)))
         if momentum is not None:
             out.append(codec.encode(update_soft_targets(t, p, momentum)))
         elif targets is None:

@@ -139,10 +139,15 @@ def train_loop(job: WorkerJob) -> None:
                                 device, train.amp), lr, started, world, resumed_from, device)
         if job.audit.audit_ids:
             send(job, TrainedIds(epoch, rank, ids))
-        due = (epoch + 1) % job.method.checkpoint_every == 0 or epoch + 1 == job.stop_epoch
+        due = checkpoint_due(epoch, job.method.checkpoint_every, job.stop_epoch)
         checkpoint_and_report(metrics, rank, model, optimizer, scheduler, epoch, job.seed, state, due)
         if rank == 0:
             send(job, EpochRecord(metrics))
+
+
+def checkpoint_due(epoch: int, every: int, stop_epoch: int) -> bool:
+    """Whether epoch `epoch` ends with a checkpoint: every `every` epochs, and always at the segment's last."""
+    return (epoch + 1) % every == 0 or epoch + 1 == stop_epoch
 
 
 def send(job: WorkerJob, message) -> None:

@@ -120,3 +120,33 @@ def test_a_batch_asking_for_ids_outside_its_working_rows_is_an_error():
     assert state.clean_of(torch.tensor([2, 0])).tolist() == [0.25, 0.5]
     with pytest.raises(RuntimeError, match="did not fetch for the epoch"):
         state.clean_of(torch.tensor([1]))
+
+
+def test_the_refresh_loss_and_target_move_match_their_formulas_from_encoded_rows():
+    """B1's loss is the cross-entropy against argmax t, B2's move is m t + (1 - m) p; a float16 probability
+    underflowing to 0 caps the loss at its smallest subnormal instead of an arbitrary huge value."""
+    from noisymix.distributed.sample_state import move_targets
+    from noisymix.mixing.mixnn import update_soft_targets
+
+    logits, labels = torch.tensor([[0.0, 30.0, 0.0], [5.0, 0.0, 0.0]]), torch.tensor([0, 0])
+    p = torch.softmax(logits, dim=1)
+    codec = TargetCodec(3)
+    losses, moved = move_targets(codec, None, labels, codec.encode(p), 0.9)
+    assert torch.allclose(losses, torch.nn.functional.cross_entropy(logits, labels, reduction="none"))
+    assert torch.allclose(codec.decode(moved), update_soft_targets(torch.eye(3)[labels], p, 0.9))
+    _, same = move_targets(codec, moved, labels, codec.encode(p), None)
+    assert same is moved, "without a momentum the targets stay as they were"
+    half = TargetCodec(3, dtype="float16")
+    capped, _ = move_targets(half, None, labels, half.encode(p), None)
+    assert capped[0] == pytest.approx(-np.log(2.0 ** -24), rel=1e-3) and capped[1] == pytest.approx(losses[1], abs=1e-4)
+
+
+def test_state_checkpoints_come_every_n_epochs_and_at_the_last():
+    from noisymix.distributed.worker import checkpoint_due
+    from noisymix.mixing.method import method_class
+
+    assert [e for e in range(10) if checkpoint_due(e, 3, 10)] == [2, 5, 8, 9]
+    assert [e for e in range(4) if checkpoint_due(e, 1, 4)] == [0, 1, 2, 3]
+    mixnn = method_class("mixnn")
+    assert mixnn(mixnn.Config.from_values({"state_checkpoint_every": 3})).checkpoint_every == 3
+    assert method_class("ce")().checkpoint_every == 1, "a method without per-sample state checkpoints every epoch"
