@@ -72,7 +72,7 @@ def cell(rank: int, world: int, port: int, total: int, classes: int, codec: tupl
     before = peak_rss_mb()
     with torch.no_grad():
         for epoch in range(2):
-            refresh_state(state, model, batches(ids, classes), transform, "cpu", False, plan, GMMConfig(), 0)
+            refresh_state(state, model, batches(ids, classes), len(ids), transform, "cpu", False, plan, GMMConfig(), 0)
     held = state.held_bytes()
     row = {"rank": rank, "samples": len(ids), "home_bytes": held["home"], "working_bytes": held["working"],
            "embedding_bytes": state.embeddings.numel() * state.embeddings.element_size(),

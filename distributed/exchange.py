@@ -1,14 +1,19 @@
 """Moving per-sample rows between ranks: each rank is the home of one contiguous id range, and rows travel
-to their home (or back from it) in one all-to-all, whatever the world size. Without a process group every
-call is the identity, so one code path serves 1 and W ranks.
+to their home (or back from it) in all-to-all rounds, whatever the world size. Each round moves at most
+CHUNK_BYTES from each rank, so an exchange of any size needs buffers of a few rounds, not copies of its rows.
+Without a process group every call is the identity, so one code path serves 1 and W ranks.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+
+
+CHUNK_BYTES = 2**23   # what one rank sends in one round of an exchange: 8 MB
 
 
 def distributed() -> bool:
@@ -70,20 +75,47 @@ def _all_to_all(rows: torch.Tensor, send_counts: list[int], receive_counts: list
     return out.view(rows.dtype).reshape(sum(receive_counts), *rows.shape[1:])
 
 
-def fetch(ids: torch.Tensor, home_rows: torch.Tensor, start: int, world: int, total: int) -> torch.Tensor:
-    """The rows of `ids` (any ids, any rank) from their homes; `home_rows` holds this rank's ids from `start`."""
-    route = Route(home_of(ids, world, total), world, home_rows.device)
-    asked = route.send(ids.to(home_rows.device)).long() - start
-    if len(asked) and not (0 <= int(asked.min()) and int(asked.max()) < len(home_rows)):
-        raise RuntimeError("a rank asked for rows outside this rank's home range: the ranks disagree on the layout")
-    return route.reply(home_rows[asked])
+def row_bytes(rows: torch.Tensor) -> int:
+    return math.prod(rows.shape[1:]) * rows.element_size()
 
 
-def store(ids: torch.Tensor, rows: torch.Tensor, home_rows: torch.Tensor, start: int, world: int, total: int) -> None:
-    """Write rows of `ids` (each id at most once across ranks) into their homes' `home_rows`."""
-    route = Route(home_of(ids, world, total), world, home_rows.device)
-    at = route.send(ids.to(home_rows.device)).long() - start
-    home_rows[at] = route.send(rows.to(home_rows.device))
+def agreed_slices(count: int, width: int) -> list[slice]:
+    """Slices of `count` rows of `width` bytes, each at most CHUNK_BYTES, as many on every rank (a rank with
+    fewer rows takes empty ones): the rounds of one exchange."""
+    rows = max(1, CHUNK_BYTES // max(width, 1))
+    rounds = torch.tensor([math.ceil(count / rows)], dtype=torch.int64, device=collective_device())
+    if distributed():
+        dist.all_reduce(rounds, op=dist.ReduceOp.MAX)
+    return [slice(min(i * rows, count), min((i + 1) * rows, count)) for i in range(int(rounds.item()))]
+
+
+def fetch(ids: torch.Tensor, homes: Sequence[torch.Tensor], start: int, world: int, total: int) -> list[torch.Tensor]:
+    """The rows of `ids` (any ids, any rank) from their homes, for each of `homes` (tensors holding this rank's
+    ids from `start`): one route per round serves them all."""
+    outs = [home.new_empty((len(ids), *home.shape[1:])) for home in homes]
+    device = homes[0].device
+    for part in agreed_slices(len(ids), 8 + sum(map(row_bytes, homes))):
+        chunk = ids[part].to(device)
+        route = Route(home_of(chunk, world, total), world, device)
+        asked = route.send(chunk).long() - start
+        if len(asked) and not (0 <= int(asked.min()) and int(asked.max()) < len(homes[0])):
+            raise RuntimeError("a rank asked for rows outside this rank's home range: the ranks disagree on the layout")
+        for out, home in zip(outs, homes):
+            out[part] = route.reply(home[asked])
+    return outs
+
+
+def store(ids: torch.Tensor, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], start: int, world: int,
+          total: int) -> None:
+    """Write, for each (rows, home_rows) pair, the rows of `ids` (each id at most once across ranks) into their
+    homes' `home_rows`: one route per round serves every pair."""
+    device = pairs[0][1].device
+    for part in agreed_slices(len(ids), 8 + sum(row_bytes(rows) for rows, _ in pairs)):
+        chunk = ids[part].to(device)
+        route = Route(home_of(chunk, world, total), world, device)
+        at = route.send(chunk).long() - start
+        for rows, home in pairs:
+            home[at] = route.send(rows[part].to(device))
 
 
 def to_rank0(ids: torch.Tensor, values: torch.Tensor, total: int) -> torch.Tensor | None:

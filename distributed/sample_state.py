@@ -27,8 +27,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from noisymix.distributed.engine import InputTransform, eval_outputs
-from noisymix.distributed.exchange import (collective_device, fetch, from_rank0, home_range, rank_and_world, store,
-                                           to_rank0)
+from noisymix.distributed.exchange import (agreed_slices, collective_device, fetch, from_rank0, home_range,
+                                           rank_and_world, store, to_rank0)
 from noisymix.distributed.index_actor import NeighbourIndexError, index_actor
 from noisymix.mixing.gmm_select import GMMConfig
 from noisymix.mixing.method import EpochPlan, NeighbourQuery
@@ -50,22 +50,31 @@ class StateCheckpointError(RuntimeError):
     """A per-sample state checkpoint that does not belong to this run (other samples, classes, or incomplete)."""
 
 
-def pass_rows(model, batches, transform: InputTransform, device, amp: bool, codec: TargetCodec, embeddings: str):
-    """This rank's samples in stream order, un-augmented, in eval mode: ids, given labels, the predictions p in the
-    soft targets' codec (compacted a batch at a time: no n x C float copy is kept) and the embeddings,
-    L2-normalised ("l2"), raw ("raw") or not kept ("")."""
-    out = {"ids": [], "labels": [], "probs": [], "z": []}
+def pass_rows(model, batches, count: int, transform: InputTransform, device, amp: bool, codec: TargetCodec,
+              embeddings: str) -> dict:
+    """This rank's `count` samples in stream order, un-augmented, in eval mode: ids, given labels, the predictions
+    p in the soft targets' codec and the embeddings, L2-normalised ("l2"), raw ("raw") or not kept (""), each
+    written into a tensor of `count` rows as the batches come (no per-batch copies are joined at the end)."""
+    out = {"ids": torch.empty(count, dtype=torch.int64, device=device),
+           "labels": torch.empty(count, dtype=torch.int64, device=device), "probs": codec.empty(count, device),
+           "z": torch.empty((count, 0), dtype=torch.float16, device=device) if embeddings else None}
+    seen = 0
     for ids, labels, z, logits in eval_outputs(model, batches, transform, device, amp):
-        out["ids"].append(torch.from_numpy(ids).to(device))
-        out["labels"].append(torch.from_numpy(labels).to(device))
-        out["probs"].append(codec.encode(torch.softmax(logits, dim=1)))
+        rows = slice(seen, seen + len(ids))
+        seen += len(ids)
+        if seen > count:
+            break
+        out["ids"][rows] = torch.from_numpy(ids).to(device)
+        out["labels"][rows] = torch.from_numpy(labels).to(device)
+        out["probs"][rows] = codec.encode(torch.softmax(logits, dim=1))
         if embeddings:
-            out["z"].append((F.normalize(z, dim=1) if embeddings == "l2" else z).half())   # 2 bytes per dimension
-    if not out["ids"]:
-        return {"ids": torch.empty(0, dtype=torch.int64, device=device),
-                "labels": torch.empty(0, dtype=torch.int64, device=device), "probs": codec.empty(0, device),
-                "z": torch.empty((0, 0), device=device) if embeddings else None}
-    return {k: torch.cat(v) if v else None for k, v in out.items()}
+            if out["z"].shape[1] != z.shape[1]:
+                out["z"] = torch.empty((count, z.shape[1]), dtype=torch.float16, device=device)
+            out["z"][rows] = F.normalize(z, dim=1) if embeddings == "l2" else z   # 2 bytes per dimension
+    if seen != count:
+        raise RuntimeError(f"this rank's shards hold {count} samples by the manifest but its pass read "
+                           f"{'more' if seen > count else seen}: a shard does not match the manifest")
+    return out
 
 
 def move_targets(codec: TargetCodec, targets: torch.Tensor | None, labels: torch.Tensor, probs: torch.Tensor,
@@ -117,11 +126,17 @@ class SampleState:
     def num_classes(self) -> int:
         return self.codec.num_classes
 
-    def _fetch(self, ids: torch.Tensor, home: torch.Tensor) -> torch.Tensor:
-        return fetch(ids, home, self.start, self.world, self.num_samples)
+    def _fetch(self, ids: torch.Tensor, *homes: torch.Tensor) -> list[torch.Tensor]:
+        return fetch(ids, homes, self.start, self.world, self.num_samples)
 
-    def _store(self, ids: torch.Tensor, rows: torch.Tensor, home: torch.Tensor) -> None:
-        store(ids, rows, home, self.start, self.world, self.num_samples)
+    def _store(self, ids: torch.Tensor, *pairs: tuple[torch.Tensor, torch.Tensor]) -> None:
+        store(ids, pairs, self.start, self.world, self.num_samples)
+
+    def release_working(self) -> None:
+        """Drop the epoch's working rows (a refresh builds the next epoch's; holding both would double them)."""
+        self.epoch_ids = self.rows_ids = self.epoch_rows = self.epoch_ids[:0]
+        self.rows_targets, self.rows_clean = self.targets[:0], self.clean[:0]
+        self.neighbours = self.embeddings = None
 
     @staticmethod
     def _at(sorted_ids: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -242,26 +257,31 @@ def read_beliefs(directory: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray] |
     return None if not parts else tuple(np.concatenate(column) for column in zip(*parts))
 
 
-def refresh_state(state: SampleState, model, batches, transform: InputTransform, device, amp: bool,
+def refresh_state(state: SampleState, model, batches, count: int, transform: InputTransform, device, amp: bool,
                   plan: EpochPlan, b1: GMMConfig, seed: int, fixed_clean: np.ndarray | None = None,
                   index_name: str = "", token: int = 0) -> dict:
-    """One epoch-start refresh over this rank's epoch shards (`batches`): pass -> targets from their homes ->
-    losses to rank 0, GMM, clean probabilities to their homes -> EMA stored home -> neighbours -> working rows.
-    The clean probabilities come from B1's GMM on the losses, or are `fixed_clean` (`clean_from`, rank 0 reads
-    it). Returns timings."""
+    """One epoch-start refresh over this rank's epoch shards (`batches`, `count` samples): pass -> per round,
+    targets from their homes, losses and moved targets, stored home -> losses to rank 0, GMM, clean probabilities
+    to their homes -> neighbours -> working rows. The clean probabilities come from B1's GMM on the losses, or are
+    `fixed_clean` (`clean_from`, rank 0 reads it). Returns timings."""
     timings, started = {}, time.perf_counter()
     codec, n = state.codec, state.num_samples
-    local = pass_rows(model, batches, transform, device, amp, codec, plan.embeddings)
-    ids = local["ids"]
+    state.release_working()
+    local = pass_rows(model, batches, count, transform, device, amp, codec, plan.embeddings)
+    ids, labels, probs = local["ids"], local.pop("labels"), local.pop("probs")
     timings["pass_s"] = time.perf_counter() - started
-    targets = state._fetch(ids, state.targets) if state.ready else None
-    if not state.ready:
-        state._store(ids, local["labels"].to(torch.int32), state.given)
-    # B1: loss against the current soft targets' argmax, on un-augmented inputs; B2: t <- m t + (1 - m) p.
-    losses, moved = move_targets(codec, targets, local["labels"], local.pop("probs"), plan.target_momentum)
-    if plan.target_momentum is not None or not state.ready:
-        state._store(ids, moved, state.targets)
-    del targets, moved
+    # B1: loss against the current soft targets' argmax, on un-augmented inputs; B2: t <- m t + (1 - m) p; a round
+    # of rows at a time, so no n x C copy of the targets is made.
+    moving, first = plan.target_momentum is not None, not state.ready
+    losses = torch.empty(len(ids), device=device)
+    for rows in agreed_slices(len(ids), codec.bytes_per_row):
+        targets = None if first else state._fetch(ids[rows], state.targets)[0]
+        losses[rows], moved = move_targets(codec, targets, labels[rows], probs[rows], plan.target_momentum)
+        pairs = ([(moved, state.targets)] if moving or first else []) + \
+            ([(labels[rows].to(torch.int32), state.given)] if first else [])
+        if pairs:
+            state._store(ids[rows], *pairs)
+    del labels, probs
     started = time.perf_counter()
     all_losses = to_rank0(ids, losses, n)
     w, degenerate = None, 0.0
@@ -276,7 +296,7 @@ def refresh_state(state: SampleState, model, batches, transform: InputTransform,
     from_rank0(w, state.clean, state.world, n)
     timings["gmm_s"] = time.perf_counter() - started
     state.epoch_rows = torch.argsort(ids)
-    state.epoch_ids, state.embeddings, state.neighbours, wanted = ids[state.epoch_rows], local["z"], None, ids
+    state.epoch_ids, state.embeddings, wanted = ids[state.epoch_rows], local["z"], ids
     if plan.neighbours is not None:
         started = time.perf_counter()
         table, actor_timings = neighbour_rows(ids.cpu().numpy(), local["z"], n, plan.neighbours, index_name, token)
@@ -284,8 +304,9 @@ def refresh_state(state: SampleState, model, batches, transform: InputTransform,
         wanted = torch.cat([ids, state.neighbours.reshape(-1)])
         timings["index_s"] = time.perf_counter() - started
         timings.update(actor_timings)
+    del local
     state.rows_ids = wanted = torch.unique(wanted)
-    state.rows_targets, state.rows_clean = state._fetch(wanted, state.targets), state._fetch(wanted, state.clean)
+    state.rows_targets, state.rows_clean = state._fetch(wanted, state.targets, state.clean)
     state.ready = True
     timings["gmm_degenerate"] = degenerate
     return timings

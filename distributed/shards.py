@@ -262,6 +262,11 @@ class RankShards:
         yield from urls[self.rank::self.world_size]
 
 
+def dealt_count(manifest: dict, split: str, rank: int, world_size: int, shard_seed: int | None = None) -> int:
+    """How many samples of `split` the shards dealt to `rank` hold (the deal RankShards makes of its URLs)."""
+    return sum(entry["count"] for entry in RankShards(rank, world_size, shard_seed)(manifest["splits"][split]["shards"]))
+
+
 def _reraise_with_shard(exn: Exception) -> bool:
     raise ShardError(f"corrupt or unreadable shard: {exn}") from exn
 

@@ -25,6 +25,7 @@ from noisymix.distributed.artifacts import CHECKPOINT_FILE, load_checkpoint, sav
 from noisymix.distributed.engine import (DataInfo, InputTransform, TrainSection, accuracy_counts, build_model,
                                          build_optimizer, build_schedule, epoch_rng, image_stages, peak_rss_mb,
                                          train_epoch, transforms)
+from noisymix.distributed.exchange import distributed
 from noisymix.distributed.sample_state import SampleState, refresh_state
 from noisymix.distributed.settings import AuditSection
 from noisymix.mixing.method import BatchContext, EpochPlan, Method
@@ -124,9 +125,9 @@ def train_loop(job: WorkerJob) -> None:
             context.fetch_inputs.epoch = epoch
         refresh = {}
         if plan.refresh:
-            refresh = refresh_state(state, unwrap(model), streams.exact("train", epoch), eval_transform, device,
-                                    train.amp, plan, job.method.config, job.seed, fixed_clean(job, rank),
-                                    job.index_name, token=epoch)
+            refresh = refresh_state(state, unwrap(model), streams.exact("train", epoch),
+                                    streams.dealt_count("train", epoch), eval_transform, device, train.amp, plan,
+                                    job.method.config, job.seed, fixed_clean(job, rank), job.index_name, token=epoch)
             send_state(job, epoch, rank, state)
         elif state is not None and state.ready:
             raise RuntimeError(f"{job.method.name} plans epoch {epoch} without a refresh after its per-sample state "
@@ -240,6 +241,11 @@ class Streams:
             shuffle_seed=int(epoch_rng(job.seed, epoch, self.rank).integers(2**31)), batch_size=job.train.batch_size)
         return shards.iterate_batches(stream, job.loader_workers)
 
+    def dealt_count(self, split: str, epoch: int | None = None) -> int:
+        """How many samples `exact(split, epoch)` yields on this rank."""
+        return shards.dealt_count(self.job.manifest, split, self.rank, self.world,
+                                  None if epoch is None else self.shard_seed(epoch))
+
     def exact(self, split: str, epoch: int | None = None):
         """Every sample of this rank's shards of `split` once, in order, with its given label; with `epoch`, the
         shards this rank trains on in that epoch (its per-sample state refresh)."""
@@ -314,7 +320,7 @@ def checkpoint_and_report(metrics: dict, rank: int, model, optimizer, scheduler,
 
 def _all_reduce(values: list[float], device: torch.device, op=dist.ReduceOp.SUM) -> list[float]:
     """Reduce numbers across ranks (identity without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not distributed():
         return values
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=op)

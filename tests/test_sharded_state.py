@@ -35,6 +35,8 @@ def world_state(seed: int = 0):
 
 
 def in_group(rank, world, port, job, *args):
+    # A forked child must not enter the intra-op thread pool its parent may have started (it would hang).
+    torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -47,14 +49,19 @@ def run_ranks(world: int, job, *args) -> None:
     mp.start_processes(in_group, args=(world, free_port(), job, *args), nprocs=world, start_method="fork")
 
 
+def pass_ids(rank: int, world: int) -> torch.Tensor:
+    """A rank's pass ids: not its home range, and uneven (rank 0 of 2 passes two thirds of the ids)."""
+    ids = torch.arange(N)
+    return ids[(ids % 3 < 2) == (rank == 0)] if world == 2 else ids[ids % world == rank]
+
+
 def write_state(rank, world, directory, codec_args):
-    """Each rank fills its home rows through store() from ids it does not own, then saves its file."""
+    """Each rank fills its home rows through one store() of ids it does not own, then saves its file."""
     given, targets, clean = world_state()
     state = SampleState(N, TargetCodec(C, *codec_args))
-    mine = torch.arange(rank, N, world)             # a rank's pass ids: not its home range
-    state._store(mine, given[mine], state.given)
-    state._store(mine, state.codec.encode(targets[mine]), state.targets)
-    state._store(mine, clean[mine], state.clean)
+    mine = pass_ids(rank, world)
+    state._store(mine, (given[mine], state.given), (state.codec.encode(targets[mine]), state.targets),
+                 (clean[mine], state.clean))
     state.save(directory)
 
 
@@ -68,8 +75,9 @@ def check_state(rank, world, directory, codec_args):
     assert torch.equal(state.given, given[home]) and torch.equal(state.clean, clean[home])
     assert torch.equal(state.targets, codec.encode(targets[home])), "bit-exact soft targets"
     wanted = torch.from_numpy(np.random.default_rng(rank).choice(N, 30, replace=False))
-    assert torch.equal(state._fetch(wanted, state.clean), clean[wanted])
-    assert torch.allclose(codec.decode(state._fetch(wanted, state.targets)), codec.decode(codec.encode(targets[wanted])))
+    fetched_clean, fetched_targets = state._fetch(wanted, state.clean, state.targets)
+    assert torch.equal(fetched_clean, clean[wanted])
+    assert torch.allclose(codec.decode(fetched_targets), codec.decode(codec.encode(targets[wanted])))
     losses = exchange.to_rank0(torch.arange(rank, N, world), torch.arange(rank, N, world).float() * 2, N)
     assert (losses is None) == (rank != 0) and (rank != 0 or torch.equal(losses, torch.arange(N).float() * 2))
     exchange.from_rank0(torch.arange(N).float() if rank == 0 else None, state.clean, world, N)
@@ -77,7 +85,8 @@ def check_state(rank, world, directory, codec_args):
 
 
 @pytest.mark.parametrize("codec_args", [(0, "float32"), (3, "float16")])
-def test_state_written_by_two_ranks_is_restored_exactly_on_one_and_three(tmp_path, codec_args):
+def test_state_written_by_two_ranks_is_restored_exactly_on_one_and_three(tmp_path, codec_args, monkeypatch):
+    monkeypatch.setattr(exchange, "CHUNK_BYTES", 256)   # inherited by the forked ranks: exchanges take many rounds
     run_ranks(2, write_state, tmp_path, codec_args)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sample_state_000000000000_000000000050.pt",
                                                            "sample_state_000000000050_000000000101.pt"]
@@ -150,3 +159,58 @@ def test_state_checkpoints_come_every_n_epochs_and_at_the_last():
     mixnn = method_class("mixnn")
     assert mixnn(mixnn.Config.from_values({"state_checkpoint_every": 3})).checkpoint_every == 3
     assert method_class("ce")().checkpoint_every == 1, "a method without per-sample state checkpoints every epoch"
+
+
+class LinearNet(torch.nn.Module):
+    """A fixed 2 x 2 image -> 4 features -> C logits network: the refresh's pass without a real model."""
+
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.project = torch.nn.Parameter(torch.randn(4, 4, generator=generator))
+        self.out = torch.nn.Parameter(torch.randn(4, C, generator=generator) * 3)
+
+    def features(self, x):
+        return x.flatten(1) @ self.project
+
+    def head(self, z):
+        return z @ self.out
+
+
+def refresh_twice(rank, world, directory, momentum):
+    """Two MixNN refreshes over this rank's (uneven) pass ids in batches of 8; the home rows are saved."""
+    from noisymix.distributed.engine import InputTransform
+    from noisymix.distributed.sample_state import refresh_state
+    from noisymix.mixing.gmm_select import GMMConfig
+    from noisymix.mixing.method import EpochPlan
+
+    given = world_state()[0].long()
+    ids = pass_ids(rank, world).numpy()
+    images = np.random.default_rng(1).integers(0, 256, (N, 2, 2, 1), dtype=np.uint8)
+    state = SampleState(N, TargetCodec(C, 3, "float16"))
+    plan = EpochPlan("mix", refresh=True, target_momentum=momentum, embeddings="l2")
+    for epoch in range(2):
+        batches = ((ids[i:i + 8], images[ids[i:i + 8]], given[ids[i:i + 8]].numpy()) for i in range(0, len(ids), 8))
+        with torch.no_grad():
+            refresh_state(state, LinearNet(), batches, len(ids), InputTransform((0.5,), (0.25,)), "cpu", False, plan,
+                          GMMConfig(), seed=0, token=epoch)
+    assert torch.equal(state.epoch_ids, torch.from_numpy(np.sort(ids))) and len(state.embeddings) == len(ids)
+    state.save(directory)
+
+
+@pytest.mark.parametrize("momentum", [0.2, None])
+def test_a_refresh_on_two_ranks_in_many_rounds_gives_the_state_of_one_process(tmp_path, monkeypatch, momentum):
+    """The refresh's exchanges (targets fetched and stored in rounds of a few rows, losses to rank 0, clean
+    probabilities back home) leave every id's state as a single process refreshing all ids leaves it."""
+    (tmp_path / "two").mkdir()
+    (tmp_path / "one").mkdir()
+    monkeypatch.setattr(exchange, "CHUNK_BYTES", 64)
+    run_ranks(2, refresh_twice, tmp_path / "two", momentum)
+    monkeypatch.setattr(exchange, "CHUNK_BYTES", 2**23)
+    run_ranks(1, refresh_twice, tmp_path / "one", momentum)
+    two, one = read_beliefs(tmp_path / "two"), read_beliefs(tmp_path / "one")
+    assert np.array_equal(two[0], world_state()[0].numpy()) and np.array_equal(two[0], one[0]), "given labels"
+    assert np.allclose(two[2], one[2], atol=1e-5) and one[2].min() < 0.5 < one[2].max(), "clean probabilities"
+    assert np.array_equal(two[1], one[1]), "corrected labels"
+    if momentum is not None:
+        assert not np.array_equal(one[1], one[0]), "the targets moved away from some given labels"
