@@ -9,6 +9,7 @@ holds where each id's image lies in its shard, for reading images by id without 
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import io
 import json
@@ -116,6 +117,20 @@ def write_index(directory: Path, split: str, shards: list[dict], rows: list[np.n
     np.save(Path(directory) / index_file(split), table[order].astype(np.int64), allow_pickle=False)
 
 
+def labels_file(split: str) -> str:
+    return f"{split}.labels.npy"
+
+
+def write_labels(directory: Path, split: str, given: np.ndarray, true: np.ndarray | None) -> dict:
+    """`<split>.labels.npy`: each id's given and true label (-1: unknown), int32 in id order, 8 bytes per sample,
+    so that what reads only labels (folds' stratification, evaluation) never reads the images. Returns the
+    split's manifest entry for it."""
+    table = np.column_stack([given, np.full(len(given), -1) if true is None else true]).astype(np.int32)
+    path = Path(directory) / labels_file(split)
+    np.save(path, table, allow_pickle=False)
+    return {"name": path.name, "sha256": file_sha256(path)}
+
+
 def load_manifest(data_dir: str | Path) -> dict:
     """Read and sanity-check manifest.json; shards are checked by `check_shards`."""
     path = storage.join(data_dir, MANIFEST)
@@ -179,11 +194,6 @@ def _write_verified(data_dir: str | Path, verified: dict) -> None:
         storage.write_bytes(storage.join(data_dir, VERIFIED), json.dumps(verified).encode())
     except OSError:
         pass
-
-
-def count_split(data_dir: str | Path, manifest: dict, split: str) -> int:
-    """How many samples a full read of the split yields (labels only, no image decoded)."""
-    return sum(1 for _ in label_stream(shard_urls(data_dir, manifest, split), member=image_member(manifest)))
 
 
 def shard_urls(data_dir: str | Path, manifest: dict, split: str) -> list[str]:
@@ -409,7 +419,23 @@ def load_split(data_dir: str, manifest: dict, split: str = "train",
 
 
 def load_labels(data_dir: str, manifest: dict, split: str = "train", label_key: str = GIVEN_LABEL) -> np.ndarray:
-    """The labels of a whole split in id order, read without the images (load_split's labels, cheaply)."""
+    """The labels of a whole split in id order: from its labels file (no shard read), or, for datasets prepared
+    before labels files, from a pass over the shards that skips the images."""
+    entry = manifest["splits"][split].get("labels")
+    if entry is None:
+        return scan_labels(data_dir, manifest, split, label_key)
+    path = storage.join(data_dir, entry["name"])
+    data = storage.read_bytes(path)
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise ShardError(f"{path} fails its sha256 check: it changed since prepare; prepare the dataset again")
+    labels = np.load(io.BytesIO(data), allow_pickle=False)[:, 0 if label_key == GIVEN_LABEL else 1].astype(np.int64)
+    if len(labels) != manifest["splits"][split]["count"] or (labels < 0).any():
+        raise ShardError(f"{path} holds no {label_key} for every sample of the {split} split")
+    return labels
+
+
+def scan_labels(data_dir: str, manifest: dict, split: str = "train", label_key: str = GIVEN_LABEL) -> np.ndarray:
+    """The labels of a whole split in id order, read from its shards (the images are skipped, not decoded)."""
     stream = label_stream(shard_urls(data_dir, manifest, split), label_key=label_key, member=image_member(manifest))
     pairs = np.array(list(stream), dtype=np.int64).reshape(-1, 2)
     return pairs[np.argsort(pairs[:, 0]), 1]

@@ -110,16 +110,20 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _verify(data_dir: Path) -> int:
+    import numpy as np
+
     from noisymix.distributed import shards
 
     manifest = shards.load_manifest(data_dir)
     shards.check_shards(data_dir, manifest, full=True)
     for split, info in manifest["splits"].items():
-        count = shards.count_split(data_dir, manifest, split)
-        if count != info["count"]:
-            raise shards.ShardError(f"the {split} split of {data_dir} holds {count} readable samples, the manifest "
-                                    f"lists {info['count']}")
-        print(f"{split}: {len(info['shards'])} shards, {count} samples, checksums match")
+        given = shards.scan_labels(data_dir, manifest, split)
+        if len(given) != info["count"]:
+            raise shards.ShardError(f"the {split} split of {data_dir} holds {len(given)} readable samples, the "
+                                    f"manifest lists {info['count']}")
+        if "labels" in info and not np.array_equal(shards.load_labels(data_dir, manifest, split), given):
+            raise shards.ShardError(f"the labels file of the {split} split of {data_dir} disagrees with its shards")
+        print(f"{split}: {len(info['shards'])} shards, {len(given)} samples, checksums match")
     print(f"verified: {data_dir}")
     return 0
 

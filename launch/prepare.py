@@ -264,10 +264,12 @@ def _write_arrays(config: DataSection, seed: int, staging: Path, log) -> dict:
     for split, idx in (("train", train_idx), ("val", val_idx)):
         info = shards.write_split(staging, split, ids[split], source.train_images[idx], given[idx], true[idx],
                                   config.num_shards)
-        splits[split] = {"count": int(len(idx)), "shards": info}
+        splits[split] = {"count": int(len(idx)), "shards": info,
+                         "labels": shards.write_labels(staging, split, given[idx], true[idx])}
     info = shards.write_split(staging, "test", ids["test"], source.test_images, source.test_labels,
                               source.test_labels, config.num_shards)
-    splits["test"] = {"count": int(len(source.test_labels)), "shards": info}
+    splits["test"] = {"count": int(len(source.test_labels)), "shards": info,
+                      "labels": shards.write_labels(staging, "test", source.test_labels, source.test_labels)}
     source_refs = _train_refs(source)
     refs = {"train": [source_refs[k] for k in train_idx], "val": [source_refs[k] for k in val_idx],
             "test": [f"test:{k}" for k in range(len(source.test_labels))]}
@@ -314,7 +316,8 @@ def _write_image_list(config: DataSection, seed: int, staging: Path, log) -> dic
         infos = [r["info"] for r in results[a:b]]
         shards.write_index(staging, split, infos, [r["rows"] for r in results[a:b]])
         splits[split] = {"count": int(len(ids)), "shards": infos,
-                         "min_side": int(min(r["min_side"] for r in results[a:b]))}
+                         "min_side": int(min(r["min_side"] for r in results[a:b])),
+                         "labels": shards.write_labels(staging, split, parts[split].labels, parts[split].true_labels)}
     sums = PixelSums()
     for r in results[ranges["train"][0]:ranges["train"][1]]:
         sums = sums.merge(PixelSums(**r["sums"]))

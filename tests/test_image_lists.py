@@ -43,13 +43,18 @@ def test_an_image_list_becomes_jpeg_shards_with_an_index_and_true_labels(tmp_pat
     assert counts == {"train": 54, "val": 6, "test": 20}
     assert manifest["noise"]["realised_rate"] == pytest.approx(0.2, abs=0.02)
     assert sorted(p.name for p in target.iterdir() if not p.name.endswith(".tar")) == [
-        "manifest.json", "samples.csv", "test.index.npy", "train.index.npy", "val.index.npy"]
+        "manifest.json", "samples.csv", "test.index.npy", "test.labels.npy", "train.index.npy", "train.labels.npy",
+        "val.index.npy", "val.labels.npy"]
     reader = shards.SampleReader(target, manifest, "train")
     sides = [min(open_rgb(reader.read(i)).size) for i in range(counts["train"])]
     assert max(sides) == 48 and manifest["splits"]["train"]["min_side"] == min(sides) >= 40
     given = shards.load_labels(str(target), manifest)
     true = shards.load_labels(str(target), manifest, label_key=shards.TRUE_LABEL)
     assert 0 < np.mean(given != true) < 0.35
+    for split in counts:   # the labels files say what the shards say
+        for key in (shards.GIVEN_LABEL, shards.TRUE_LABEL):
+            assert np.array_equal(shards.load_labels(str(target), manifest, split, key),
+                                  shards.scan_labels(str(target), manifest, split, key))
     shards.check_shards(target, manifest, full=True)
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import make_config
-from noisymix.distributed import shards
+from noisymix.distributed import shards, storage
 from noisymix.launch import prepare as prepare_module
 from noisymix.launch.prepare import prepare
 from noisymix.launch.sources import SourceError, read_digits
@@ -45,15 +45,44 @@ def test_shards_round_trip_images_labels_and_ids(digits_dir):
     assert test_ids.min() == n_train + n_val
 
 
-def test_labels_only_reader_gives_the_full_reads_labels_in_id_order(digits_dir):
+def test_labels_only_readers_give_the_full_reads_labels_in_id_order(digits_dir, monkeypatch):
     manifest = shards.load_manifest(digits_dir)
-    for split in ("train", "val"):
-        for key in (shards.GIVEN_LABEL, shards.TRUE_LABEL):
-            labels = shards.load_labels(str(digits_dir), manifest, split, key)
-            assert labels.dtype == np.int64
-            np.testing.assert_array_equal(labels, read_split(digits_dir, split, key)[2])
+    scanned = {(split, key): shards.scan_labels(str(digits_dir), manifest, split, key)
+               for split in ("train", "val", "test") for key in (shards.GIVEN_LABEL, shards.TRUE_LABEL)}
+    for (split, key), labels in scanned.items():
+        np.testing.assert_array_equal(labels, read_split(digits_dir, split, key)[2])
+    # The labels files answer without opening a shard: 8 bytes per sample instead of the images' bytes.
+    monkeypatch.setattr(shards, "label_stream", None)
+    for (split, key), labels in scanned.items():
+        from_file = shards.load_labels(str(digits_dir), manifest, split, key)
+        assert from_file.dtype == np.int64
+        np.testing.assert_array_equal(from_file, labels)
+        assert (digits_dir / manifest["splits"][split]["labels"]["name"]).stat().st_size < 8 * len(labels) + 256
     assert np.any(shards.load_labels(str(digits_dir), manifest)
                   != shards.load_labels(str(digits_dir), manifest, label_key=shards.TRUE_LABEL))
+
+
+def test_a_changed_labels_file_is_refused_and_verify_compares_it_with_the_shards(tmp_path, digits_dir, capsys):
+    import shutil
+
+    from noisymix.launch.cli import main
+
+    data = tmp_path / "data"
+    shutil.copytree(digits_dir, data)
+    manifest = shards.load_manifest(data)
+    entry = manifest["splits"]["train"]["labels"]
+    table = np.load(data / entry["name"])
+    table[0, 0] = (table[0, 0] + 1) % 10
+    np.save(data / entry["name"], table)
+    with pytest.raises(shards.ShardError, match="train.labels.npy fails its sha256 check"):
+        shards.load_labels(str(data), manifest)
+    entry["sha256"] = storage.file_sha256(data / entry["name"])   # as if prepare had written the wrong labels
+    (data / shards.MANIFEST).write_text(json.dumps(manifest))
+    assert main(["verify", str(data)]) == 2
+    assert "the labels file of the train split" in capsys.readouterr().err
+    del manifest["splits"]["train"]["labels"]                     # a dataset from before labels files: scanned
+    np.testing.assert_array_equal(shards.load_labels(str(data), manifest),
+                                  shards.load_labels(str(digits_dir), shards.load_manifest(digits_dir)))
 
 
 def test_manifest_records_noise_split_and_checksums(digits_dir):

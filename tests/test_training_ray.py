@@ -23,7 +23,8 @@ SUMMARY_KEYS = {"method", "dataset", "noise_type", "noise_rate", "seed", "epochs
 
 
 def poison_true_labels(src, dst, claim_true_labels=True):
-    """A copy of a prepared dataset whose train/val `clean.cls` members are not even integers.
+    """A copy of a prepared dataset whose train/val `clean.cls` members are not even integers (and without its
+    labels files, so that every label read goes through the shards).
 
     With claim_true_labels=False the manifest says the truth is unknown, so no evaluation reads
     them either: only a training path that reads true labels can trip over the poison.
@@ -41,6 +42,8 @@ def poison_true_labels(src, dst, claim_true_labels=True):
                     sink.write(record)
             shard["bytes"] = path.stat().st_size
             shard["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    for split in manifest["splits"].values():   # what reads labels scans the poisoned shards, not a labels file
+        (dst / split.pop("labels")["name"]).unlink()
     manifest["has_true_labels"] = claim_true_labels
     (dst / shards.MANIFEST).write_text(json.dumps(manifest))
     return dst
