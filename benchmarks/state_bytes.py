@@ -6,12 +6,12 @@ targets from their homes -> GMM on rank 0 -> EMA stored home -> working rows) ov
 (the second refresh is the steady state: targets fetched, moved, stored). The pass is a fixed random network
 (8 x 8 inputs -> d = 512 embeddings -> C logits): only the state's bytes are measured, not a model.
 Held: the tensors of SampleState (home rows + the epoch's working rows), per sample of the rank.
-Peak: the rank's resident-memory growth from before the first refresh to its maximum. Measured at two sizes,
+Peak: the rank's resident-memory growth from before its state is allocated to its maximum. Measured at two sizes,
 so that what grows with the samples (the slope, bytes per sample of the rank) is told apart from what does
 not (the intercept: chunked transients, buffers).
 Global neighbours are left out (the index actor holds N x d; benchmarks/index_scale.py measures it).
 
-    python benchmarks/state_bytes.py [--samples 50000 100000] [--out benchmarks/results/state_bytes]
+    python benchmarks/state_bytes.py [--samples 100000 300000] [--out benchmarks/results/state_bytes]
 """
 
 from __future__ import annotations
@@ -67,9 +67,9 @@ def cell(rank: int, world: int, port: int, total: int, classes: int, codec: tupl
     torch.set_num_threads(1)
     ids = np.arange(rank, total, world)
     model, transform = RandomNet(classes), InputTransform((0.5,), (0.25,))
+    before = peak_rss_mb()
     state = SampleState(total, TargetCodec(classes, *codec))
     plan = EpochPlan("neighbours", refresh=True, target_momentum=0.9, embeddings="l2")
-    before = peak_rss_mb()
     with torch.no_grad():
         for epoch in range(2):
             refresh_state(state, model, batches(ids, classes), len(ids), transform, "cpu", False, plan, GMMConfig(), 0)
@@ -142,7 +142,7 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, nargs=2, default=[50_000, 100_000])
+    parser.add_argument("--samples", type=int, nargs=2, default=[100_000, 300_000])
     parser.add_argument("--classes", type=int, nargs="+", default=[14, 100, 1000])
     parser.add_argument("--out", default="benchmarks/results/state_bytes")
     args = parser.parse_args()
