@@ -1,12 +1,12 @@
 """The neighbour index at Clothing1M scale: build + query seconds of the whole N x 1 neighbour table that a
-MixNN refresh asks for, exact (flat) against the automatic choice (index_kind=auto: IVF from 100k), with the
-approximate index's recall@1 against exact search, on 2 FAISS threads.
+MixNN refresh asks for, exact (flat) against IVF and the automatic choice (index_kind=auto: 8-bit IVF from 100k),
+with the approximate indexes' recall@1 against exact search, on 2 FAISS threads.
 
 Embeddings are synthetic but shaped like a trained network's: L2-normalised d=512 vectors around 1000 class
 centres (random Gaussian vectors have no neighbourhood structure and would understate any IVF index).
 Flat is measured at the smallest N only and extrapolated as N^2 (it compares every pair).
 
-    python benchmarks/index_scale.py [--sizes 100000 400000 1000000] [--out benchmarks/results/index_scale]
+    python benchmarks/index_scale.py [--sizes 100000 400000 1000000] [--kinds ivf auto] [--out ...]
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def measure(n: int, kind: str) -> tuple[dict, np.ndarray]:
     index = NeighbourIndex(DIM, "ip", kind, threads=THREADS)
     started = time.perf_counter()
     table, timings = index.neighbour_table(z, 1)
-    row = {"n": n, "kind": kind, "ivf": bool(timings["index_ivf"]), "seconds": time.perf_counter() - started,
+    row = {"n": n, "kind": kind, "index": index.kind_for(n), "ivf": bool(timings["index_ivf"]),
+           "seconds": time.perf_counter() - started,
            "refresh_s": timings["index_refresh_s"], "query_s": timings["index_query_s"],
            "peak_rss_mb": timings["index_peak_rss_mb"]}
     queries = np.random.default_rng(1).choice(n, RECALL_QUERIES, replace=False)
@@ -61,15 +62,18 @@ def measure(n: int, kind: str) -> tuple[dict, np.ndarray]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 400_000, 1_000_000])
+    parser.add_argument("--kinds", nargs="+", default=["ivf", "auto"], help="index kinds measured at every size")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/index_scale"))
     args = parser.parse_args()
-    results = {"command": f"python benchmarks/index_scale.py --sizes {' '.join(map(str, args.sizes))}",
+    results = {"command": f"python benchmarks/index_scale.py --sizes {' '.join(map(str, args.sizes))} "
+                          f"--kinds {' '.join(args.kinds)}",
                "machine": platform.machine(), "threads": THREADS, "dim": DIM, "rows": [measure(args.sizes[0], "flat")[0]]}
-    for n in args.sizes:   # the report is rewritten after each size, so a stopped run keeps what it measured
-        row = measure(n, "auto")[0]
-        row["flat_extrapolated_s"] = results["rows"][0]["seconds"] * (n / results["rows"][0]["n"]) ** 2
-        results["rows"].append(row)
-        write(results, args.out)
+    for n in args.sizes:   # the report is rewritten after each row, so a stopped run keeps what it measured
+        for kind in args.kinds:
+            row = measure(n, kind)[0]
+            row["flat_extrapolated_s"] = results["rows"][0]["seconds"] * (n / results["rows"][0]["n"]) ** 2
+            results["rows"].append(row)
+            write(results, args.out)
 
 
 def write(results: dict, out: Path) -> None:
@@ -83,7 +87,8 @@ def write(results: dict, out: Path) -> None:
              "|---|---|---|---|---|---|---|---|"]
     for row in results["rows"]:
         flat_s = f"{row['seconds']:.0f} (measured)" if row["kind"] == "flat" else f"{row['flat_extrapolated_s']:.0f}"
-        lines.append(f"| {row['n']:,} | {row['kind']}{' (IVF)' if row['ivf'] else ' (flat)'} | {row['refresh_s']:.1f} | "
+        lines.append(f"| {row['n']:,} | {row['kind']} ({row.get('index', 'IVF' if row['ivf'] else 'flat')}) | "
+                     f"{row['refresh_s']:.1f} | "
                      f"{row['query_s']:.1f} | {row['seconds']:.1f} | {flat_s} | {row['recall_at_1']:.3f} | "
                      f"{row['peak_rss_mb']:,.0f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

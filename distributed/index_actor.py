@@ -24,8 +24,10 @@ class NeighbourIndexError(RuntimeError):
 class NeighbourIndex:
     """Exact (flat) or IVF FAISS index over float32 embeddings, on the CPU or (use_gpu) a GPU.
 
-    IVF: `nlist` k-means lists (0 = sqrt(N), trained on this refresh's embeddings), `nprobe` searched per query;
-    kind "auto" is flat below `auto_above` embeddings and IVF from there (flat costs N^2: 3 h at 1M on 2 cores).
+    IVF: `nlist` k-means lists (0 = sqrt(N), trained on this refresh's embeddings), `nprobe` searched per query,
+    vectors stored whole ("ivf") or as 8-bit scalars ("ivf_sq8": a quarter of the bytes to scan, about half the
+    query time on CPU); kind "auto" is flat below `auto_above` embeddings and ivf_sq8 from there (flat costs N^2:
+    3 h at 1M on 2 cores). benchmarks/results/index_scale.md has the measured times and recall.
     """
 
     def __init__(self, dim: int, metric: str = "ip", kind: str = "auto", nlist: int = 0, nprobe: int = 8,
@@ -57,7 +59,7 @@ class NeighbourIndex:
         """The index kind used for `count` embeddings."""
         if self.kind != "auto":
             return self.kind
-        return "flat" if count < self.auto_above else "ivf"
+        return "flat" if count < self.auto_above else "ivf_sq8"
 
     def _new_index(self, embeddings: np.ndarray):
         faiss = self.faiss
@@ -67,11 +69,15 @@ class NeighbourIndex:
             index = faiss.IndexFlatIP(self.dim) if self.metric == "ip" else faiss.IndexFlatL2(self.dim)
         else:
             quantizer = faiss.IndexFlatIP(self.dim) if self.metric == "ip" else faiss.IndexFlatL2(self.dim)
-            nlist = self.nlist or max(1, round(len(embeddings) ** 0.5))
-            index = faiss.IndexIVFFlat(quantizer, self.dim, min(nlist, len(embeddings)), metric)
+            nlist = min(self.nlist or max(1, round(len(embeddings) ** 0.5)), len(embeddings))
+            if kind == "ivf":
+                index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, metric)
+            else:
+                index = faiss.IndexIVFScalarQuantizer(quantizer, self.dim, nlist, faiss.ScalarQuantizer.QT_8bit,
+                                                      metric)
         if self.on_gpu:
             index = faiss.index_cpu_to_gpu(self.gpu_resources, 0, index)
-        if kind == "ivf":
+        if kind != "flat":
             index.train(embeddings)
             index.nprobe = self.nprobe
         return index
@@ -110,7 +116,7 @@ class NeighbourIndex:
         refreshed = time.perf_counter()
         _, ids = self.search(embeddings, k + 1)
         timings = {"index_refresh_s": refreshed - started, "index_query_s": time.perf_counter() - refreshed,
-                   "index_peak_rss_mb": peak_rss_mb(), "index_ivf": float(self.kind_for(len(embeddings)) == "ivf")}
+                   "index_peak_rss_mb": peak_rss_mb(), "index_ivf": float(self.kind_for(len(embeddings)) != "flat")}
         return drop_self(ids, k), timings
 
     def add(self, token: int, total: int, ids: np.ndarray, embeddings: np.ndarray) -> int:
@@ -136,7 +142,7 @@ class NeighbourIndex:
         self.refresh(self.filling[1])
         self.filling = None
         return {"index_refresh_s": time.perf_counter() - started, "index_peak_rss_mb": peak_rss_mb(),
-                "index_ivf": float(self.kind_for(self.count) == "ivf")}
+                "index_ivf": float(self.kind_for(self.count) != "flat")}
 
     def neighbours(self, ids: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, float]:
         """len(ids) x k ids of the nearest OTHER samples of these samples (their own embeddings as queries), and

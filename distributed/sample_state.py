@@ -363,7 +363,7 @@ def _step(calls: list, deadline: float, query: NeighbourQuery, total: int, dim: 
         ray.kill(_INDEX_ACTORS.pop(name))
         raise NeighbourIndexError(
             f"the neighbour index took longer than index_budget_s={query.budget_s:g} for {total} embeddings of "
-            f"dimension {dim} (index_kind={query.kind}, index_cpus={query.cpus:g}): use index_kind=ivf (or a lower "
+            f"dimension {dim} (index_kind={query.kind}, index_cpus={query.cpus:g}): use index_kind=ivf_sq8 (or a lower "
             "index_auto_above), more index_cpus, index_gpu=true, or a larger index_budget_s") from exc
     if rank_and_world()[1] > 1:
         dist.all_reduce(lost)

@@ -17,7 +17,7 @@ from noisymix.mixing.mixup import MixupConfig, mixup_batch
 
 NEIGHBOUR_SOURCES = ("batch", "global")
 INDEX_METRICS = ("ip", "l2")
-INDEX_KINDS = ("auto", "flat", "ivf")
+INDEX_KINDS = ("auto", "flat", "ivf", "ivf_sq8")
 
 
 def update_soft_targets(targets: torch.Tensor, predictions: torch.Tensor, momentum: float) -> torch.Tensor:
@@ -113,7 +113,7 @@ class MixNNConfig(GMMConfig, MixupConfig):
     neighbour_source: str = "global"
     normalise_embeddings: bool = True
     index_metric: str = "ip"
-    index_kind: str = "auto"       # auto: exact (flat) below index_auto_above embeddings, IVF from there
+    index_kind: str = "auto"       # auto: exact (flat) below index_auto_above embeddings, ivf_sq8 from there
     index_auto_above: int = 100_000
     index_nlist: int = 0           # IVF lists; 0 = sqrt(N)
     index_nprobe: int = 8          # IVF lists searched per query
