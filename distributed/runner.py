@@ -23,13 +23,15 @@ from noisymix.mixing.method import TaskAsk
 
 
 def start_ray(address: str | None = None, show_logs: bool = False) -> None:
-    """Join `address` (e.g. "auto" on a cluster) or start a local Ray; any dashboard binds to localhost.
+    """Join `address` (e.g. "auto" on a cluster; without one, Ray's RAY_ADDRESS if set) or start a local Ray; any
+    dashboard binds to localhost.
 
     Workers' and actors' own output reaches the console only with show_logs: Ray Train logs every
     report there, which buries the progress lines. Failures still surface as exceptions from fit().
     """
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS") or None
     dashboard = {}
     if address is None:
         # Ray Train's controller polls workers every 2 s by default, and a report waits for the

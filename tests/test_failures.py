@@ -209,3 +209,21 @@ def test_a_failed_write_of_a_run_file_names_it_and_leaves_no_partial_file(tmp_pa
         write_atomic(tmp_path / "model_last.pt", full_disk)
     assert one_line(raised.value) == f"No space left on device: {tmp_path / 'model_last.pt'}"
     assert list(tmp_path.iterdir()) == [], "no partial file, no target"
+
+
+@pytest.mark.parametrize("configured, env, joined", [(None, "10.0.0.1:6379", "10.0.0.1:6379"), ("auto", "x:1", "auto"),
+                                                     (None, None, None)])
+def test_ray_address_unset_joins_rays_own_ray_address_else_starts_a_local_ray(monkeypatch, configured, env, joined):
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(runner, "forward_sigterm_as_sigint", lambda: None)
+    monkeypatch.setattr(runner, "own_state_api", lambda: 8265)
+    if env is None:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", env)
+    runner.start_ray(configured)
+    [kwargs] = calls
+    assert kwargs["address"] == joined and kwargs["dashboard_host"] == "127.0.0.1"
+    assert ("dashboard_port" in kwargs) == (joined is None), "only a Ray of its own gets a dashboard port"

@@ -17,9 +17,18 @@ from noisymix.distributed.artifacts import RunDir
 from conftest import CE_RUN
 
 
-def noisymix(*args, cwd):
+def noisymix(*args, cwd, join: bool = True):
+    """`noisymix ARGS` in its own process; with `join` it joins the session's Ray when there is one (RAY_ADDRESS), as
+    a command run on a cluster's head node would, instead of starting a Ray of its own. The session's Ray processes
+    keep the environment they started with: a command that needs variables set since (an object store's endpoint)
+    starts its own."""
+    import ray
+
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    if join and ray.is_initialized():
+        env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     return subprocess.Popen([sys.executable, "-m", "noisymix.launch.cli", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+                            stderr=subprocess.STDOUT, text=True, env=env)
 
 
 def interrupt_when(process, pattern: str, sig=signal.SIGINT, timeout: float = 240.0) -> tuple[int, str]:
@@ -38,8 +47,8 @@ def interrupt_when(process, pattern: str, sig=signal.SIGINT, timeout: float = 24
     return process.returncode, "".join(lines)
 
 
-def finish(args, cwd) -> str:
-    process = noisymix(*args, cwd=cwd)
+def finish(args, cwd, join: bool = True) -> str:
+    process = noisymix(*args, cwd=cwd, join=join)
     out, _ = process.communicate(timeout=600)
     assert process.returncode == 0, out
     return out
@@ -50,8 +59,8 @@ def epochs(run_dir):
 
 
 # One SelectMix setting for the three SelectMix faults below, trained once uninterrupted: one fold at a time on
-# 2 CPUs (fold_cpus=2), so that a fold can be interrupted or killed while the others wait.
-SELECTMIX = ["method=selectmix", "epochs=6", "folds=3", "fold_epochs=2", "fold_cpus=2", "partner_source=global"]
+# 2 CPUs (fold_cpus=2), so that a fold can be interrupted or killed while the other waits.
+SELECTMIX = ["method=selectmix", "epochs=4", "folds=2", "fold_epochs=2", "fold_cpus=2", "partner_source=global"]
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +100,7 @@ def test_an_interrupted_mixnn_run_resumes_to_the_numbers_of_an_uninterrupted_one
 def test_selectmix_interrupted_in_training_resumes_its_selection_and_its_numbers(selectmix_whole, digits_dir,
                                                                                 tmp_path):
     interrupted_then_resumed([f"data_dir={digits_dir}", "num_shards=4", *SELECTMIX], selectmix_whole, tmp_path,
-                             "epoch   1/6", signal.SIGINT)
+                             "epoch   1/4", signal.SIGINT)
 
 
 def interrupted_then_resumed(common: list[str], whole, tmp_path, pattern: str, sig, stopped=None) -> None:
@@ -127,7 +136,7 @@ def test_selectmix_interrupted_during_its_folds_keeps_the_finished_ones(selectmi
     out, _ = process.communicate(timeout=120)
     assert process.returncode == 130, out
     kept = sorted(p.name for p in (cut / "folds" / "epoch0").glob("fold*.npz"))
-    assert RunDir(cut).status()["stage"] == "selection at epoch 0" and 1 <= len(kept) < 3
+    assert RunDir(cut).status()["stage"] == "selection at epoch 0" and len(kept) == 1
     finish(["train", f"resume={cut}"], tmp_path)
     assert epochs(cut) == epochs(selectmix_whole)
     assert json.loads((cut / "summary.json").read_text())["detection"] == \

@@ -12,7 +12,7 @@ from noisymix.distributed.artifacts import RunDir
 from noisymix.launch.prepare import prepare
 from test_interrupt_resume import epochs, finish, interrupt_when, noisymix
 
-from conftest import CE_RUN, make_config
+from conftest import make_config
 
 
 @pytest.fixture(scope="module")
@@ -107,16 +107,25 @@ def test_a_url_without_a_dataset_is_refused_by_name(s3_endpoint):
             shards.load_manifest(url)
 
 
-def test_train_from_s3_into_s3_stop_and_resume_there(s3_digits, ce_whole, tmp_path, monkeypatch):
-    url, _ = s3_digits
+# Four epochs: an epoch into the store takes seconds of checkpoint uploads, so an interrupt after the first lands
+# while the run still trains.
+S3_RUN = ["num_shards=4", "method=ce", "epochs=4"]
+
+
+def test_train_from_s3_into_s3_stop_and_resume_there(ray_session, s3_digits, tmp_path, monkeypatch):
+    from noisymix.launch.cli import main
+
+    url, local = s3_digits
     monkeypatch.setenv("NOISYMIX_CACHE", str(tmp_path / "cache"))   # the runs' working copies
+    ce_whole = tmp_path / "whole"
+    assert main(["train", f"data_dir={local}", *S3_RUN, f"run_dir={ce_whole}"]) == 0
     cut = "s3://nmx-runs/cut"
-    code, out = interrupt_when(noisymix("train", f"data_dir={url}", *CE_RUN, f"run_dir={cut}", cwd=tmp_path),
-                               "epoch   2/12", signal.SIGINT)
+    code, out = interrupt_when(noisymix("train", f"data_dir={url}", *S3_RUN, f"run_dir={cut}", cwd=tmp_path,
+                                        join=False), "epoch   1/4", signal.SIGINT)
     assert code == 130 and f"resume with: noisymix train resume={cut}" in out, out
     assert RunDir(cut).status()["state"] == "interrupted"
     assert RunDir(cut).latest_checkpoint_epoch() is not None, "Ray Train's checkpoints are in the store"
-    resumed = finish(["train", f"resume={cut}"], tmp_path)
+    resumed = finish(["train", f"resume={cut}"], tmp_path, join=False)
     assert "resuming the interrupted run" in resumed
     assert epochs(cut) == epochs(ce_whole), "every epoch as in an uninterrupted run (on the same data, kept locally)"
     names = storage.list_files(cut)
@@ -183,7 +192,7 @@ def test_a_sweep_lives_in_the_store_folds_shared_and_outputs_there(s3_digits, tm
         "space": {"alpha": {"grid": [0.5, 2.0]}}}))
     work = tmp_path / "work"
     work.mkdir()
-    out = finish(["tune", str(spec)], work)
+    out = finish(["tune", str(spec)], work, join=False)
     assert f"wrote {sweep}/trials.csv" in out, out
     table = list(csv.DictReader(io.StringIO(storage.read_bytes(f"{sweep}/trials.csv").decode())))
     assert [row["status"] for row in table] == ["finished"] * 2, table

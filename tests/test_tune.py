@@ -33,7 +33,7 @@ def test_a_sweep_stops_bad_trials_early_and_shares_fold_stages(ray_session, digi
         # Two at a time: the two trials of one learning rate start together, one trains the folds, the other waits.
         "name": "share", "sweep_dir": str(tmp_path / "sweep"), "max_concurrent": 2,
         "base": {"data_dir": str(digits_dir), "method": "selectmix", "epochs": 3, "num_shards": 4, "folds": 2,
-                 "fold_epochs": 3},
+                 "fold_epochs": 1},
         "space": {"lr": {"grid": [0.05, 0.00001]}, "alpha": {"grid": [0.5, 2.0]}},
         "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2}, "num_samples": 1})
     lines = []
