@@ -18,7 +18,7 @@ from ray.util.queue import Empty, Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from noisymix.distributed.settings import ResourcesSection
-from noisymix.distributed.worker import WorkerJob, train_loop
+from noisymix.distributed.worker import JOB_KEY, WorkerJob, train_loop
 from noisymix.mixing.method import TaskAsk
 
 
@@ -125,10 +125,12 @@ def run_trainer(job: WorkerJob, resources: ResourcesSection, storage_path: str,
     # On the driver's node, like Ray Train's controller: losing another node must not lose the records.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     channel = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+    # The job reaches the workers through the object store: Ray Train's controller unpickles the loop's config,
+    # and a WorkerJob there would make it import the whole training stack (seconds of CPU per run) to pass it on.
+    job_ref = ray.put(dataclasses.replace(job, channel=channel, threads=threads, loader_workers=resources.loader_workers))
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=dataclasses.replace(job, channel=channel, threads=threads,
-                                              loader_workers=resources.loader_workers),
+        train_loop_config={JOB_KEY: job_ref},
         scaling_config=ScalingConfig(
             num_workers=(resources.min_workers, resources.num_workers) if resources.elastic else resources.num_workers,
             use_gpu=resources.use_gpu, resources_per_worker={"CPU": cpus},

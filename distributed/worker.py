@@ -1,7 +1,7 @@
 """The Ray Train per-worker loop: an ordinary PyTorch loop with Ray at the points marked `# Ray`.
 
 Everything method-specific is a call to the method object (docs/design.md): its plan for the epoch, its
-batch rule, and whether it keeps per-sample state. Records go to the driver as typed messages.
+batch rule, and whether it keeps per-sample state. Records go to the driver as typed messages (messages.py).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from noisymix.distributed.engine import (DataInfo, InputTransform, TrainSection,
                                          build_optimizer, build_schedule, epoch_rng, image_stages, peak_rss_mb,
                                          train_epoch, transforms)
 from noisymix.distributed.exchange import distributed
+from noisymix.distributed.messages import EpochRecord, StateDigest, StateSnapshot, TrainedIds
 from noisymix.distributed.sample_state import SampleState, refresh_state
 from noisymix.distributed.settings import AuditSection
 from noisymix.mixing.method import BatchContext, EpochPlan, Method
@@ -52,55 +53,12 @@ class WorkerJob:
     channel: object = None                      # a ray.util.queue.Queue to the driver
 
 
-@dataclass
-class EpochRecord:
-    """One epoch's line of metrics.jsonl (rank 0)."""
-
-    metrics: dict
+JOB_KEY = "job"   # the loop's config holds one entry: an object-store reference to the WorkerJob
 
 
-@dataclass
-class StateSnapshot:
-    """Per-sample beliefs after a refresh, one rank's home range from id `start`: given label, argmax of the
-    soft target, clean probability (the driver joins the ranks' parts)."""
-
-    epoch: int
-    given: np.ndarray
-    corrected: np.ndarray
-    clean: np.ndarray
-    start: int = 0
-    world: int = 1
-
-    @classmethod
-    def join(cls, parts: list["StateSnapshot"]) -> "StateSnapshot":
-        """The ranks' parts of one refresh as one snapshot in id order."""
-        parts = sorted(parts, key=lambda part: part.start)
-        return cls(parts[0].epoch, *(np.concatenate([getattr(p, key) for p in parts])
-                                     for key in ("given", "corrected", "clean")))
-
-
-@dataclass
-class TrainedIds:
-    """audit_ids: the ids one rank trained on in one epoch."""
-
-    epoch: int
-    rank: int
-    ids: np.ndarray
-
-
-@dataclass
-class StateDigest:
-    """audit_state: a digest of one rank's home rows [start, stop) of the per-sample state after a refresh."""
-
-    epoch: int
-    rank: int
-    start: int
-    stop: int
-    digest: str
-
-
-def train_loop(job: WorkerJob) -> None:
+def train_loop(config: dict) -> None:
     """Run on every worker by TorchTrainer: train, evaluate, checkpoint and report each epoch."""
+    job: WorkerJob = ray.get(config[JOB_KEY])  # Ray
     context = ray.train.get_context()  # Ray
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()  # Ray

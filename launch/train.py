@@ -19,7 +19,8 @@ from noisymix.distributed.artifacts import (CHECKPOINT_FILE, CONFIG, MODEL_BEST,
 from noisymix.distributed.folds import FoldCache, Selection, restore_selection, select
 from noisymix.distributed.runner import check_resources, run_trainer, start_ray
 from noisymix.distributed.sample_state import read_beliefs
-from noisymix.distributed.worker import EpochRecord, StateDigest, StateSnapshot, TrainedIds, WorkerJob
+from noisymix.distributed.messages import EpochRecord, StateDigest, StateSnapshot, TrainedIds
+from noisymix.distributed.worker import WorkerJob
 from noisymix.launch.config import Config, ConfigError, changed_settings
 from noisymix.launch.errors import one_line, unnamed_file_error
 from noisymix.launch.prepare import prepare

@@ -46,3 +46,11 @@ def test_importing_the_pure_layers_loads_no_cluster_library():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in {'ray', 'webdataset', 'faiss'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_messages_to_the_driver_unpickle_without_the_training_stack():
+    """The run's queue actor unpickles every message a worker sends: their types must not drag torch in."""
+    code = ("import sys, noisymix.distributed.messages; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'ray', 'sklearn', 'webdataset'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
