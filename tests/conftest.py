@@ -11,6 +11,9 @@ import os
 # poll so the tiny epochs of the tests are not paced by Ray Train's 2 s default.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# Ray Train starts a preemption watcher (an actor polling for cloud nodes being drained) with every worker group:
+# ~3 CPU-s per group on these 2 cores, ~50 groups per slow tier, and no local test drains a node.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 import pytest  # noqa: E402
 
