@@ -6,7 +6,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold
 
 
 class SelectionError(ValueError):
@@ -23,6 +22,8 @@ def stratified_folds(labels: np.ndarray, k: int, seed: int) -> list[tuple[np.nda
     if k > smallest:
         raise SelectionError(f"folds={k} exceeds the smallest class count ({smallest} samples of class "
                          f"{int(np.flatnonzero(counts == smallest)[0])}): every fold needs each class")
+    from sklearn.model_selection import StratifiedKFold  # here: see selection/__init__.py
+
     splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     return list(splitter.split(np.zeros(len(labels)), labels))
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
 
 
 def detection_metrics(flagged: np.ndarray, noise_score: np.ndarray, given: np.ndarray, true: np.ndarray) -> dict:
     """Precision, recall and F1 of `flagged` against "given != true", and AUROC of the noise score."""
+    from sklearn.metrics import precision_recall_fscore_support, roc_auc_score  # here: see selection/__init__.py
+
     is_noisy = np.asarray(given) != np.asarray(true)
     precision, recall, f1, _ = precision_recall_fscore_support(is_noisy, flagged, average="binary", zero_division=0)
     both = 0 < is_noisy.sum() < len(is_noisy)

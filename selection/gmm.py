@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.mixture import GaussianMixture
 
 from noisymix.selection.crossval import SelectionError, given_label_probability
 
@@ -49,6 +48,8 @@ def clean_probability(losses: np.ndarray, *, max_iter: int = 10, tol: float = 1e
     x = np.asarray(losses, dtype=np.float64).reshape(-1, 1)
     if x.shape[0] < 2 or np.ptp(x) < 1e-12:
         return CleanProbability(np.ones(x.shape[0]), (0.0, 0.0), True, "losses are constant")
+    from sklearn.mixture import GaussianMixture  # here: see selection/__init__.py
+
     gmm = GaussianMixture(n_components=2, max_iter=max_iter, tol=tol, reg_covar=reg_covar, random_state=seed)
     gmm.fit(x)
     means = gmm.means_.ravel()
