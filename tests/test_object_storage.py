@@ -107,8 +107,10 @@ def test_a_url_without_a_dataset_is_refused_by_name(s3_endpoint):
             shards.load_manifest(url)
 
 
-# Four epochs: an epoch into the store takes seconds of checkpoint uploads, so an interrupt after the first lands
-# while the run still trains.
+# Four epochs, cut once the second is printed: by then the first epoch's checkpoint is registered in the store
+# (Ray Train's report queue holds one result, so the second report returned only once the first was taken; the
+# second's own registration may still be under way when its line is printed), and two epochs of seconds of
+# checkpoint uploads are left for the interrupt to land in.
 S3_RUN = ["num_shards=4", "method=ce", "epochs=4"]
 
 
@@ -121,7 +123,7 @@ def test_train_from_s3_into_s3_stop_and_resume_there(ray_session, s3_digits, tmp
     assert main(["train", f"data_dir={local}", *S3_RUN, f"run_dir={ce_whole}"]) == 0
     cut = "s3://nmx-runs/cut"
     code, out = interrupt_when(noisymix("train", f"data_dir={url}", *S3_RUN, f"run_dir={cut}", cwd=tmp_path,
-                                        join=False), "epoch   1/4", signal.SIGINT)
+                                        join=False), "epoch   2/4", signal.SIGINT)
     assert code == 130 and f"resume with: noisymix train resume={cut}" in out, out
     assert RunDir(cut).status()["state"] == "interrupted"
     assert RunDir(cut).latest_checkpoint_epoch() is not None, "Ray Train's checkpoints are in the store"
