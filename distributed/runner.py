@@ -127,7 +127,8 @@ def run_trainer(job: WorkerJob, resources: ResourcesSection, storage_path: str,
     channel = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     # The job reaches the workers through the object store: Ray Train's controller unpickles the loop's config,
     # and a WorkerJob there would make it import the whole training stack (seconds of CPU per run) to pass it on.
-    job_ref = ray.put(dataclasses.replace(job, channel=channel, threads=threads, loader_workers=resources.loader_workers))
+    job_ref = ray.put(dataclasses.replace(job, channel=channel, threads=threads,
+                                          loader_workers=resources.loader_workers))
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={JOB_KEY: job_ref},
