@@ -36,10 +36,11 @@ def test_pairflip_only_moves_to_next_class():
     assert noise.realised_rate(noisy, TRUE) == pytest.approx(0.4, abs=0.04)
 
 
-def test_asymmetric_follows_the_mnist_map_and_leaves_other_classes():
-    noisy = noise.apply_noise(TRUE, C, "asymmetric", 0.4, 0, dataset="mnist")
+@pytest.mark.parametrize("dataset", ["mnist", "fashion-mnist"])
+def test_asymmetric_follows_the_dataset_map_and_leaves_other_classes(dataset):
+    noisy = noise.apply_noise(TRUE, C, "asymmetric", 0.4, 0, dataset=dataset)
     flipped = noisy != TRUE
-    mapping = noise.ASYMMETRIC_MAPS["mnist"]
+    mapping = noise.ASYMMETRIC_MAPS[dataset]
     assert all(mapping[int(t)] == int(n) for t, n in zip(TRUE[flipped], noisy[flipped]))
     unmapped = ~np.isin(TRUE, list(mapping))
     assert np.array_equal(noisy[unmapped], TRUE[unmapped])
@@ -47,7 +48,7 @@ def test_asymmetric_follows_the_mnist_map_and_leaves_other_classes():
 
 def test_asymmetric_needs_a_map_for_unknown_datasets():
     with pytest.raises(noise.NoiseError, match="noise_map"):
-        noise.apply_noise(TRUE, C, "asymmetric", 0.4, 0, dataset="fashion-mnist")
+        noise.apply_noise(TRUE, C, "asymmetric", 0.4, 0, dataset="kmnist")
     custom = noise.apply_noise(TRUE, C, "asymmetric", 0.5, 0, dataset="fashion-mnist", class_map={6: 0})
     assert set(np.unique(custom[custom != TRUE])) == {0}
 
