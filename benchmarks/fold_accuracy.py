@@ -1,4 +1,5 @@
-"""How good SelectMix's folds were, and how good they would have to be for a detection F1 target.
+"""How good SelectMix's folds were, how good they would have to be for a detection F1 target, and (--rules)
+what each flag rule of selection.flag_rules makes of the same out-of-fold table.
 
 The flag is "out-of-fold prediction != given label". A wrongly labelled sample is flagged unless the fold
 predicts exactly its wrong label (recall stays near 1); a correctly labelled one is flagged whenever the
@@ -9,6 +10,8 @@ correctly labelled samples of at least 1 - e_max. Scored against the shards' tru
     python benchmarks/fold_accuracy.py --f1 0.9 --out benchmarks/results/fold_accuracy \\
         runs/bench/fashion_mnist_memorise/cells/*-selectmix{,_folds8,_folds8_best}-seed0/run \\
         runs/bench/fashion_mnist/cells/symmetric40-selectmix-seed*/run runs/bench/fashion_mnist_long/cells/*selectmix*/run
+    python benchmarks/fold_accuracy.py --rules --out benchmarks/results/flag_rules \
+        runs/bench/detection_tables/cells/*-folds*-seed0/run
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from noisymix.distributed import shards
 from noisymix.distributed.artifacts import RunDir
 from noisymix.selection.crossval import given_label_probability
 from noisymix.selection.detection import detection_metrics
+from noisymix.selection.flag_rules import FLAG_RULE_HELP, FLAG_RULES, flag_given_labels
 
 
 def required_clean_accuracy(noise_rate: float, recall: float, f1: float) -> float:
@@ -34,11 +38,36 @@ def required_clean_accuracy(noise_rate: float, recall: float, f1: float) -> floa
     return 1.0 - error
 
 
-def fold_quality(run: Path, f1_target: float) -> dict:
+def load_run(run: Path) -> tuple[dict, dict, np.ndarray]:
+    """A run's config, its out-of-fold table and the true labels of its training split (evaluation only)."""
     config = RunDir(run).config_values()
     manifest = shards.load_manifest(config["data_dir"])
     true = shards.load_labels(config["data_dir"], manifest, label_key=shards.TRUE_LABEL)
-    oof = RunDir(run).out_of_fold()
+    return config, RunDir(run).out_of_fold(), true
+
+
+def rule_scores(run: Path) -> list[dict]:
+    """Each flag rule on the run's out-of-fold table: its flags scored against the true labels, and how often
+    the out-of-fold argmax (the class a flagged sample is mixed towards) is the true class of a flagged one."""
+    config, oof, true = load_run(run)
+    probs, given = oof["probs"], oof["given"]
+    predicted, noise_score = probs.argmax(axis=1), 1.0 - given_label_probability(probs, given)
+    rows = []
+    for rule in FLAG_RULES:
+        flagged = flag_given_labels(rule, probs, given, config["seed"])
+        scores = detection_metrics(flagged, noise_score, given, true)
+        corrected = float(np.mean(predicted[flagged] == true[flagged])) if flagged.any() else None
+        rows.append({"run": str(run), "rule": rule, "folds": config["folds"], "fold_epochs": config["fold_epochs"],
+                     "noise_type": config["noise_type"], "noise": scores["noise_rate"],
+                     "oof_acc": float(np.mean(predicted == true)), "precision": scores["precision"],
+                     "recall": scores["recall"], "f1": scores["f1"], "flagged_rate": scores["flagged_rate"],
+                     "auroc": scores["auroc"],
+                     "class_acc_on_flagged": corrected})
+    return rows
+
+
+def fold_quality(run: Path, f1_target: float) -> dict:
+    config, oof, true = load_run(run)
     given, predicted = oof["given"], oof["probs"].argmax(axis=1)
     wrong, right = given != true, predicted == true
     scores = detection_metrics(predicted != given, 1.0 - given_label_probability(oof["probs"], given), given, true)
@@ -55,7 +84,11 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--f1", type=float, default=0.9, help="the F1 target whose fold accuracy is asked for")
     parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
+    parser.add_argument("--rules", action="store_true", help="score every flag rule on each run's table instead")
     args = parser.parse_args()
+    if args.rules:
+        return write_rules([row for run in args.runs if (run / "oof.npz").is_file() for row in rule_scores(run)],
+                           args.out)
     rows = [fold_quality(run, args.f1) for run in args.runs if (run / "oof.npz").is_file()]
     lines = [f"| run | train | noise | folds x epochs (kept) | OOF acc | on clean labels | F1 | P | R | "
              f"acc on clean labels needed for F1 {args.f1} |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -71,6 +104,25 @@ def main() -> None:
         args.out.with_suffix(".md").write_text(
             "# SelectMix fold quality against the F1 target\n\n" + "\n\n".join(__doc__.split("\n\n")[1:3]) + "\n\n"
             + "\n".join(lines) + "\n")
+
+
+def write_rules(rows: list[dict], out: Path | None) -> None:
+    lines = ["| table | noise | folds x epochs | OOF acc (true labels) | rule | flagged | P | R | F1 | "
+             "c_i true on flagged |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        name = Path(r["run"]).parts[-2]
+        acc = "" if r["class_acc_on_flagged"] is None else f"{r['class_acc_on_flagged']:.3f}"
+        lines.append(f"| {name} | {r['noise_type']} {r['noise']:.3f} | {r['folds']} x {r['fold_epochs']} | "
+                     f"{r['oof_acc']:.3f} | {r['rule']} | {r['flagged_rate']:.3f} | {r['precision']:.3f} | "
+                     f"{r['recall']:.3f} | **{r['f1']:.3f}** | {acc} |")
+    print("\n".join(lines))
+    if out:
+        rules = "\n".join(f"- `{rule}`: {text}" for rule, text in FLAG_RULE_HELP.items())
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps({"rows": rows}, indent=1))
+        out.with_suffix(".md").write_text(
+            "# Flag rules on the same out-of-fold tables\n\nScored against the shards' true labels (evaluation "
+            "only); the rules never read them.\n\n" + rules + "\n\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

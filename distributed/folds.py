@@ -193,14 +193,15 @@ def select(cv: CrossValConfig, train: TrainSection, seed: int, data_dir: str, ma
         runner = functools.partial(ray_map, cpus=cv.fold_cpus, gpus=cv.fold_gpus, retries=cv.fold_retries,
                                    cache=cache)
         probs, fold_of, fold_runs = out_of_fold_probabilities(given, cv.folds, seed, trainer, map=runner)
-    table = build_mixing_table(probs, given, cv.tau_low, cv.tau_high)
+    table = build_mixing_table(probs, given, cv.tau_low, cv.tau_high, cv.flag_rule, seed)
     return Selection(table, fold_of, fold_runs, time.perf_counter() - started,
                      ray.put(table.to_arrays(for_workers=True, probs=workers_read_probs)))
 
 
-def restore_selection(arrays: dict[str, np.ndarray], cv: CrossValConfig, workers_read_probs: bool = False) -> Selection:
+def restore_selection(arrays: dict[str, np.ndarray], cv: CrossValConfig, seed: int,
+                      workers_read_probs: bool = False) -> Selection:
     """The latest selection of an interrupted run, rebuilt from its oof.npz (the same table: it is a function
-    of the out-of-fold probabilities, the given labels and the thresholds)."""
-    table = build_mixing_table(arrays["probs"], arrays["given"], cv.tau_low, cv.tau_high)
+    of the out-of-fold probabilities, the given labels, the flag rule, the thresholds and the seed)."""
+    table = build_mixing_table(arrays["probs"], arrays["given"], cv.tau_low, cv.tau_high, cv.flag_rule, seed)
     fold_of = arrays.get("fold", np.full(len(table.given), -1))
     return Selection(table, fold_of, [], 0.0, ray.put(table.to_arrays(for_workers=True, probs=workers_read_probs)))

@@ -107,7 +107,8 @@ class SelectionRounds:
         self.latest: Selection | None = None
         self.rounds: list[dict] = (run.status() or {}).get("rounds", [])   # a resumed run's finished rounds
         if self.rounds:
-            self.latest = restore_selection(run.out_of_fold(), self.cv, config.method.workers_read_probs())
+            self.latest = restore_selection(run.out_of_fold(), self.cv, config.run.seed,
+                                            config.method.workers_read_probs())
             recorder.believe(config.method.label_report(table=self.latest.table), self.rounds[-1]["epoch"])
 
     def done_at(self, epoch: int) -> bool:

@@ -16,6 +16,7 @@ from noisymix.mixing.config import Section, check_choice, check_range
 from noisymix.mixing.losses import one_hot
 from noisymix.mixing.method import BatchContext, BatchRule, EpochPlan, Method, TaskAsk, register
 from noisymix.mixing.mixup import MixupConfig, mix, sample_lambda
+from noisymix.selection.flag_rules import FLAG_RULES
 from noisymix.selection.report import LabelReport, evaluate_out_of_fold, out_of_fold_report
 
 PARTNER_SOURCES = ("batch", "buffer", "global")
@@ -193,7 +194,9 @@ class CrossValConfig(Section):
     """A1-A2's selection stage: K folds trained `fold_epochs` each (predicting from their `best` epoch by
     held-out agreement with the given labels, or the `last`), one Ray task of `fold_cpus`/`fold_gpus` each,
     optionally re-run every `reselect_every` epochs from the main model; `oof_from` takes an earlier run's
-    oof.npz for the first selection instead of training folds; tau_low/tau_high are the table's thresholds."""
+    oof.npz for the first selection instead of training folds; `flag_rule` decides which given labels are
+    flagged from the out-of-fold table (selection.flag_rules: `mismatch` is the paper's); tau_low/tau_high are
+    the table's thresholds."""
 
     folds: int = 5
     fold_epochs: int = 2
@@ -203,12 +206,14 @@ class CrossValConfig(Section):
     fold_retries: int = 2
     reselect_every: int = 0
     oof_from: Optional[str] = None
+    flag_rule: str = "mismatch"
     tau_low: float = 0.0
     tau_high: float = 0.0
 
     def validate(self) -> None:
         super().validate()
         check_choice("fold_select", self.fold_select, FOLD_SELECT)
+        check_choice("flag_rule", self.flag_rule, FLAG_RULES)
         for key in ("tau_low", "tau_high"):
             check_range(key, getattr(self, key), 0.0, 1.0)
         check_range("folds", self.folds, 2)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from noisymix.selection.crossval import SelectionError
+from noisymix.selection.flag_rules import flag_given_labels
 
 
 def predicted_class_and_confidence(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -14,15 +15,16 @@ def predicted_class_and_confidence(probs: np.ndarray) -> tuple[np.ndarray, np.nd
     return probs.argmax(axis=1).astype(np.int64), probs.max(axis=1).astype(np.float32)
 
 
-def uncertain_set(predicted: np.ndarray, given: np.ndarray, confidence: np.ndarray, tau_low: float = 0.0) -> np.ndarray:
-    """M = {i : c_i != y_i}, plus {i : q_i < tau_low} when tau_low > 0."""
-    return (predicted != given) | (confidence < tau_low)
+def uncertain_set(flagged: np.ndarray, confidence: np.ndarray, tau_low: float = 0.0) -> np.ndarray:
+    """M = the flag rule's set ({i : c_i != y_i} for the paper's), plus {i : q_i < tau_low} when tau_low > 0."""
+    return flagged | (confidence < tau_low)
 
 
 def trusted_pools(predicted: np.ndarray, given: np.ndarray, confidence: np.ndarray, tau_high: float,
-                  num_classes: int) -> list[np.ndarray]:
-    """T[c] = {j : c_j = c and y_j = c and q_j >= tau_high}, as sorted id arrays."""
-    trusted = (predicted == given) & (confidence >= tau_high)
+                  num_classes: int, uncertain: np.ndarray) -> list[np.ndarray]:
+    """T[c] = {j not in M : c_j = c and y_j = c and q_j >= tau_high}, as sorted id arrays. With the paper's
+    rule no j in M has c_j = y_j; with another rule, or tau_low, a doubted sample is no trusted partner."""
+    trusted = (predicted == given) & (confidence >= tau_high) & ~uncertain
     return [np.flatnonzero(trusted & (predicted == c)) for c in range(num_classes)]
 
 
@@ -65,8 +67,10 @@ class MixingTable:
                    arrays.get("probs"), pools, [int(c) for c in arrays["fallback_classes"]])
 
 
-def build_mixing_table(probs: np.ndarray, given: np.ndarray, tau_low: float = 0.0, tau_high: float = 0.0) -> MixingTable:
-    """The mixing table of methods.md A2 from out-of-fold probabilities and the given labels."""
+def build_mixing_table(probs: np.ndarray, given: np.ndarray, tau_low: float = 0.0, tau_high: float = 0.0,
+                       flag_rule: str = "mismatch", seed: int = 0) -> MixingTable:
+    """The mixing table of methods.md A2 from out-of-fold probabilities and the given labels; `flag_rule`
+    chooses which given labels are flagged (selection.flag_rules; `mismatch` is the paper's)."""
     for name, tau in (("tau_low", tau_low), ("tau_high", tau_high)):
         if not 0.0 <= tau <= 1.0:
             raise SelectionError(f"{name} must be in [0, 1], got {tau}")
@@ -74,8 +78,8 @@ def build_mixing_table(probs: np.ndarray, given: np.ndarray, tau_low: float = 0.
         raise SelectionError(f"{probs.shape[0]} out-of-fold rows for {len(given)} labels")
     num_classes = probs.shape[1]
     predicted, confidence = predicted_class_and_confidence(probs)
-    uncertain = uncertain_set(predicted, given, confidence, tau_low)
-    pools = trusted_pools(predicted, given, confidence, tau_high, num_classes)
+    uncertain = uncertain_set(flag_given_labels(flag_rule, probs, np.asarray(given), seed), confidence, tau_low)
+    pools = trusted_pools(predicted, given, confidence, tau_high, num_classes, uncertain)
     needed = np.unique(predicted[uncertain])
     fallback = [int(c) for c in needed if len(pools[c]) == 0]
     for c in fallback:

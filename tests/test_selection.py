@@ -46,14 +46,16 @@ Y = np.array([0, 0, 0, 1, 1])
 
 def test_uncertain_set_and_tau_low():
     c, q = P.argmax(1), P.max(1)
-    assert uncertain_set(c, Y, q).tolist() == [False, True, False, False, True]
-    assert uncertain_set(c, Y, q, tau_low=0.6).tolist() == [False, True, True, False, True]
+    assert uncertain_set(c != Y, q).tolist() == [False, True, False, False, True]
+    assert uncertain_set(c != Y, q, tau_low=0.6).tolist() == [False, True, True, False, True]
 
 
-def test_trusted_pools_respect_tau_high():
+def test_trusted_pools_respect_tau_high_and_leave_out_doubted_samples():
     c, q = P.argmax(1), P.max(1)
-    assert [p.tolist() for p in trusted_pools(c, Y, q, 0.0, 3)] == [[0, 2], [3], []]
-    assert [p.tolist() for p in trusted_pools(c, Y, q, 0.6, 3)] == [[0], [3], []]
+    assert [p.tolist() for p in trusted_pools(c, Y, q, 0.0, 3, c != Y)] == [[0, 2], [3], []]
+    assert [p.tolist() for p in trusted_pools(c, Y, q, 0.6, 3, c != Y)] == [[0], [3], []]
+    # sample 2 agrees with its label but is doubted (tau_low, or another flag rule): never a partner
+    assert [p.tolist() for p in trusted_pools(c, Y, q, 0.0, 3, uncertain_set(c != Y, q, 0.6))] == [[0], [3], []]
 
 
 def test_empty_trusted_pool_falls_back_to_every_sample_predicted_as_that_class():
@@ -84,7 +86,7 @@ def test_detection_metrics_on_a_hand_made_case():
 
 def test_selection_report_scores_given_label_probability():
     true = np.array([0, 1, 0, 1, 2])
-    report = selection_report(uncertain_set(P.argmax(1), Y, P.max(1)), P.argmax(1), 1 - P[np.arange(len(Y)), Y], Y,
+    report = selection_report(uncertain_set(P.argmax(1) != Y, P.max(1)), P.argmax(1), 1 - P[np.arange(len(Y)), Y], Y,
                               true)
     assert report["recall"] == 1.0 and report["precision"] == 1.0
     assert report["predicted_class_acc_on_flagged"] == 1.0

@@ -13,6 +13,7 @@ from noisymix.distributed.folds import FoldTrainer, ray_map
 from noisymix.launch.cli import main
 from noisymix.launch.config import build_config
 from noisymix.selection.crossval import out_of_fold_probabilities
+from noisymix.selection.flag_rules import flag_given_labels
 from noisymix.selection.mismatch import build_mixing_table
 
 
@@ -111,22 +112,30 @@ def test_reselection_mid_training_warm_starts_folds_and_resumes_the_run(ray_sess
 
 def test_out_of_fold_predictions_of_an_earlier_run_replace_the_folds(ray_session, digits_dir, digits_train, tmp_path,
                                                                      capsys):
+    """The earlier table flags by the run's flag_rule: confident learning here, which leaves out most of the
+    samples the folds got wrong by a small margin (ids 3 mod 7) that the paper's mismatch rule flags."""
     manifest, _, given = digits_train
-    planted = np.flatnonzero(np.arange(len(given)) % 7 == 0)
+    ids = np.arange(len(given))
+    planted, confused = np.flatnonzero(ids % 7 == 0), np.flatnonzero(ids % 7 == 3)
     predicted = given.copy()
     predicted[planted] = (given[planted] + 1) % 10
+    probs = 0.9 * np.eye(10, dtype=np.float32)[predicted] + 0.01
+    eye = np.eye(10, dtype=np.float32)
+    probs[confused] = 0.46 * eye[given[confused]] + 0.54 * eye[(given[confused] + 1) % 10]
+    expected = flag_given_labels("confident", probs, given)
+    assert expected[planted].all() and 0 < expected[confused].sum() < len(confused) / 2
     oof = tmp_path / "oof.npz"
-    np.savez(oof, probs=np.eye(10, dtype=np.float32)[predicted], given=given)
+    np.savez(oof, probs=probs, given=given)
     run = tmp_path / "run"
     code = main(["train", "method=selectmix", f"data_dir={digits_dir}", f"run_dir={run}", "epochs=1", "num_shards=4",
-                 f"oof_from={oof}"])
+                 f"oof_from={oof}", "flag_rule=confident"])
     assert code == 0, capsys.readouterr().err
     summary = json.loads((run / "summary.json").read_text())
     assert summary["selections"][0]["folds"] == [] and summary["selections"][0]["oof_from"] == str(oof)
-    assert np.array_equal(np.flatnonzero(np.load(run / "oof.npz")["uncertain"]), planted)
+    assert np.array_equal(np.load(run / "oof.npz")["uncertain"], expected)
     with open(run / "label_issues.csv") as fh:
         flagged = sorted(int(r["id"]) for r in csv.DictReader(fh) if r["flagged"] == "1")
-    assert flagged == planted.tolist()
+    assert flagged == np.flatnonzero(expected).tolist()
 
 
 def test_out_of_fold_predictions_for_other_labels_are_refused(ray_session, digits_dir, digits_train, tmp_path, capsys):

@@ -1,0 +1,112 @@
+"""Decision rules on an out-of-fold table: confident learning by hand, and every rule on a simulated table."""
+
+import numpy as np
+import pytest
+
+from noisymix.selection.confident_learning import (calibrated_joint, confident_joint, confident_learning_flags,
+                                                   per_class_thresholds, prune_by_noise_rate)
+from noisymix.selection.crossval import SelectionError
+from noisymix.selection.detection import detection_metrics
+from noisymix.selection.flag_rules import FLAG_RULES, flag_given_labels
+from noisymix.selection.mismatch import build_mixing_table
+
+# Rows 2 and 5 are labelled against what the folds say; row 8 (label 0) is one the folds got wrong.
+P = np.array([
+    [0.80, 0.10, 0.10],
+    [0.60, 0.30, 0.10],
+    [0.20, 0.70, 0.10],
+    [0.10, 0.80, 0.10],
+    [0.10, 0.60, 0.30],
+    [0.70, 0.20, 0.10],
+    [0.10, 0.10, 0.80],
+    [0.20, 0.10, 0.70],
+    [0.40, 0.45, 0.15],
+])
+Y = np.array([0, 0, 0, 1, 1, 1, 2, 2, 0])
+
+
+def test_thresholds_joint_and_calibration_by_hand():
+    t = per_class_thresholds(P, Y)
+    assert t == pytest.approx([(0.8 + 0.6 + 0.2 + 0.4) / 4, (0.8 + 0.6 + 0.2) / 3, 0.75])
+    joint = confident_joint(P, Y, t)
+    # row 7 (p2 = 0.70 < t2) and row 8 (p0 = 0.40 < t0 = 0.5, p1 = 0.45 < t1 = 0.533) are counted nowhere
+    assert joint.tolist() == [[2, 1, 0], [1, 2, 0], [0, 0, 1]]
+    calibrated = calibrated_joint(joint, np.bincount(Y))
+    assert calibrated == pytest.approx(np.array([[8 / 3, 4 / 3, 0], [1, 2, 0], [0, 0, 2]]))
+
+
+def test_prune_by_noise_rate_flags_the_largest_margins_only():
+    flagged = confident_learning_flags(P, Y)
+    # one of label 0 is estimated to be a 1 (round(4/3) = 1): row 2, margin 0.5, not row 8 (0.05)
+    assert np.flatnonzero(flagged).tolist() == [2, 5]
+    assert np.flatnonzero(P.argmax(1) != Y).tolist() == [2, 5, 8]
+    # several counts for one row flag it once; a count above the class size takes the whole class
+    wanted = np.zeros((3, 3))
+    wanted[0, 1], wanted[0, 2] = 9, 9
+    assert prune_by_noise_rate(P, Y, wanted).tolist() == [y == 0 for y in Y]
+
+
+def test_a_class_nobody_is_labelled_as_takes_no_confident_counts():
+    probs, given = P[:6], Y[:6]                        # nobody labelled 2
+    t = per_class_thresholds(probs, given)
+    assert np.isinf(t[2])
+    assert confident_joint(probs, given, t)[:, 2].sum() == 0
+    assert confident_learning_flags(probs, given).tolist() == [False, False, True, False, False, True]
+
+
+def simulated_table(n=3000, classes=5, noise=0.4, seed=0):
+    """Out-of-fold probabilities of folds that learned the true classes through 40% symmetric noise, with errors:
+    their argmax is the true class for ~79% of the samples."""
+    rng = np.random.default_rng(seed)
+    true = rng.integers(0, classes, n)
+    given = true.copy()
+    flip = rng.random(n) < noise
+    given[flip] = (true[flip] + rng.integers(1, classes, flip.sum())) % classes
+    logits = 2.0 * np.eye(classes)[true] + rng.normal(0, 1.0, (n, classes))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    return probs, given, true
+
+
+def test_on_a_simulated_table_confident_learning_estimates_the_noise_and_is_more_precise():
+    probs, given, true = simulated_table()
+    noisy = given != true
+    scores = {rule: detection_metrics(flag_given_labels(rule, probs, given), np.zeros(len(given)), given, true)
+              for rule in FLAG_RULES}
+    assert scores["confident"]["flagged_rate"] == pytest.approx(noisy.mean(), abs=0.08)
+    assert scores["confident"]["precision"] > scores["mismatch"]["precision"] + 0.05
+    assert scores["agree"]["precision"] > scores["confident"]["precision"] + 0.02
+    assert scores["agree"]["recall"] <= min(scores["confident"]["recall"], scores["oof_gmm"]["recall"])
+    # the GMM on out-of-fold losses separates the two loss modes: well above chance at 40% noise
+    assert scores["oof_gmm"]["f1"] > 0.6
+
+
+def test_agree_is_the_intersection_and_every_rule_is_deterministic():
+    probs, given, _ = simulated_table(n=600)
+    agree = flag_given_labels("agree", probs, given)
+    both = flag_given_labels("oof_gmm", probs, given) & flag_given_labels("confident", probs, given)
+    assert np.array_equal(agree, both)
+    for rule in FLAG_RULES:
+        assert np.array_equal(flag_given_labels(rule, probs, given), flag_given_labels(rule, probs, given))
+
+
+def test_a_table_built_with_another_rule_keeps_its_flagged_samples_out_of_the_pools():
+    probs, given, _ = simulated_table(n=600)
+    table = build_mixing_table(probs, given, flag_rule="oof_gmm")
+    assert np.array_equal(table.uncertain, flag_given_labels("oof_gmm", probs, given))
+    pooled = np.concatenate(table.pools)
+    assert not table.uncertain[pooled].any()
+    assert (table.predicted[pooled] == given[pooled]).all()
+
+
+@pytest.mark.parametrize("probs, given, message", [
+    (np.ones((3, 2)) / 2, np.array([0, 1]), "out-of-fold probabilities for 2 labels"),
+    (np.ones((2, 2)) / 2, np.array([0, 2]), r"given labels must lie in \[0, 2\)"),
+])
+def test_bad_tables_are_refused(probs, given, message):
+    with pytest.raises(SelectionError, match=message):
+        confident_learning_flags(probs, given)
+
+
+def test_an_unknown_rule_is_refused():
+    with pytest.raises(SelectionError, match="flag_rule='vote' is not one of mismatch, confident"):
+        flag_given_labels("vote", P, Y)
