@@ -70,6 +70,7 @@ class FoldTrainer:
         in_train[fold.train] = True
         loaders = threads - 1     # the task's other CPUs decode in loader workers
         kept, best_agreement = None, -1.0  # (epoch, held ids, probabilities) of the predicting fold epoch
+        summed = None                      # ensemble: the held-out probabilities summed over epochs, in id order
         for epoch in range(self.cv.fold_epochs):
             rng = epoch_rng(self.seed, epoch, 1000 + fold.index)
             shard_seed, shuffle_seed = (int(v) for v in rng.integers(2**31, size=2))
@@ -83,11 +84,16 @@ class FoldTrainer:
                 raise shards.ShardError(f"fold {fold.index}, epoch {epoch}: read {stats.samples} training samples of "
                                         f"{len(fold.train)}: a shard is short or unreadable (noisymix verify DATA_DIR)")
             scheduler.step()
-            if self.cv.fold_select == "best" or epoch == self.cv.fold_epochs - 1:
+            if self.cv.fold_select != "last" or epoch == self.cv.fold_epochs - 1:
                 held = shards.sample_stream(urls, images=eval_images, batch_size=4 * self.train.batch_size,
                                             only=shards.IdFilter(~in_train))
                 held_ids, held_labels, probs = predict(model, shards.iterate_batches(held, loaders), eval_transform,
                                                        device, self.train.amp)
+                if self.cv.fold_select == "ensemble":
+                    order = np.argsort(held_ids)
+                    summed = probs[order] if summed is None else summed + probs[order]
+                    kept = (f"mean of 1-{epoch + 1}", held_ids[order], summed / (epoch + 1))
+                    continue
                 agreement = float(np.mean(probs.argmax(axis=1) == held_labels))
                 if agreement >= best_agreement:
                     kept, best_agreement = (epoch + 1, held_ids, probs), agreement

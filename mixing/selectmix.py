@@ -23,7 +23,7 @@ PARTNER_SOURCES = ("batch", "buffer", "global")
 PARTNER_MODES = ("class", "random", "none")
 LABEL_MODES = ("mixed", "soft", "hard")
 LAMBDA_PER = ("sample", "batch")
-FOLD_SELECT = ("best", "last")
+FOLD_SELECT = ("best", "last", "ensemble")
 
 
 def selectmix_soft_label(given_part: torch.Tensor, predicted: torch.Tensor, lam: torch.Tensor,
@@ -192,7 +192,8 @@ class SelectMixTargets(BatchRule):
 @dataclass
 class CrossValConfig(Section):
     """A1-A2's selection stage: K folds trained `fold_epochs` each (predicting from their `best` epoch by
-    held-out agreement with the given labels, or the `last`), one Ray task of `fold_cpus`/`fold_gpus` each,
+    held-out agreement with the given labels, the `last`, or the `ensemble`: the mean of every epoch's held-out
+    probabilities, a temporal ensemble at the cost of `best`), one Ray task of `fold_cpus`/`fold_gpus` each,
     optionally re-run every `reselect_every` epochs from the main model; `oof_from` takes an earlier run's
     oof.npz for the first selection instead of training folds; `flag_rule` decides which given labels are
     flagged from the out-of-fold table (selection.flag_rules: `mismatch` is the paper's); tau_low/tau_high are

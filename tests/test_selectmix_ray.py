@@ -58,6 +58,22 @@ def test_best_fold_epoch_agrees_with_the_given_labels_at_least_as_well_as_the_la
             np.testing.assert_allclose(best[held], last[held], rtol=1e-5, atol=1e-6)
 
 
+def test_an_ensemble_fold_predicts_the_mean_of_its_epochs(digits_dir, digits_train):
+    manifest, _, given = digits_train
+    one = {select: out_of_fold_probabilities(given, 3, 1, fold_trainer(digits_dir, manifest, fold_epochs=1, seed=1,
+                                                                      fold_select=select))
+           for select in ("last", "ensemble")}
+    np.testing.assert_allclose(one["ensemble"][0], one["last"][0], rtol=1e-5, atol=1e-6)
+    two = {select: out_of_fold_probabilities(given, 3, 1, fold_trainer(digits_dir, manifest, fold_epochs=2, seed=1,
+                                                                      fold_select=select))
+           for select in ("last", "ensemble")}
+    ensemble, last = two["ensemble"][0], two["last"][0]
+    assert [r["kept_epoch"] for r in two["ensemble"][2]] == ["mean of 1-2"] * 3
+    np.testing.assert_allclose(ensemble.sum(axis=1), 1.0, rtol=1e-5)
+    assert not np.allclose(ensemble, last), "the first epoch's predictions are averaged in"
+    assert np.array_equal(two["ensemble"][1], two["last"][1]), "the same folds"
+
+
 def test_a_failing_fold_task_is_named(ray_session, digits_dir, digits_train):
     manifest, images, given = digits_train
     fit = fold_trainer(digits_dir, manifest, fold_epochs=1)
