@@ -10,7 +10,7 @@ correctly labelled samples of at least 1 - e_max. Scored against the shards' tru
     python benchmarks/fold_accuracy.py --f1 0.9 --out benchmarks/results/fold_accuracy \\
         runs/bench/fashion_mnist_memorise/cells/*-selectmix{,_folds8,_folds8_best}-seed0/run \\
         runs/bench/fashion_mnist/cells/symmetric40-selectmix-seed*/run runs/bench/fashion_mnist_long/cells/*selectmix*/run
-    python benchmarks/fold_accuracy.py --rules --out benchmarks/results/flag_rules \
+    python benchmarks/fold_accuracy.py --rules --out benchmarks/results/flag_rules_detection \
         runs/bench/detection_tables/cells/*-folds*-seed0/run
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,7 @@ def rule_scores(run: Path) -> list[dict]:
     """Each flag rule on the run's out-of-fold table: its flags scored against the true labels, and how often
     the out-of-fold argmax (the class a flagged sample is mixed towards) is the true class of a flagged one."""
     config, oof, true = load_run(run)
+    selections = (RunDir(run).summary() or {}).get("selections") or [{}]
     probs, given = oof["probs"], oof["given"]
     predicted, noise_score = probs.argmax(axis=1), 1.0 - given_label_probability(probs, given)
     rows = []
@@ -59,6 +61,7 @@ def rule_scores(run: Path) -> list[dict]:
         corrected = float(np.mean(predicted[flagged] == true[flagged])) if flagged.any() else None
         rows.append({"run": str(run), "rule": rule, "folds": config["folds"], "fold_epochs": config["fold_epochs"],
                      "noise_type": config["noise_type"], "noise": scores["noise_rate"],
+                     "fold_seconds": selections[0].get("seconds"),
                      "oof_acc": float(np.mean(predicted == true)), "precision": scores["precision"],
                      "recall": scores["recall"], "f1": scores["f1"], "flagged_rate": scores["flagged_rate"],
                      "auroc": scores["auroc"],
@@ -107,12 +110,13 @@ def main() -> None:
 
 
 def write_rules(rows: list[dict], out: Path | None) -> None:
-    lines = ["| table | noise | folds x epochs | OOF acc (true labels) | rule | flagged | P | R | F1 | "
-             "c_i true on flagged |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| table | noise | folds x epochs | folds s | OOF acc (true labels) | rule | flagged | P | R | F1 | "
+             "c_i true on flagged |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         name = Path(r["run"]).parts[-2]
         acc = "" if r["class_acc_on_flagged"] is None else f"{r['class_acc_on_flagged']:.3f}"
-        lines.append(f"| {name} | {r['noise_type']} {r['noise']:.3f} | {r['folds']} x {r['fold_epochs']} | "
+        seconds = "" if r["fold_seconds"] is None else f"{r['fold_seconds']:.0f}"
+        lines.append(f"| {name} | {r['noise_type']} {r['noise']:.3f} | {r['folds']} x {r['fold_epochs']} | {seconds} | "
                      f"{r['oof_acc']:.3f} | {r['rule']} | {r['flagged_rate']:.3f} | {r['precision']:.3f} | "
                      f"{r['recall']:.3f} | **{r['f1']:.3f}** | {acc} |")
     print("\n".join(lines))
@@ -122,7 +126,9 @@ def write_rules(rows: list[dict], out: Path | None) -> None:
         out.with_suffix(".json").write_text(json.dumps({"rows": rows}, indent=1))
         out.with_suffix(".md").write_text(
             "# Flag rules on the same out-of-fold tables\n\nScored against the shards' true labels (evaluation "
-            "only); the rules never read them.\n\n" + rules + "\n\n" + "\n".join(lines) + "\n")
+            "only); the rules never read them. c_i true on flagged: how often the out-of-fold argmax, the class a "
+            "flagged sample is mixed towards, is its true class. Folds s: the fold stage's wall time.\n\n"
+            f"    python {' '.join(sys.argv)}\n\n" + rules + "\n\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -61,13 +61,18 @@ def test_fold_accuracy_scores_a_run_with_the_library_metrics(digits_dir, tmp_pat
     predicted = true.copy()
     predicted[:100] = (true[:100] + 1) % 10   # the folds err on the first 100 samples
     run = RunDir(tmp_path)
-    run.write_config({"data_dir": str(digits_dir), "folds": 5, "fold_epochs": 2, "fold_select": "best"})
+    run.write_config({"data_dir": str(digits_dir), "folds": 5, "fold_epochs": 2, "fold_select": "best", "seed": 0,
+                      "noise_type": "symmetric"})
     run.write_out_of_fold(np.eye(10, dtype=np.float32)[predicted], given)
     row = fold_accuracy.fold_quality(tmp_path, 0.9)
     assert row["oof_acc"] == pytest.approx(1 - 100 / len(true))
     flagged, wrong = predicted != given, given != true
     assert row["precision"] == pytest.approx(np.mean(wrong[flagged]))
     assert fold_accuracy.required_clean_accuracy(0.4, 1.0, 0.9) == pytest.approx(1 - 0.4 * (1 / (0.9 / 1.1) - 1) / 0.6)
+    rules = {r["rule"]: r for r in fold_accuracy.rule_scores(tmp_path)}
+    assert set(rules) == {"mismatch", "confident", "oof_gmm", "agree"}
+    assert rules["mismatch"]["precision"] == pytest.approx(row["precision"])
+    assert rules["mismatch"]["class_acc_on_flagged"] == pytest.approx(np.mean(predicted[flagged] == true[flagged]))
 
 
 def test_ddp_overhead_measures_steps():
