@@ -120,8 +120,9 @@ class SelectionRounds:
             self.log(f"selection at epoch {epoch}: out-of-fold probabilities of {cv.oof_from} (no fold training)")
         else:
             start = "fresh models" if init_state is None else f"the main model of epoch {epoch}"
+            epochs = "epochs" if cv.fold_select == "ensemble" else "epoch"
             self.log(f"selection at epoch {epoch}: {cv.folds} folds x {cv.fold_epochs} epochs from {start}, as Ray "
-                     f"tasks (predictions of the {cv.fold_select} fold epoch{'s' if cv.fold_select == 'ensemble' else ''})")
+                     f"tasks (predictions of the {cv.fold_select} fold {epochs})")
         self.run.write_status("running", f"selection at epoch {epoch}", rounds=self.rounds)
         cache = FoldCache(self.run / "folds" / f"epoch{epoch}")
         selection = select(cv, self.config.train, self.config.run.seed, self.data_dir, self.manifest,

@@ -20,7 +20,7 @@ def _check(probs: np.ndarray, given: np.ndarray) -> tuple[np.ndarray, np.ndarray
         raise SelectionError(f"{probs.shape} out-of-fold probabilities for {len(given)} labels")
     if len(given) and (given.min() < 0 or given.max() >= probs.shape[1]):
         raise SelectionError(f"given labels must lie in [0, {probs.shape[1]}), found {given.min()}..{given.max()}")
-    return probs, given.astype(np.int64)
+    return probs, given.astype(np.int64, copy=False)
 
 
 def per_class_thresholds(probs: np.ndarray, given: np.ndarray) -> np.ndarray:
@@ -29,8 +29,7 @@ def per_class_thresholds(probs: np.ndarray, given: np.ndarray) -> np.ndarray:
     probs, given = _check(probs, given)
     num_classes = probs.shape[1]
     counts = np.bincount(given, minlength=num_classes)
-    sums = np.zeros(num_classes, dtype=np.float64)
-    np.add.at(sums, given, probs[np.arange(len(given)), given])
+    sums = np.bincount(given, weights=probs[np.arange(len(given)), given], minlength=num_classes)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(counts > 0, sums / np.maximum(counts, 1), np.inf)
 
@@ -43,9 +42,8 @@ def confident_joint(probs: np.ndarray, given: np.ndarray, thresholds: np.ndarray
     confident = above.any(axis=1)
     true_guess = np.where(above, probs, -np.inf).argmax(axis=1)
     num_classes = probs.shape[1]
-    joint = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(joint, (given[confident], true_guess[confident]), 1)
-    return joint
+    cells = given[confident] * num_classes + true_guess[confident]
+    return np.bincount(cells, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
 def calibrated_joint(joint: np.ndarray, given_counts: np.ndarray) -> np.ndarray:

@@ -21,12 +21,14 @@ FLAG_RULE_HELP = {
 }
 
 
-def flag_given_labels(rule: str, probs: np.ndarray, given: np.ndarray, seed: int = 0) -> np.ndarray:
-    """The boolean flag per sample of `rule` on out-of-fold probabilities P and given labels y."""
+def flag_given_labels(rule: str, probs: np.ndarray, given: np.ndarray, seed: int = 0,
+                      predicted: np.ndarray | None = None) -> np.ndarray:
+    """The boolean flag per sample of `rule` on out-of-fold probabilities P and given labels y (`predicted`:
+    argmax P where the caller has it already, so an N x C table is not scanned twice)."""
     if rule not in FLAG_RULES:
         raise SelectionError(f"flag_rule={rule!r} is not one of {', '.join(FLAG_RULES)}")
     if rule == "mismatch":
-        return probs.argmax(axis=1) != given
+        return (probs.argmax(axis=1) if predicted is None else predicted) != given
     if rule == "confident":
         return confident_learning_flags(probs, given)
     gmm = out_of_fold_clean_probability(probs, given, seed=seed).w < 0.5

@@ -78,7 +78,8 @@ def build_mixing_table(probs: np.ndarray, given: np.ndarray, tau_low: float = 0.
         raise SelectionError(f"{probs.shape[0]} out-of-fold rows for {len(given)} labels")
     num_classes = probs.shape[1]
     predicted, confidence = predicted_class_and_confidence(probs)
-    uncertain = uncertain_set(flag_given_labels(flag_rule, probs, np.asarray(given), seed), confidence, tau_low)
+    flagged = flag_given_labels(flag_rule, probs, np.asarray(given), seed, predicted)
+    uncertain = uncertain_set(flagged, confidence, tau_low)
     pools = trusted_pools(predicted, given, confidence, tau_high, num_classes, uncertain)
     needed = np.unique(predicted[uncertain])
     fallback = [int(c) for c in needed if len(pools[c]) == 0]
