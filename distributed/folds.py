@@ -24,6 +24,7 @@ from noisymix.distributed.artifacts import read_out_of_fold, write_atomic
 from noisymix.distributed.engine import (DataInfo, TrainSection, build_model, build_optimizer, build_schedule,
                                          epoch_rng, image_stages, peak_rss_mb, predict, train_epoch, transforms)
 from noisymix.mixing.ce import PlainTargets
+from noisymix.mixing.mixup import MixupTargets
 from noisymix.mixing.selectmix import CrossValConfig
 from noisymix.selection.crossval import Fold, FoldOutput, check_out_of_fold, out_of_fold_probabilities
 from noisymix.selection.mismatch import MixingTable, build_mixing_table
@@ -31,7 +32,8 @@ from noisymix.selection.mismatch import MixingTable, build_mixing_table
 
 @dataclass
 class FoldTrainer:
-    """fit_predict of one fold: train on K-1 folds with CE on the given labels, predict the held-out fold.
+    """fit_predict of one fold: train on K-1 folds with CE on the given labels (or Mixup of alpha
+    `fold_mixup` > 0), predict the held-out fold.
     Both passes stream the train split's shards, keeping only the fold's ids (no split is ever held).
 
     fold_select=`last` predicts once, after the last epoch; `best` predicts after every epoch and keeps
@@ -64,7 +66,8 @@ class FoldTrainer:
         optimizer = build_optimizer(model, self.train.lr, self.train.momentum, self.train.weight_decay)
         scheduler = build_schedule(optimizer, "cosine", self.cv.fold_epochs, [], 0.1)
         train_transform, eval_transform = transforms(self.train, data)
-        rule = PlainTargets(data.num_classes)
+        rule = (MixupTargets(data.num_classes, alpha=self.cv.fold_mixup) if self.cv.fold_mixup > 0
+                else PlainTargets(data.num_classes))
         urls = shards.shard_urls(self.data_dir, self.manifest, "train")
         in_train = np.zeros(data.counts["train"], dtype=bool)
         in_train[fold.train] = True

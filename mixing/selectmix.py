@@ -193,7 +193,9 @@ class SelectMixTargets(BatchRule):
 class CrossValConfig(Section):
     """A1-A2's selection stage: K folds trained `fold_epochs` each (predicting from their `best` epoch by
     held-out agreement with the given labels, the `last`, or the `ensemble`: the mean of every epoch's held-out
-    probabilities, a temporal ensemble at the cost of `best`), one Ray task of `fold_cpus`/`fold_gpus` each,
+    probabilities, a temporal ensemble at the cost of `best`), trained with CE on the given labels (the paper)
+    or, with `fold_mixup` > 0, with Mixup of that alpha (more robust folds), one Ray task of
+    `fold_cpus`/`fold_gpus` each,
     optionally re-run every `reselect_every` epochs from the main model; `oof_from` takes an earlier run's
     oof.npz for the first selection instead of training folds; `flag_rule` decides which given labels are
     flagged from the out-of-fold table (selection.flag_rules: `mismatch` is the paper's); tau_low/tau_high are
@@ -202,6 +204,7 @@ class CrossValConfig(Section):
     folds: int = 5
     fold_epochs: int = 2
     fold_select: str = "best"
+    fold_mixup: float = 0.0        # 0: the folds train with CE (the paper); > 0: Mixup Beta(a, a) in the folds
     fold_cpus: float = 1.0
     fold_gpus: float = -1.0        # -1: one GPU per fold task when the workers train on GPUs, else none
     fold_retries: int = 2
@@ -220,6 +223,7 @@ class CrossValConfig(Section):
         check_range("folds", self.folds, 2)
         for key in ("fold_epochs", "fold_cpus"):
             check_range(key, getattr(self, key), 0, None, lo_open=True)
+        check_range("fold_mixup", self.fold_mixup, 0.0)
         for key in ("fold_retries", "reselect_every"):
             check_range(key, getattr(self, key), 0)
         if self.fold_gpus != -1:

@@ -74,6 +74,20 @@ def test_an_ensemble_fold_predicts_the_mean_of_its_epochs(digits_dir, digits_tra
     assert np.array_equal(two["ensemble"][1], two["last"][1]), "the same folds"
 
 
+def test_mixup_folds_train_on_mixed_batches_reproducibly(digits_dir, digits_train, monkeypatch):
+    manifest, _, given = digits_train
+    from noisymix.mixing import mixup
+    mixed = []
+    real = mixup.MixupTargets.batch
+    monkeypatch.setattr(mixup.MixupTargets, "batch", lambda self, *a: mixed.append(self.alpha) or real(self, *a))
+    runs = [out_of_fold_probabilities(given, 3, 1, fold_trainer(digits_dir, manifest, fold_epochs=1, seed=1,
+                                                                fold_mixup=mix))[0] for mix in (0.0, 0.4, 0.4)]
+    assert mixed and set(mixed) == {0.4}, "only the fold_mixup folds mix, with that alpha"
+    np.testing.assert_array_equal(runs[1], runs[2])
+    np.testing.assert_allclose(runs[1].sum(axis=1), 1.0, rtol=1e-5)
+    assert not np.allclose(runs[0], runs[1]), "Mixup folds predict otherwise than CE folds"
+
+
 def test_a_failing_fold_task_is_named(ray_session, digits_dir, digits_train):
     manifest, images, given = digits_train
     fit = fold_trainer(digits_dir, manifest, fold_epochs=1)
