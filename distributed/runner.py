@@ -176,4 +176,13 @@ class TrainingInterrupted(KeyboardInterrupt):
 def forward_sigterm_as_sigint() -> None:
     """A scheduler's SIGTERM stops a run the way Ctrl-C does (Ray Train's graceful abort)."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
+        signal.signal(signal.SIGTERM, sigterm_as_interrupt)
+
+
+def sigterm_as_interrupt(signum, frame) -> None:
+    """Run the SIGINT handler in place; where SIGINT has none (a shell starts background jobs with SIGINT ignored,
+    so `nohup noisymix ... &` then `kill` would otherwise do nothing), raise KeyboardInterrupt as Ctrl-C would."""
+    handler = signal.getsignal(signal.SIGINT)
+    if not callable(handler):
+        raise KeyboardInterrupt
+    handler(signal.SIGINT, frame)

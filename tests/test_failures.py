@@ -227,3 +227,29 @@ def test_ray_address_unset_joins_rays_own_ray_address_else_starts_a_local_ray(mo
     [kwargs] = calls
     assert kwargs["address"] == joined and kwargs["dashboard_host"] == "127.0.0.1"
     assert ("dashboard_port" in kwargs) == (joined is None), "only a Ray of its own gets a dashboard port"
+
+
+@pytest.mark.parametrize("sigint", ["ignored", "handled"])
+def test_sigterm_stops_a_run_like_ctrl_c_even_where_sigint_is_ignored(sigint):
+    """A shell starts background jobs (`nohup noisymix ... &`) with SIGINT ignored: SIGTERM must still interrupt."""
+    import os
+    import signal
+    import time
+
+    seen = []
+
+    def handled(signum, frame):
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN if sigint == "ignored" else handled)
+        runner.forward_sigterm_as_sigint()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+    finally:
+        signal.signal(signal.SIGINT, saved[0])
+        signal.signal(signal.SIGTERM, saved[1])
+    assert seen == ([] if sigint == "ignored" else [signal.SIGINT]), "Ctrl-C's own handler runs where there is one"
