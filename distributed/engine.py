@@ -275,6 +275,25 @@ def eval_outputs(model: nn.Module, batches: Iterable[Batch], transform: InputTra
         yield ids, labels, features.float(), logits.float()
 
 
+@dataclass
+class BatchPredictions:
+    """`predict(inputs)` of a batch rule: the model's softmax on already transformed inputs, in eval mode and
+    without gradient (a label guess), the model back in training mode after. Give it the unwrapped module, so
+    that no DDP collective runs outside the training step."""
+
+    model: nn.Module
+    amp: bool = False
+
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        self.model.eval()
+        try:
+            with torch.no_grad(), autocast(inputs.device, self.amp):
+                logits = self.model(inputs)
+        finally:
+            self.model.train()
+        return torch.softmax(logits.float(), dim=1)
+
+
 def predict(model: nn.Module, batches: Iterable[Batch], transform: InputTransform, device: torch.device,
             amp: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids, labels, softmax probabilities) of every sample in `batches`, in eval mode, un-augmented."""

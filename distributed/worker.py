@@ -22,9 +22,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from noisymix.distributed import shards
 from noisymix.distributed.artifacts import CHECKPOINT_FILE, load_checkpoint, save_checkpoint, unwrap
-from noisymix.distributed.engine import (DataInfo, InputTransform, TrainSection, accuracy_counts, build_model,
-                                         build_optimizer, build_schedule, epoch_rng, image_stages, peak_rss_mb,
-                                         train_epoch, transforms)
+from noisymix.distributed.engine import (BatchPredictions, DataInfo, InputTransform, TrainSection, accuracy_counts,
+                                         build_model, build_optimizer, build_schedule, epoch_rng, image_stages,
+                                         peak_rss_mb, train_epoch, transforms)
 from noisymix.distributed.exchange import distributed
 from noisymix.distributed.messages import EpochRecord, StateDigest, StateSnapshot, TrainedIds
 from noisymix.distributed.sample_state import SampleState, refresh_state
@@ -73,7 +73,7 @@ def train_loop(config: dict) -> None:
         state = SampleState(data.counts["train"], job.method.target_codec(data.num_classes), device)
     resumed_from = restore(ray.train.get_checkpoint(), model, optimizer, scheduler, state)  # Ray
     train_transform, eval_transform = transforms(train, data)
-    context = batch_context(job, data, state, train_transform, device)
+    context = batch_context(job, data, state, train_transform, device, unwrap(model))
     rule = job.method.batch_rule(context)
     streams = Streams(job, data, rank, world)
     for epoch in range(resumed_from or 0, job.stop_epoch):
@@ -162,15 +162,17 @@ class InputsById:
 
 
 def batch_context(job: WorkerJob, data: DataInfo, state: SampleState | None, transform: InputTransform,
-                  device: torch.device) -> BatchContext:
+                  device: torch.device, model: torch.nn.Module) -> BatchContext:
     """What the method's batch rule reads: the table from the object store (put there once by the driver,
-    read zero-copy by the node's workers), and inputs by id from the shards."""
+    read zero-copy by the node's workers), inputs by id from the shards, and the (unwrapped) model's
+    predictions on a batch."""
     table = None if job.table is None else MixingTable.from_arrays(ray.get(job.table))
     fetch = None
     if job.method.fetches_inputs_by_id():
         reader = shards.SampleReader(job.data_dir, job.manifest, "train")
         fetch = InputsById(reader, job.train, data, job.seed, transform, device)
-    return BatchContext(data.num_classes, table=table, state=state, fetch_inputs=fetch)
+    predict = BatchPredictions(model, job.train.amp) if job.method.predicts_in_batch() else None
+    return BatchContext(data.num_classes, table=table, state=state, fetch_inputs=fetch, predict=predict)
 
 
 @dataclass

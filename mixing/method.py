@@ -3,7 +3,8 @@
 The trainer never tests a method's name. It asks the method object:
 - `Config`: the method's config section (its knobs, defaults and validation);
 - what it needs prepared: an out-of-fold table (`uses_out_of_fold`), per-sample state refreshed at epoch
-  starts (`uses_sample_state`), training inputs fetched by id (`fetches_inputs_by_id`), fixed clean
+  starts (`uses_sample_state`), training inputs fetched by id (`fetches_inputs_by_id`), the model's
+  predictions on the batch (`predicts_in_batch`), fixed clean
   probabilities (`fixed_clean_file`), which label the training stream carries (`label_key`);
 - `plan(epoch)`: what happens in that epoch (its schedule, in one small function);
 - `batch_rule(context)`: (inputs, labels) -> (inputs, soft targets) for every batch;
@@ -27,7 +28,7 @@ from noisymix.selection.report import LabelReport
 GIVEN, TRUE = "given", "true"
 # The modules that register the built-in methods; imported on the first registry lookup.
 BUILTIN_MODULES = ("noisymix.mixing.ce", "noisymix.mixing.mixup", "noisymix.mixing.gmm_select",
-                   "noisymix.mixing.selectmix", "noisymix.mixing.mixnn")
+                   "noisymix.mixing.selectmix", "noisymix.mixing.mixnn", "noisymix.mixing.crossmix")
 
 
 @dataclass(frozen=True)
@@ -73,13 +74,15 @@ class EpochPlan:
 
 @dataclass
 class BatchContext:
-    """What a batch rule may read: the class count, the out-of-fold table, the per-sample state, and
-    `fetch_inputs(ids, rng)` for training inputs by id (transformed like the batch)."""
+    """What a batch rule may read: the class count, the out-of-fold table, the per-sample state,
+    `fetch_inputs(ids, rng)` for training inputs by id (transformed like the batch), and `predict(inputs)`: the
+    model's current probabilities, without gradient (for label guessing)."""
 
     num_classes: int
     table: object = None
     state: object = None
     fetch_inputs: Callable[[np.ndarray, np.random.Generator], torch.Tensor] | None = None
+    predict: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass
@@ -139,6 +142,10 @@ class Method:
         """Fill `auto` knobs that depend on the run's length or its devices (called once, before the run)."""
 
     def fetches_inputs_by_id(self) -> bool:
+        return False
+
+    def predicts_in_batch(self) -> bool:
+        """Whether the batch rule asks the model for its predictions on the batch (one extra forward pass)."""
         return False
 
     def task_resources(self) -> list[TaskAsk]:
@@ -204,7 +211,7 @@ def method_class(name: str) -> type[Method]:
     """The registered method called `name`; an unknown name lists the known ones."""
     _load_builtins()
     if name not in _REGISTRY:
-        raise ConfigError(f"method={name!r} is not one of {', '.join(_REGISTRY)}")
+        raise ConfigError(f"method={name!r} is not one of {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
 
 

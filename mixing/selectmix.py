@@ -259,22 +259,16 @@ class SelectMixConfig(CrossValConfig, MixupConfig):
         check_range("buffer_bytes", self.buffer_bytes, 0)
 
 
-@register
-class SelectMix(Method):
-    name = "selectmix"
-    summary = "SelectMix: K-fold flags, then mix each flagged sample with a trusted one of its predicted class"
-    Config = SelectMixConfig
+class OutOfFoldMethod(Method):
+    """Shared by the methods whose beliefs are the out-of-fold table (A1-A2): its folds, the earlier run's table
+    they may read instead, the epochs it is (re)built before, and label_issues.csv from it."""
+
+    Config = CrossValConfig
     detector = "1 - out-of-fold P[given label]"
     uses_out_of_fold = True
 
     def resolve(self, epochs: int, use_gpu: bool = False) -> None:
         self.config.resolve(use_gpu)
-
-    def fetches_inputs_by_id(self) -> bool:
-        return self.config.partner_source == "global" and self.config.partners == "class"
-
-    def workers_read_probs(self) -> bool:
-        return self.config.selectmix_label == "soft"
 
     def task_resources(self) -> list[TaskAsk]:
         c = self.config
@@ -285,15 +279,7 @@ class SelectMix(Method):
         return self.config.oof_from
 
     def plan(self, epoch: int) -> EpochPlan:
-        return EpochPlan("selectmix", select=self.config.selects_at(epoch))
-
-    def batch_rule(self, context: BatchContext) -> BatchRule:
-        c, table = self.config, context.table
-        return SelectMixTargets(context.num_classes, table.uncertain, table.predicted, table.probs, table.pools,
-                                alpha=c.alpha, partners=c.partners, label=c.selectmix_label,
-                                partner_source=c.partner_source, lambda_per=c.lambda_per,
-                                buffer_size=c.buffer_size, buffer_bytes=c.buffer_bytes,
-                                fetch_inputs=context.fetch_inputs)
+        return EpochPlan(self.name, select=self.config.selects_at(epoch))
 
     def label_report(self, table=None, state=None) -> LabelReport | None:
         if table is None:
@@ -302,3 +288,24 @@ class SelectMix(Method):
 
     def evaluate(self, report: LabelReport, true: np.ndarray) -> dict:
         return evaluate_out_of_fold(report, true)
+
+
+@register
+class SelectMix(OutOfFoldMethod):
+    name = "selectmix"
+    summary = "SelectMix: K-fold flags, then mix each flagged sample with a trusted one of its predicted class"
+    Config = SelectMixConfig
+
+    def fetches_inputs_by_id(self) -> bool:
+        return self.config.partner_source == "global" and self.config.partners == "class"
+
+    def workers_read_probs(self) -> bool:
+        return self.config.selectmix_label == "soft"
+
+    def batch_rule(self, context: BatchContext) -> BatchRule:
+        c, table = self.config, context.table
+        return SelectMixTargets(context.num_classes, table.uncertain, table.predicted, table.probs, table.pools,
+                                alpha=c.alpha, partners=c.partners, label=c.selectmix_label,
+                                partner_source=c.partner_source, lambda_per=c.lambda_per,
+                                buffer_size=c.buffer_size, buffer_bytes=c.buffer_bytes,
+                                fetch_inputs=context.fetch_inputs)

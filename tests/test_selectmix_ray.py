@@ -179,3 +179,24 @@ def test_out_of_fold_predictions_for_other_labels_are_refused(ray_session, digit
                  f"oof_from={tmp_path / 'absent.npz'}"])
     assert code == 2 and "is not a file" in capsys.readouterr().err
     assert not (tmp_path / "r").exists() and not (tmp_path / "r2").exists(), "refused before a run directory is made"
+
+
+def test_crossmix_guesses_with_the_model_on_two_workers_from_an_earlier_table(ray_session, digits_dir, digits_train,
+                                                                              tmp_path, capsys):
+    """CrossMix (guess=mean: the table's probabilities and the model's extra forward pass) through DDP workers."""
+    _, _, given = digits_train
+    ids = np.arange(len(given))
+    predicted = np.where(ids % 5 == 0, (given + 1) % 10, given)
+    probs = 0.8 * np.eye(10, dtype=np.float32)[predicted] + 0.02
+    oof = tmp_path / "oof.npz"
+    np.savez(oof, probs=probs, given=given)
+    run = tmp_path / "run"
+    code = main(["train", "method=crossmix", f"data_dir={digits_dir}", f"run_dir={run}", "epochs=2", "num_shards=4",
+                 "num_workers=2", f"oof_from={oof}", "guess=mean"])
+    assert code == 0, capsys.readouterr().err
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in records] == ["crossmix", "crossmix"]
+    assert all(r["samples_flagged"] == int((ids % 5 == 0).sum()) for r in records), "every flagged id once an epoch"
+    with open(run / "label_issues.csv") as fh:
+        flagged = sorted(int(r["id"]) for r in csv.DictReader(fh) if r["flagged"] == "1")
+    assert flagged == np.flatnonzero(ids % 5 == 0).tolist()

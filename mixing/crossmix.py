@@ -1,0 +1,140 @@
+"""CrossMix (docs/crossmix.md, ours): SelectMix's cross-validated detection with the flagged samples treated
+as UNLABELED (DivideMix's insight) instead of as wrongly labeled: a flagged sample's given label is dropped
+and replaced by a sharpened guess (the out-of-fold prediction, the main model's, or their mean), and every
+sample of the batch is mixed MixMatch-style with a random partner, its own part dominant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from noisymix.mixing.config import check_choice, check_range
+from noisymix.mixing.losses import one_hot
+from noisymix.mixing.method import BatchContext, BatchRule, register
+from noisymix.mixing.mixup import MixupConfig, mix, sample_lambda
+from noisymix.mixing.selectmix import CrossValConfig, OutOfFoldMethod
+
+GUESSES = ("oof", "model", "mean", "none")
+
+
+def sharpen(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """q = p^(1/T) / sum_c p_c^(1/T): T < 1 moves mass to the likeliest classes (MixMatch's guess sharpening)."""
+    if not 0 < temperature <= 1:
+        raise ValueError(f"sharpening temperature must be in (0, 1], got {temperature}")
+    powered = probs.clamp_min(0).pow(1.0 / temperature)
+    return powered / powered.sum(dim=1, keepdim=True).clamp_min(torch.finfo(powered.dtype).tiny)
+
+
+def label_guess(oof: torch.Tensor | None, model: torch.Tensor | None) -> torch.Tensor:
+    """g_i: the out-of-fold prediction P[i], the main model's current p_i, or their mean where both are given."""
+    if oof is None and model is None:
+        raise ValueError("a label guess needs the out-of-fold or the model's prediction")
+    if oof is None or model is None:
+        return oof if model is None else model
+    return (oof + model) / 2
+
+
+def dominant_lambda(lam: torch.Tensor) -> torch.Tensor:
+    """lambda' = max(lambda, 1 - lambda): each mixed row stays mostly its own sample (MixMatch)."""
+    return torch.maximum(lam, 1 - lam)
+
+
+@dataclass
+class CrossMixTargets(BatchRule):
+    """CrossMix's batch rule (docs/crossmix.md H2-H3) over the out-of-fold table's flags and probabilities.
+
+    Trusted rows keep onehot(y_i); flagged rows get w_u * sharpen(g_i, T), or a zero target (`guess=none`:
+    dropped, and never a partner). Then every row i is mixed with a random partner j of the batch (a trusted
+    one where flagged rows are dropped): x = l' x_i + (1 - l') x_j, t = l' t_i + (1 - l') t_j, l' = max(l, 1 - l),
+    l ~ Beta(alpha, alpha) per row. `predict(inputs)` gives the main model's probabilities (guess model/mean).
+    """
+
+    uncertain: np.ndarray = None
+    probs: np.ndarray | None = None
+    guess: str = "mean"
+    temperature: float = 0.5
+    flagged_weight: float = 1.0
+    alpha: float = 1.0
+    predict: Callable[[torch.Tensor], torch.Tensor] | None = None
+    counts: dict = field(default_factory=lambda: {"flagged": 0}, kw_only=True)
+
+    def __post_init__(self):
+        check_choice("guess", self.guess, GUESSES)
+        if self.guess in ("oof", "mean") and self.probs is None:
+            raise ValueError(f"guess={self.guess} needs the out-of-fold probabilities")
+        if self.guess in ("model", "mean") and self.predict is None:
+            raise ValueError(f"guess={self.guess} needs the model's predictions (predict)")
+        if self.alpha <= 0 or self.flagged_weight < 0:
+            raise ValueError(f"alpha must be > 0 and flagged_weight >= 0, got {self.alpha}, {self.flagged_weight}")
+        sharpen(torch.ones(1, 2), self.temperature)   # refuses a temperature outside (0, 1] now, not mid-epoch
+
+    def batch(self, ids: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor,
+              rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        ids_np = ids.numpy()
+        targets = one_hot(labels, self.num_classes).to(inputs.device)
+        flagged = self.uncertain[ids_np]
+        rows = np.flatnonzero(flagged)
+        self.counts["flagged"] += int(rows.size)
+        if rows.size:
+            rows_t = torch.from_numpy(rows).to(inputs.device)
+            targets[rows_t] = self._flagged_targets(ids_np[rows], inputs[rows_t])
+        partners = self._partners(flagged, rng)
+        lam = dominant_lambda(sample_lambda(self.alpha, len(ids_np), rng))
+        partners_t = torch.from_numpy(partners).to(inputs.device)
+        mixed_t = mix(targets, targets[partners_t], lam)
+        if self.guess == "none" and rows.size:
+            mixed_t[torch.from_numpy(rows).to(inputs.device)] = 0.0
+        return mix(inputs, inputs[partners_t], lam), mixed_t
+
+    def _flagged_targets(self, ids: np.ndarray, inputs: torch.Tensor) -> torch.Tensor:
+        if self.guess == "none":
+            return inputs.new_zeros((len(ids), self.num_classes))
+        oof = None if self.guess == "model" else torch.from_numpy(self.probs[ids]).to(inputs.device, torch.float32)
+        model = None if self.guess == "oof" else self.predict(inputs).float()
+        return self.flagged_weight * sharpen(label_guess(oof, model), self.temperature)
+
+    def _partners(self, flagged: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """A random partner row for every row: any row, or a trusted row where flagged rows are dropped."""
+        pool = np.flatnonzero(~flagged) if self.guess == "none" else np.arange(len(flagged))
+        if pool.size == 0:
+            pool = np.arange(len(flagged))
+        return pool[rng.integers(pool.size, size=len(flagged))]
+
+
+@dataclass
+class CrossMixConfig(CrossValConfig, MixupConfig):
+    """H1's flag rule and folds (CrossValConfig's knobs), H2's guess, and H3's alpha (MixupConfig's)."""
+
+    guess: str = "mean"
+    sharpen_t: float = 0.5
+    flagged_weight: float = 1.0
+
+    def validate(self) -> None:
+        super().validate()
+        check_choice("guess", self.guess, GUESSES)
+        check_range("sharpen_t", self.sharpen_t, 0.0, 1.0, lo_open=True)
+        check_range("flagged_weight", self.flagged_weight, 0.0)
+
+
+@register
+class CrossMix(OutOfFoldMethod):
+    name = "crossmix"
+    summary = ("CrossMix (ours): K-fold flags; flagged samples unlabeled with a sharpened label guess, "
+               "every sample mixed MixMatch-style")
+    Config = CrossMixConfig
+
+    def workers_read_probs(self) -> bool:
+        return self.config.guess in ("oof", "mean")
+
+    def predicts_in_batch(self) -> bool:
+        return self.config.guess in ("model", "mean")
+
+    def batch_rule(self, context: BatchContext) -> BatchRule:
+        c, table = self.config, context.table
+        return CrossMixTargets(context.num_classes, uncertain=table.uncertain, probs=table.probs, guess=c.guess,
+                               temperature=c.sharpen_t, flagged_weight=c.flagged_weight, alpha=c.alpha,
+                               predict=context.predict)

@@ -1,0 +1,143 @@
+"""CrossMix's formulas and batch rule (docs/crossmix.md H2-H3), on hand-made tables."""
+
+import numpy as np
+import pytest
+import torch
+
+from noisymix.launch.config import ConfigError, build_config
+from noisymix.mixing.crossmix import CrossMixTargets, dominant_lambda, label_guess, sharpen
+from noisymix.selection.mismatch import build_mixing_table
+
+C = 3
+
+
+def test_sharpen_by_hand():
+    q = sharpen(torch.tensor([[0.6, 0.3, 0.1]]), 0.5)
+    expected = torch.tensor([0.36, 0.09, 0.01]) / 0.46
+    assert torch.allclose(q, expected[None])
+    assert torch.allclose(sharpen(torch.tensor([[0.6, 0.3, 0.1]]), 1.0), torch.tensor([[0.6, 0.3, 0.1]]))
+    with pytest.raises(ValueError, match="temperature"):
+        sharpen(q, 0.0)
+
+
+def test_label_guess_is_the_mean_where_both_are_given():
+    a, b = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.5, 0.5]])
+    assert torch.equal(label_guess(a, None), a) and torch.equal(label_guess(None, b), b)
+    assert torch.allclose(label_guess(a, b), torch.tensor([[0.75, 0.25]]))
+    with pytest.raises(ValueError):
+        label_guess(None, None)
+
+
+def test_dominant_lambda_keeps_each_row_mostly_its_own():
+    assert torch.allclose(dominant_lambda(torch.tensor([0.2, 0.5, 0.9])), torch.tensor([0.8, 0.5, 0.9]))
+
+
+def make_table(n=40):
+    """Given labels cycle over the classes; ids 0 mod 4 are predicted one class further (flagged)."""
+    given = np.arange(n) % C
+    predicted = given.copy()
+    predicted[::4] = (given[::4] + 1) % C
+    probs = np.full((n, C), 0.1, dtype=np.float32)
+    probs[np.arange(n), predicted] = 0.8
+    return build_mixing_table(probs, given), given
+
+
+def batch_of(ids, given):
+    ids = np.asarray(ids)
+    inputs = torch.from_numpy(ids).float()[:, None, None, None].expand(len(ids), 1, 2, 2).clone()
+    return torch.from_numpy(ids), inputs, torch.from_numpy(given[ids])
+
+
+def unmixed(rule, ids, given):
+    """The rule with alpha so small that every lambda' is 1 to float precision: targets before mixing."""
+    rule.alpha = 1e-4
+    return rule.batch(*batch_of(ids, given), np.random.default_rng(0))
+
+
+def test_trusted_rows_keep_their_label_and_flagged_rows_get_the_sharpened_guess():
+    table, given = make_table()
+    rule = CrossMixTargets(C, uncertain=table.uncertain, probs=table.probs, guess="oof", temperature=0.5,
+                           flagged_weight=0.5)
+    ids = np.arange(12)
+    _, targets = unmixed(rule, ids, given)
+    flagged = ids % 4 == 0
+    assert torch.allclose(targets[~flagged], torch.eye(C)[given[ids[~flagged]]], atol=1e-3)
+    guess = sharpen(torch.from_numpy(table.probs[ids[flagged]]), 0.5)
+    assert torch.allclose(targets[flagged], 0.5 * guess, atol=1e-3)
+    assert rule.counts["flagged"] == flagged.sum()
+
+
+def test_the_model_guess_reads_the_batch_inputs_and_mean_averages_it_with_the_table():
+    table, given = make_table()
+    seen = []
+
+    def predict(inputs):
+        seen.append(inputs[:, 0, 0, 0].clone())
+        return torch.tensor([[0.0, 0.0, 1.0]]).expand(len(inputs), C)
+
+    ids = np.arange(8)
+    rule = CrossMixTargets(C, uncertain=table.uncertain, probs=table.probs, guess="mean", temperature=1.0,
+                           predict=predict)
+    _, targets = unmixed(rule, ids, given)
+    assert torch.equal(seen[0], torch.tensor([0.0, 4.0])), "the un-mixed flagged inputs are predicted"
+    expected = (torch.from_numpy(table.probs[[0, 4]]) + torch.tensor([0.0, 0.0, 1.0])) / 2
+    assert torch.allclose(targets[[0, 4]], expected, atol=1e-3)
+
+
+def test_mixing_pairs_each_row_with_a_partner_and_keeps_it_dominant():
+    table, given = make_table()
+    rule = CrossMixTargets(C, uncertain=table.uncertain, probs=table.probs, guess="oof", alpha=1.0)
+    ids = np.arange(40)
+    _, inputs, labels = batch_of(ids, given)
+    mixed_x, mixed_t = rule.batch(torch.from_numpy(ids), inputs, labels, np.random.default_rng(1))
+    assert not torch.equal(mixed_x, inputs), "rows are mixed"
+    assert torch.allclose(mixed_t.sum(dim=1), torch.ones(40), atol=1e-5), "full-weight targets stay distributions"
+    assert torch.allclose(mixed_t, rule.batch(torch.from_numpy(ids), inputs, labels, np.random.default_rng(1))[1])
+
+
+def test_guess_none_drops_flagged_rows_and_never_uses_them_as_partners():
+    table, given = make_table()
+    rule = CrossMixTargets(C, uncertain=table.uncertain, guess="none", alpha=1.0)
+    ids = np.arange(40)
+    mixed_x, mixed_t = rule.batch(*batch_of(ids, given), np.random.default_rng(2))
+    flagged = ids % 4 == 0
+    assert (mixed_t[flagged] == 0).all()
+    lam = mixed_t[~flagged].max(dim=1).values
+    assert (lam >= 0.5 - 1e-6).all()
+    # input value = l' * id + (1 - l') * partner id: the partner id must be a trusted (non-multiple of 4) id
+    own = torch.from_numpy(ids[~flagged]).float()
+    x = mixed_x[~flagged, 0, 0, 0]
+    same_class = (mixed_t[~flagged] > 0).sum(dim=1) == 1
+    mixed = (lam < 1 - 1e-4) & ~same_class
+    partner = (x[mixed] - lam[mixed] * own[mixed]) / (1 - lam[mixed])
+    assert mixed.any() and (torch.round(partner) % 4 != 0).all()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"guess": "oof"}, "needs the out-of-fold probabilities"),
+    ({"guess": "model", "probs": np.ones((4, C))}, "needs the model's predictions"),
+    ({"guess": "maybe"}, "guess='maybe' is not one of"),
+    ({"guess": "none", "temperature": 0.0}, "temperature"),
+    ({"guess": "none", "flagged_weight": -1.0}, "flagged_weight"),
+])
+def test_the_rule_refuses_what_it_cannot_do(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CrossMixTargets(C, uncertain=np.zeros(4, bool), **kwargs)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"guess": "teacher"}, "guess='teacher' is not one of"),
+    ({"sharpen_t": 0}, "sharpen_t=0.0 is outside"),
+    ({"sharpen_t": 1.5}, "sharpen_t=1.5 is outside"),
+    ({"flagged_weight": -0.1}, "flagged_weight"),
+])
+def test_config_refuses_bad_knobs(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(overrides={"method": "crossmix", **overrides})
+
+
+def test_only_the_guesses_that_need_them_read_probabilities_or_predict():
+    needs = {g: (build_config(overrides={"method": "crossmix", "guess": g}).method.workers_read_probs(),
+                 build_config(overrides={"method": "crossmix", "guess": g}).method.predicts_in_batch())
+             for g in ("oof", "model", "mean", "none")}
+    assert needs == {"oof": (True, False), "model": (False, True), "mean": (True, True), "none": (False, False)}
