@@ -7,6 +7,7 @@ how it maps over folds (`ray_map`: one task per fold, retried, failures named).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import shutil
@@ -24,9 +25,11 @@ from noisymix.distributed.artifacts import read_out_of_fold, write_atomic
 from noisymix.distributed.engine import (DataInfo, TrainSection, build_model, build_optimizer, build_schedule,
                                          epoch_rng, image_stages, peak_rss_mb, predict, train_epoch, transforms)
 from noisymix.mixing.ce import PlainTargets
+from noisymix.mixing.method import BatchRule
 from noisymix.mixing.mixup import MixupTargets
 from noisymix.mixing.selectmix import CrossValConfig
 from noisymix.selection.crossval import Fold, FoldOutput, check_out_of_fold, out_of_fold_probabilities
+from noisymix.selection.flag_rules import corrected_labels
 from noisymix.selection.mismatch import MixingTable, build_mixing_table
 
 
@@ -43,6 +46,8 @@ class FoldTrainer:
     The model is fresh, or starts from `init_state` (the main model's weights, when the selection is
     re-run mid-training). A warm start is not strictly out-of-fold: the main model has trained on the
     held-out fold's given labels, so late re-selections can inherit what it memorised.
+
+    `labels` (a later fold round): every id's label to train on and to agree with, in place of the given one.
     """
 
     data_dir: str
@@ -51,6 +56,7 @@ class FoldTrainer:
     cv: CrossValConfig
     seed: int
     init_state: dict | None = None
+    labels: np.ndarray | None = None
 
     def __call__(self, fold: Fold) -> FoldOutput:
         started = time.perf_counter()
@@ -68,6 +74,8 @@ class FoldTrainer:
         train_transform, eval_transform = transforms(self.train, data)
         rule = (MixupTargets(data.num_classes, alpha=self.cv.fold_mixup) if self.cv.fold_mixup > 0
                 else PlainTargets(data.num_classes))
+        if self.labels is not None:
+            rule = RelabelledTargets(data.num_classes, labels=self.labels, rule=rule)
         urls = shards.shard_urls(self.data_dir, self.manifest, "train")
         in_train = np.zeros(data.counts["train"], dtype=bool)
         in_train[fold.train] = True
@@ -97,12 +105,25 @@ class FoldTrainer:
                     summed = probs[order] if summed is None else summed + probs[order]
                     kept = (f"mean of 1-{epoch + 1}", held_ids[order], summed / (epoch + 1))
                     continue
-                agreement = float(np.mean(probs.argmax(axis=1) == held_labels))
+                reference = held_labels if self.labels is None else self.labels[held_ids]
+                agreement = float(np.mean(probs.argmax(axis=1) == reference))
                 if agreement >= best_agreement:
                     kept, best_agreement = (epoch + 1, held_ids, probs), agreement
         epoch, held_ids, probs = kept
         return FoldOutput(held_ids, probs, {"seconds": time.perf_counter() - started, "kept_epoch": epoch,
                                             "peak_rss_mb": peak_rss_mb()})
+
+
+@dataclass
+class RelabelledTargets(BatchRule):
+    """`rule` applied with each sample's label looked up by id in `labels` instead of the stream's."""
+
+    labels: np.ndarray = None
+    rule: BatchRule = None
+
+    def batch(self, ids: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor,
+              rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rule.batch(ids, inputs, torch.from_numpy(self.labels[ids.numpy()]), rng)
 
 
 @ray.remote
@@ -126,6 +147,10 @@ class FoldCache:
             return None
         with np.load(path, allow_pickle=False) as data:
             return FoldOutput(data["held_ids"], data["probs"], json.loads(str(data["info"])))
+
+    def round(self, index: int) -> FoldCache:
+        """The cache of fold round `index` (> 0) of the same selection."""
+        return FoldCache(self.directory / f"round{index}")
 
     def clear(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
@@ -187,21 +212,31 @@ def select(cv: CrossValConfig, train: TrainSection, seed: int, data_dir: str, ma
     """Run the K folds as Ray tasks and build the mixing table (methods.md A1-A2).
 
     Each fold task streams the train shards itself; the driver reads the given labels only. A re-selection
-    warm-starts the folds from `init_state`. With `oof_from`, the first selection takes an earlier run's
-    out-of-fold probabilities instead of training folds. The workers get the table without its N x C
-    probabilities unless they read them (`workers_read_probs`: SelectMix's soft label).
+    warm-starts the folds from `init_state`. With `fold_rounds` > 1 each further round trains the same folds on
+    the labels the previous round's flags corrected (y' = argmax P where flagged): only the last round's P is
+    kept. A later round is out-of-fold for its own labels, not strictly for the given ones: a training sample's
+    corrected label came from a fold that saw the held-out samples' given labels. With `oof_from`, the first
+    selection takes an earlier run's out-of-fold probabilities instead of its first round of folds. The workers get the
+    table without its N x C probabilities unless they read them (`workers_read_probs`: SelectMix's soft label).
     """
     started = time.perf_counter()
     given = shards.load_labels(data_dir, manifest) if previous is None else previous.table.given
+    trainer = FoldTrainer(data_dir, manifest, train, cv, seed, init_state)
+    runner = functools.partial(ray_map, cpus=cv.fold_cpus, gpus=cv.fold_gpus, retries=cv.fold_retries)
     if previous is None and cv.oof_from:
         probs, fold_of = check_out_of_fold(read_out_of_fold(cv.oof_from), given, manifest["num_classes"],
                                            cv.oof_from)
         fold_runs = []
     else:
-        trainer = FoldTrainer(data_dir, manifest, train, cv, seed, init_state)
-        runner = functools.partial(ray_map, cpus=cv.fold_cpus, gpus=cv.fold_gpus, retries=cv.fold_retries,
-                                   cache=cache)
-        probs, fold_of, fold_runs = out_of_fold_probabilities(given, cv.folds, seed, trainer, map=runner)
+        probs, fold_of, fold_runs = out_of_fold_probabilities(given, cv.folds, seed, trainer,
+                                                              map=functools.partial(runner, cache=cache))
+    for later in range(1, cv.fold_rounds):
+        # The same folds, trained on the labels the previous round corrected; flags still judge the given ones.
+        relabelled = dataclasses.replace(trainer, labels=corrected_labels(cv.flag_rule, probs, given, seed))
+        round_cache = None if cache is None else cache.round(later)
+        probs, fold_of, runs = out_of_fold_probabilities(given, cv.folds, seed, relabelled,
+                                                         map=functools.partial(runner, cache=round_cache))
+        fold_runs += [{**run, "round": later + 1} for run in runs]
     table = build_mixing_table(probs, given, cv.tau_low, cv.tau_high, cv.flag_rule, seed)
     return Selection(table, fold_of, fold_runs, time.perf_counter() - started,
                      ray.put(table.to_arrays(for_workers=True, probs=workers_read_probs)))

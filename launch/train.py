@@ -117,12 +117,15 @@ class SelectionRounds:
     def run_round(self, epoch: int, init_state: dict | None) -> Selection:
         cv, reused = self.cv, self.latest is None and bool(self.cv.oof_from)
         if reused:
-            self.log(f"selection at epoch {epoch}: out-of-fold probabilities of {cv.oof_from} (no fold training)")
+            then = (f", then {cv.fold_rounds - 1} round(s) of {cv.folds} folds x {cv.fold_epochs} epochs on the labels "
+                    "it corrected" if cv.fold_rounds > 1 else " (no fold training)")
+            self.log(f"selection at epoch {epoch}: out-of-fold probabilities of {cv.oof_from}{then}")
         else:
             start = "fresh models" if init_state is None else f"the main model of epoch {epoch}"
             epochs = "epochs" if cv.fold_select == "ensemble" else "epoch"
-            self.log(f"selection at epoch {epoch}: {cv.folds} folds x {cv.fold_epochs} epochs from {start}, as Ray "
-                     f"tasks (predictions of the {cv.fold_select} fold {epochs})")
+            rounds = f" x {cv.fold_rounds} rounds (each on the labels the last corrected)" if cv.fold_rounds > 1 else ""
+            self.log(f"selection at epoch {epoch}: {cv.folds} folds x {cv.fold_epochs} epochs{rounds} from {start}, as "
+                     f"Ray tasks (predictions of the {cv.fold_select} fold {epochs})")
         self.run.write_status("running", f"selection at epoch {epoch}", rounds=self.rounds)
         cache = FoldCache(self.run / "folds" / f"epoch{epoch}")
         selection = select(cv, self.config.train, self.config.run.seed, self.data_dir, self.manifest,
@@ -131,7 +134,8 @@ class SelectionRounds:
         write_selection(self.run, selection)
         self.log(f"selection: {int(table.uncertain.sum())} of {len(table.uncertain)} samples flagged "
                  f"({table.uncertain.mean():.1%}) in {selection.seconds:.1f}s"
-                 + (f"; fold epochs kept: {[run['kept_epoch'] for run in selection.fold_runs]}" if not reused else "")
+                 + (f"; fold epochs kept: {[run['kept_epoch'] for run in selection.fold_runs]}" if selection.fold_runs
+                    else "")
                  + (f"; classes with no trusted sample use every sample predicted as them: {table.fallback_classes}"
                     if table.fallback_classes else ""))
         info = {"epoch": epoch, "seconds": selection.seconds, "flagged": int(table.uncertain.sum()),

@@ -195,7 +195,8 @@ class CrossValConfig(Section):
     held-out agreement with the given labels, the `last`, or the `ensemble`: the mean of every epoch's held-out
     probabilities, a temporal ensemble at the cost of `best`), trained with CE on the given labels (the paper)
     or, with `fold_mixup` > 0, with Mixup of that alpha (more robust folds), one Ray task of
-    `fold_cpus`/`fold_gpus` each,
+    `fold_cpus`/`fold_gpus` each, in `fold_rounds` rounds (each after the first trains on the labels the one
+    before corrected),
     optionally re-run every `reselect_every` epochs from the main model; `oof_from` takes an earlier run's
     oof.npz for the first selection instead of training folds; `flag_rule` decides which given labels are
     flagged from the out-of-fold table (selection.flag_rules: `mismatch` is the paper's); tau_low/tau_high are
@@ -205,6 +206,7 @@ class CrossValConfig(Section):
     fold_epochs: int = 2
     fold_select: str = "best"
     fold_mixup: float = 0.0        # 0: the folds train with CE (the paper); > 0: Mixup Beta(a, a) in the folds
+    fold_rounds: int = 1           # > 1: each further round retrains the folds on the labels the last one corrected
     fold_cpus: float = 1.0
     fold_gpus: float = -1.0        # -1: one GPU per fold task when the workers train on GPUs, else none
     fold_retries: int = 2
@@ -224,6 +226,7 @@ class CrossValConfig(Section):
         for key in ("fold_epochs", "fold_cpus"):
             check_range(key, getattr(self, key), 0, None, lo_open=True)
         check_range("fold_mixup", self.fold_mixup, 0.0)
+        check_range("fold_rounds", self.fold_rounds, 1)
         for key in ("fold_retries", "reselect_every"):
             check_range(key, getattr(self, key), 0)
         if self.fold_gpus != -1:
@@ -272,7 +275,7 @@ class OutOfFoldMethod(Method):
 
     def task_resources(self) -> list[TaskAsk]:
         c = self.config
-        return [] if c.oof_from and not c.reselect_every else [
+        return [] if c.oof_from and not c.reselect_every and c.fold_rounds == 1 else [
             TaskAsk(f"a fold task (fold_cpus={c.fold_cpus:g}, fold_gpus={c.fold_gpus:g})", c.fold_cpus, c.fold_gpus)]
 
     def out_of_fold_file(self) -> str | None:

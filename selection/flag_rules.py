@@ -33,3 +33,9 @@ def flag_given_labels(rule: str, probs: np.ndarray, given: np.ndarray, seed: int
         return confident_learning_flags(probs, given)
     gmm = out_of_fold_clean_probability(probs, given, seed=seed).w < 0.5
     return gmm if rule == "oof_gmm" else gmm & confident_learning_flags(probs, given)
+
+
+def corrected_labels(rule: str, probs: np.ndarray, given: np.ndarray, seed: int = 0) -> np.ndarray:
+    """y'_i = argmax P[i] where `rule` flags i, else y_i: the labels a later round of folds trains on."""
+    predicted = probs.argmax(axis=1)
+    return np.where(flag_given_labels(rule, probs, given, seed, predicted), predicted, given)

@@ -7,7 +7,7 @@ from noisymix.selection.confident_learning import (calibrated_joint, confident_j
                                                    per_class_thresholds, prune_by_noise_rate)
 from noisymix.selection.crossval import SelectionError
 from noisymix.selection.detection import detection_metrics
-from noisymix.selection.flag_rules import FLAG_RULES, flag_given_labels
+from noisymix.selection.flag_rules import FLAG_RULES, corrected_labels, flag_given_labels
 from noisymix.selection.mismatch import build_mixing_table
 
 # Rows 2 and 5 are labelled against what the folds say; row 8 (label 0) is one the folds got wrong.
@@ -110,3 +110,11 @@ def test_bad_tables_are_refused(probs, given, message):
 def test_an_unknown_rule_is_refused():
     with pytest.raises(SelectionError, match="flag_rule='vote' is not one of mismatch, confident"):
         flag_given_labels("vote", P, Y)
+
+
+def test_corrected_labels_take_the_prediction_where_flagged_only():
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]], dtype=np.float32)
+    given = np.array([0, 0, 1])
+    assert corrected_labels("mismatch", probs, given).tolist() == [0, 1, 0]
+    with pytest.raises(SelectionError, match="flag_rule='vote'"):
+        corrected_labels("vote", probs, given)

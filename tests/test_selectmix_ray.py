@@ -88,6 +88,19 @@ def test_mixup_folds_train_on_mixed_batches_reproducibly(digits_dir, digits_trai
     assert not np.allclose(runs[0], runs[1]), "Mixup folds predict otherwise than CE folds"
 
 
+def test_a_later_fold_round_trains_on_the_labels_it_is_given(digits_dir, digits_train):
+    manifest, _, given = digits_train
+    fit = fold_trainer(digits_dir, manifest, fold_epochs=2, seed=1)
+    plain = out_of_fold_probabilities(given, 3, 1, fit)[0]
+    same = out_of_fold_probabilities(given, 3, 1, dataclasses.replace(fit, labels=given.copy()))[0]
+    np.testing.assert_allclose(same, plain, rtol=1e-5, atol=1e-6)
+    shifted = (given + 1) % 10
+    moved = out_of_fold_probabilities(given, 3, 1, dataclasses.replace(fit, labels=shifted))[0]
+    agree = {name: (np.mean(p.argmax(axis=1) == shifted), np.mean(p.argmax(axis=1) == given))
+             for name, p in (("plain", plain), ("moved", moved))}
+    assert agree["moved"][0] > agree["moved"][1] and agree["moved"][0] > agree["plain"][0] + 0.05, agree
+
+
 def test_a_failing_fold_task_is_named(ray_session, digits_dir, digits_train):
     manifest, images, given = digits_train
     fit = fold_trainer(digits_dir, manifest, fold_epochs=1)
@@ -200,3 +213,23 @@ def test_crossmix_guesses_with_the_model_on_two_workers_from_an_earlier_table(ra
     with open(run / "label_issues.csv") as fh:
         flagged = sorted(int(r["id"]) for r in csv.DictReader(fh) if r["flagged"] == "1")
     assert flagged == np.flatnonzero(ids % 5 == 0).tolist()
+
+
+def test_a_second_fold_round_retrains_on_an_earlier_tables_corrections(ray_session, digits_dir, digits_train, tmp_path,
+                                                                       capsys):
+    """oof_from gives the first round; fold_rounds=2 trains the folds once more on the labels it corrected."""
+    _, _, given = digits_train
+    probs = 0.8 * np.eye(10, dtype=np.float32)[given] + 0.02
+    oof = tmp_path / "oof.npz"
+    np.savez(oof, probs=probs, given=given)
+    run = tmp_path / "run"
+    code = main(["train", "method=selectmix", f"data_dir={digits_dir}", f"run_dir={run}", "epochs=1", "num_shards=4",
+                 f"oof_from={oof}", "fold_rounds=2", "folds=3", "fold_epochs=2"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "then 1 round(s) of 3 folds x 2 epochs on the labels it corrected" in out
+    [selection] = json.loads((run / "summary.json").read_text())["selections"]
+    assert [f["round"] for f in selection["folds"]] == [2, 2, 2]
+    table = np.load(run / "oof.npz")
+    assert not np.allclose(table["probs"], probs), "the last round's probabilities are the table's"
+    assert not (run / "folds").exists() or not any((run / "folds").rglob("*.npz")), "round caches are cleared"
