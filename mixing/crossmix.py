@@ -47,10 +47,11 @@ def dominant_lambda(lam: torch.Tensor) -> torch.Tensor:
 class CrossMixTargets(BatchRule):
     """CrossMix's batch rule (docs/crossmix.md H2-H3) over the out-of-fold table's flags and probabilities.
 
-    Trusted rows keep onehot(y_i); flagged rows get w_u * sharpen(g_i, T), or a zero target (`guess=none`:
-    dropped, and never a partner). Then every row i is mixed with a random partner j of the batch (a trusted
-    one where flagged rows are dropped): x = l' x_i + (1 - l') x_j, t = l' t_i + (1 - l') t_j, l' = max(l, 1 - l),
-    l ~ Beta(alpha, alpha) per row. `predict(inputs)` gives the main model's probabilities (guess model/mean).
+    Trusted rows keep onehot(y_i); flagged rows get w_u * sharpen(g_i, T) where its top class reaches
+    `threshold`, else (and always with `guess=none`) a zero target: dropped, and never a partner. Then every row
+    i is mixed with a random partner j among the rows that are not dropped: x = l' x_i + (1 - l') x_j,
+    t = l' t_i + (1 - l') t_j, l' = max(l, 1 - l), l ~ Beta(alpha, alpha) per row. `predict(inputs)` gives the
+    main model's probabilities (guess model/mean). counts: flagged rows, and those that kept a guess.
     """
 
     uncertain: np.ndarray = None
@@ -58,9 +59,10 @@ class CrossMixTargets(BatchRule):
     guess: str = "mean"
     temperature: float = 0.5
     flagged_weight: float = 1.0
+    threshold: float = 0.0
     alpha: float = 1.0
     predict: Callable[[torch.Tensor], torch.Tensor] | None = None
-    counts: dict = field(default_factory=lambda: {"flagged": 0}, kw_only=True)
+    counts: dict = field(default_factory=lambda: {"flagged": 0, "guessed": 0}, kw_only=True)
 
     def __post_init__(self):
         check_choice("guess", self.guess, GUESSES)
@@ -68,41 +70,45 @@ class CrossMixTargets(BatchRule):
             raise ValueError(f"guess={self.guess} needs the out-of-fold probabilities")
         if self.guess in ("model", "mean") and self.predict is None:
             raise ValueError(f"guess={self.guess} needs the model's predictions (predict)")
-        if self.alpha <= 0 or self.flagged_weight < 0:
-            raise ValueError(f"alpha must be > 0 and flagged_weight >= 0, got {self.alpha}, {self.flagged_weight}")
+        if self.alpha <= 0 or self.flagged_weight < 0 or not 0 <= self.threshold <= 1:
+            raise ValueError(f"alpha must be > 0, flagged_weight >= 0 and threshold in [0, 1], got {self.alpha}, "
+                             f"{self.flagged_weight}, {self.threshold}")
         sharpen(torch.ones(1, 2), self.temperature)   # refuses a temperature outside (0, 1] now, not mid-epoch
 
     def batch(self, ids: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor,
               rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         ids_np = ids.numpy()
         targets = one_hot(labels, self.num_classes).to(inputs.device)
-        flagged = self.uncertain[ids_np]
-        rows = np.flatnonzero(flagged)
+        rows = np.flatnonzero(self.uncertain[ids_np])
         self.counts["flagged"] += int(rows.size)
         if rows.size:
             rows_t = torch.from_numpy(rows).to(inputs.device)
             targets[rows_t] = self._flagged_targets(ids_np[rows], inputs[rows_t])
-        partners = self._partners(flagged, rng)
+        kept = (targets.sum(dim=1) > 0).cpu().numpy()
+        self.counts["guessed"] += int(kept[rows].sum())
+        partners = torch.from_numpy(self._partners(kept, rng)).to(inputs.device)
         lam = dominant_lambda(sample_lambda(self.alpha, len(ids_np), rng))
-        partners_t = torch.from_numpy(partners).to(inputs.device)
-        mixed_t = mix(targets, targets[partners_t], lam)
-        if self.guess == "none" and rows.size:
-            mixed_t[torch.from_numpy(rows).to(inputs.device)] = 0.0
-        return mix(inputs, inputs[partners_t], lam), mixed_t
+        mixed_t = mix(targets, targets[partners], lam)
+        mixed_t[torch.from_numpy(~kept).to(inputs.device)] = 0.0
+        return mix(inputs, inputs[partners], lam), mixed_t
 
     def _flagged_targets(self, ids: np.ndarray, inputs: torch.Tensor) -> torch.Tensor:
+        """w_u * sharpen(g_i, T) where its top class reaches `threshold`; a zero row (dropped) elsewhere."""
         if self.guess == "none":
             return inputs.new_zeros((len(ids), self.num_classes))
         oof = None if self.guess == "model" else torch.from_numpy(self.probs[ids]).to(inputs.device, torch.float32)
         model = None if self.guess == "oof" else self.predict(inputs).float()
-        return self.flagged_weight * sharpen(label_guess(oof, model), self.temperature)
+        guess = sharpen(label_guess(oof, model), self.temperature)
+        confident = guess.max(dim=1, keepdim=True).values >= self.threshold
+        return self.flagged_weight * guess * confident
 
-    def _partners(self, flagged: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """A random partner row for every row: any row, or a trusted row where flagged rows are dropped."""
-        pool = np.flatnonzero(~flagged) if self.guess == "none" else np.arange(len(flagged))
+    @staticmethod
+    def _partners(kept: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """A random partner row for every row, among the rows that carry a target (all rows if none does)."""
+        pool = np.flatnonzero(kept)
         if pool.size == 0:
-            pool = np.arange(len(flagged))
-        return pool[rng.integers(pool.size, size=len(flagged))]
+            pool = np.arange(len(kept))
+        return pool[rng.integers(pool.size, size=len(kept))]
 
 
 @dataclass
@@ -112,12 +118,14 @@ class CrossMixConfig(CrossValConfig, MixupConfig):
     guess: str = "mean"
     sharpen_t: float = 0.5
     flagged_weight: float = 1.0
+    guess_threshold: float = 0.0   # a flagged sample whose sharpened guess peaks below this is dropped
 
     def validate(self) -> None:
         super().validate()
         check_choice("guess", self.guess, GUESSES)
         check_range("sharpen_t", self.sharpen_t, 0.0, 1.0, lo_open=True)
         check_range("flagged_weight", self.flagged_weight, 0.0)
+        check_range("guess_threshold", self.guess_threshold, 0.0, 1.0)
 
 
 @register
@@ -136,5 +144,6 @@ class CrossMix(OutOfFoldMethod):
     def batch_rule(self, context: BatchContext) -> BatchRule:
         c, table = self.config, context.table
         return CrossMixTargets(context.num_classes, uncertain=table.uncertain, probs=table.probs, guess=c.guess,
-                               temperature=c.sharpen_t, flagged_weight=c.flagged_weight, alpha=c.alpha,
+                               temperature=c.sharpen_t, flagged_weight=c.flagged_weight,
+                               threshold=c.guess_threshold, alpha=c.alpha,
                                predict=context.predict)

@@ -113,12 +113,23 @@ def test_guess_none_drops_flagged_rows_and_never_uses_them_as_partners():
     assert mixed.any() and (torch.round(partner) % 4 != 0).all()
 
 
+def test_a_guess_below_the_threshold_drops_its_sample():
+    table, given = make_table()
+    probs = table.probs.copy()
+    probs[4] = [0.4, 0.35, 0.25]            # id 4's guess is unsure; id 0's (0.8 on one class) is not
+    rule = CrossMixTargets(C, uncertain=table.uncertain, probs=probs, guess="oof", temperature=1.0, threshold=0.5)
+    _, targets = unmixed(rule, np.arange(8), given)
+    assert targets[4].sum() == 0 and torch.allclose(targets[0], torch.from_numpy(probs[0]), atol=1e-3)
+    assert rule.counts == {"flagged": 2, "guessed": 1}
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"guess": "oof"}, "needs the out-of-fold probabilities"),
     ({"guess": "model", "probs": np.ones((4, C))}, "needs the model's predictions"),
     ({"guess": "maybe"}, "guess='maybe' is not one of"),
     ({"guess": "none", "temperature": 0.0}, "temperature"),
     ({"guess": "none", "flagged_weight": -1.0}, "flagged_weight"),
+    ({"guess": "none", "threshold": 1.5}, "threshold"),
 ])
 def test_the_rule_refuses_what_it_cannot_do(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -130,6 +141,7 @@ def test_the_rule_refuses_what_it_cannot_do(kwargs, message):
     ({"sharpen_t": 0}, "sharpen_t=0.0 is outside"),
     ({"sharpen_t": 1.5}, "sharpen_t=1.5 is outside"),
     ({"flagged_weight": -0.1}, "flagged_weight"),
+    ({"guess_threshold": 2}, "guess_threshold=2.0 is outside"),
 ])
 def test_config_refuses_bad_knobs(overrides, message):
     with pytest.raises(ConfigError, match=message):
