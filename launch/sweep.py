@@ -58,15 +58,21 @@ def expected_trials(spec: SweepSpec) -> int:
     return spec.num_samples * math.prod(len(d.values) for d in spec.dimensions if d.kind == "grid")
 
 
-def fold_settings(values: dict) -> CrossValConfig:
-    """The fold stage's own knobs of a trial (any method's: a MixNN trial's clean_from table uses them too)."""
-    return CrossValConfig.from_values({k: values[k] for k in CrossValConfig.keys() if k in values and k != "oof_from"})
+def fold_settings(values: dict, config: Config) -> CrossValConfig:
+    """The fold stage's own knobs of a trial, resolved for its run: its method's where the method has folds (so a
+    method's own defaults apply, e.g. CrossMix's fold_epochs), else those among the values (a MixNN trial's
+    clean_from table); never an oof_from (the stage trains the folds)."""
+    source = config.method.config if isinstance(config.method.config, CrossValConfig) else None
+    known = {k: getattr(source, k) for k in CrossValConfig.keys()} if source else values
+    cv = CrossValConfig.from_values({k: known[k] for k in CrossValConfig.keys() if k in known and k != "oof_from"})
+    cv.resolve(config.resources.use_gpu, config.train.epochs)
+    return cv
 
 
 def fold_key(values: dict, config: Config) -> str:
     """What decides a fold stage's out-of-fold table: the data, the seed, the training knobs the fold models
     read, and the folds' own (folds, fold_epochs, fold_select, fold_mixup, fold_rounds). Equal keys, equal tables."""
-    cv = fold_settings(values)
+    cv = fold_settings(values, config)
     train = {k: v for k, v in config.train.to_dict().items() if k not in NOT_READ_BY_FOLDS}
     decided = {"data": config.data.to_dict(), "seed": config.run.seed, "train": train,
                "folds": [cv.folds, cv.fold_epochs, cv.fold_select, cv.fold_mixup, cv.fold_rounds]}
@@ -79,8 +85,7 @@ def run_fold_stage(values: dict, config: Config, folder: str, log) -> None:
     from noisymix.launch.train import write_selection
 
     started = time.perf_counter()
-    cv = fold_settings(values)
-    cv.resolve(config.resources.use_gpu)
+    cv = fold_settings(values, config)
     data_dir = config.data.data_dir
     manifest = shards.load_manifest(data_dir)
     log(f"fold stage: {cv.folds} folds x {cv.fold_epochs} epochs, shared by every trial with these fold settings")

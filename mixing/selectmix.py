@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from noisymix.mixing.config import Section, check_choice, check_range
+from noisymix.mixing.config import Section, check_choice, check_epochs_or_auto, check_range
 from noisymix.mixing.losses import one_hot
 from noisymix.mixing.method import BatchContext, BatchRule, EpochPlan, Method, TaskAsk, register
 from noisymix.mixing.mixup import MixupConfig, mix, sample_lambda
@@ -203,7 +203,7 @@ class CrossValConfig(Section):
     the table's thresholds."""
 
     folds: int = 5
-    fold_epochs: int = 2
+    fold_epochs: int = 2           # -1: a fifth of the run's epochs
     fold_select: str = "best"
     fold_mixup: float = 0.0        # 0: the folds train with CE (the paper); > 0: Mixup Beta(a, a) in the folds
     fold_rounds: int = 1           # > 1: each further round retrains the folds on the labels the last one corrected
@@ -223,8 +223,8 @@ class CrossValConfig(Section):
         for key in ("tau_low", "tau_high"):
             check_range(key, getattr(self, key), 0.0, 1.0)
         check_range("folds", self.folds, 2)
-        for key in ("fold_epochs", "fold_cpus"):
-            check_range(key, getattr(self, key), 0, None, lo_open=True)
+        check_epochs_or_auto("fold_epochs", self.fold_epochs, minimum=1)
+        check_range("fold_cpus", self.fold_cpus, 0, None, lo_open=True)
         check_range("fold_mixup", self.fold_mixup, 0.0)
         check_range("fold_rounds", self.fold_rounds, 1)
         for key in ("fold_retries", "reselect_every"):
@@ -232,9 +232,11 @@ class CrossValConfig(Section):
         if self.fold_gpus != -1:
             check_range("fold_gpus", self.fold_gpus, 0.0)
 
-    def resolve(self, use_gpu: bool) -> None:
+    def resolve(self, use_gpu: bool, epochs: int) -> None:
         if self.fold_gpus == -1:
             self.fold_gpus = 1.0 if use_gpu else 0.0
+        if self.fold_epochs == -1:
+            self.fold_epochs = max(1, round(epochs / 5))
 
     def selects_at(self, epoch: int) -> bool:
         """The table is built before epoch 0 and rebuilt every `reselect_every` epochs."""
@@ -271,7 +273,7 @@ class OutOfFoldMethod(Method):
     uses_out_of_fold = True
 
     def resolve(self, epochs: int, use_gpu: bool = False) -> None:
-        self.config.resolve(use_gpu)
+        self.config.resolve(use_gpu, epochs)
 
     def task_resources(self) -> list[TaskAsk]:
         c = self.config

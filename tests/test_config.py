@@ -57,6 +57,7 @@ def test_ints_are_accepted_for_floats():
     ({"batch_size": True}, "batch_size must be int"),
     ({"lr": 0}, "lr=0.0 is outside"),
     ({"alpha": -1}, "alpha"),
+    ({"method": "selectmix", "fold_epochs": 0}, "fold_epochs must be -1 .auto. or a number of epochs >= 1"),
     ({"method": "crossmix", "fold_rounds": 0}, r"fold_rounds=0 is outside \[1, inf\)"),
     ({"method": "selectmix", "fold_mixup": -0.5}, r"fold_mixup=-0.5 is outside \[0.0, inf\)"),
     ({"val_fraction": 0}, "val_fraction"),
