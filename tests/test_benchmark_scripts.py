@@ -113,3 +113,24 @@ def test_prepare_cost_times_every_step_of_a_prepare_on_a_few_images(tmp_path, mo
     assert result["images"] == 6 and set(result["ms_per_image"]) == {
         "decode_resize", "encode_jpeg", "pixel_stats_histogram", "pixel_stats_float_sums", "sha256"}
     assert all(value > 0 for value in result["ms_per_image"].values())
+
+
+def test_issue21_table_scores_each_row_against_the_ce_and_clean_of_its_own_seeds():
+    table = load("issue21_table")
+
+    def cell(spec, setting, method, seed, acc, f1=None):
+        summary = {"test_acc": acc, "test_acc_last": acc, "wall_time_s": 10.0, **({"detection": {"f1": f1}} if f1 else {})}
+        return spec, {"status": "done", "setting": setting, "method": method, "seed": seed, "summary": summary}
+
+    reports = {}
+    for spec, c in [cell("a", "clean", "clean", 0, 0.9), cell("a", "clean", "clean", 1, 0.9),
+                    cell("a", "symmetric40", "ce", 0, 0.7), cell("a", "symmetric40", "ce", 1, 0.5),
+                    cell("b", "symmetric40", "x", 0, 0.8, 0.5), cell("b", "symmetric40", "x", 1, 0.8, 0.7),
+                    cell("b", "pairflip40", "x", 0, 0.6)]:
+        reports.setdefault(spec, {"name": spec, "cells": {}})["cells"][f"{c['setting']}/{c['method']}/{c['seed']}"] = c
+    rows = {(r["setting"], r["spec"], r["method"]): r for r in table.rows(table.finished_cells(list(reports.values())))}
+    x = rows["symmetric40", "b", "x"]
+    assert x["R"] == pytest.approx((0.8 - 0.6) / (0.9 - 0.6)) and x["R_seeds"] == [0, 1]
+    assert x["flag_f1"] == pytest.approx(0.6) and x["headline"] == (pytest.approx(0.8), 0.0)
+    assert rows["pairflip40", "b", "x"]["R"] is None, "no CE at that setting: no R"
+    assert "| symmetric40 | b / x | 0,1 | 0.8000 |" in table.markdown(list(rows.values()), "cmd")
