@@ -62,8 +62,8 @@ def fold_settings(values: dict, config: Config) -> CrossValConfig:
     """The fold stage's own knobs of a trial, resolved for its run: its method's where the method has folds (so a
     method's own defaults apply, e.g. CrossMix's fold_epochs), else those among the values (a MixNN trial's
     clean_from table); never an oof_from (the stage trains the folds)."""
-    source = config.method.config if isinstance(config.method.config, CrossValConfig) else None
-    known = {k: getattr(source, k) for k in CrossValConfig.keys()} if source else values
+    own = config.method.config
+    known = {k: getattr(own, k) for k in CrossValConfig.keys()} if isinstance(own, CrossValConfig) else values
     cv = CrossValConfig.from_values({k: known[k] for k in CrossValConfig.keys() if k in known and k != "oof_from"})
     cv.resolve(config.resources.use_gpu, config.train.epochs)
     return cv

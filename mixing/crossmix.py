@@ -81,10 +81,10 @@ class CrossMixTargets(BatchRule):
         targets = one_hot(labels, self.num_classes).to(inputs.device)
         rows = np.flatnonzero(self.uncertain[ids_np])
         self.counts["flagged"] += int(rows.size)
+        kept = np.ones(len(ids_np), dtype=bool)
         if rows.size:
             rows_t = torch.from_numpy(rows).to(inputs.device)
-            targets[rows_t] = self._flagged_targets(ids_np[rows], inputs[rows_t])
-        kept = (targets.sum(dim=1) > 0).cpu().numpy()
+            targets[rows_t], kept[rows] = self._flagged_targets(ids_np[rows], inputs[rows_t])
         self.counts["guessed"] += int(kept[rows].sum())
         partners = torch.from_numpy(self._partners(kept, rng)).to(inputs.device)
         lam = dominant_lambda(sample_lambda(self.alpha, len(ids_np), rng))
@@ -92,15 +92,19 @@ class CrossMixTargets(BatchRule):
         mixed_t[torch.from_numpy(~kept).to(inputs.device)] = 0.0
         return mix(inputs, inputs[partners], lam), mixed_t
 
-    def _flagged_targets(self, ids: np.ndarray, inputs: torch.Tensor) -> torch.Tensor:
-        """w_u * sharpen(g_i, T) where its top class reaches `threshold`; a zero row (dropped) elsewhere."""
-        if self.guess == "none":
-            return inputs.new_zeros((len(ids), self.num_classes))
+    def _flagged_targets(self, ids: np.ndarray, inputs: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        """(targets, kept) of the flagged rows: w_u * sharpen(g_i, T) where its top class reaches `threshold`, a
+        zero row (dropped) elsewhere. `kept` is read back from the device only where a threshold can drop a row."""
+        none_kept = np.zeros(len(ids), dtype=bool)
+        if self.guess == "none" or self.flagged_weight == 0:
+            return inputs.new_zeros((len(ids), self.num_classes)), none_kept
         oof = None if self.guess == "model" else torch.from_numpy(self.probs[ids]).to(inputs.device, torch.float32)
         model = None if self.guess == "oof" else self.predict(inputs).float()
         guess = sharpen(label_guess(oof, model), self.temperature)
-        confident = guess.max(dim=1, keepdim=True).values >= self.threshold
-        return self.flagged_weight * guess * confident
+        if self.threshold <= 0:
+            return self.flagged_weight * guess, ~none_kept
+        confident = guess.max(dim=1).values >= self.threshold
+        return self.flagged_weight * guess * confident[:, None], confident.cpu().numpy()
 
     @staticmethod
     def _partners(kept: np.ndarray, rng: np.random.Generator) -> np.ndarray:

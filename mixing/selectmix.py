@@ -194,10 +194,9 @@ class CrossValConfig(Section):
     """A1-A2's selection stage: K folds trained `fold_epochs` each (predicting from their `best` epoch by
     held-out agreement with the given labels, the `last`, or the `ensemble`: the mean of every epoch's held-out
     probabilities, a temporal ensemble at the cost of `best`), trained with CE on the given labels (the paper)
-    or, with `fold_mixup` > 0, with Mixup of that alpha (more robust folds), one Ray task of
-    `fold_cpus`/`fold_gpus` each, in `fold_rounds` rounds (each after the first trains on the labels the one
-    before corrected),
-    optionally re-run every `reselect_every` epochs from the main model; `oof_from` takes an earlier run's
+    or, with `fold_mixup` > 0, with Mixup of that alpha, one Ray task of `fold_cpus`/`fold_gpus` each, in
+    `fold_rounds` rounds (each after the first trains on the labels the one before corrected), optionally
+    re-run every `reselect_every` epochs from the main model; `oof_from` takes an earlier run's
     oof.npz for the first selection instead of training folds; `flag_rule` decides which given labels are
     flagged from the out-of-fold table (selection.flag_rules: `mismatch` is the paper's); tau_low/tau_high are
     the table's thresholds."""

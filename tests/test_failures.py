@@ -2,7 +2,10 @@
 resource check, the run-directory guard, stale staging; and docs/failures.md names a test for every row."""
 
 import errno
+import os
 import re
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -232,10 +235,6 @@ def test_ray_address_unset_joins_rays_own_ray_address_else_starts_a_local_ray(mo
 @pytest.mark.parametrize("sigint", ["ignored", "handled"])
 def test_sigterm_stops_a_run_like_ctrl_c_even_where_sigint_is_ignored(sigint):
     """A shell starts background jobs (`nohup noisymix ... &`) with SIGINT ignored: SIGTERM must still interrupt."""
-    import os
-    import signal
-    import time
-
     seen = []
 
     def handled(signum, frame):
