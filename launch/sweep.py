@@ -36,6 +36,12 @@ TRIAL_DRIVER_MEMORY = 512 * 2**20   # bytes: a trial's driver process (torch imp
 PATH_KEYS = ("pretrained", "oof_from", "clean_from")
 # Keys the fold models do not read: the main run's length and schedule (folds have their own).
 NOT_READ_BY_FOLDS = ("epochs", "schedule", "milestones", "gamma")
+# A trial's Ray Train run never restarts its own worker group: Tune retries the trial instead (max_failures of
+# the base), and the retried trial resumes its run directory from the latest checkpoint. When Tune stops a trial,
+# its workers die before its Ray Train controller does; a controller allowed to retry takes that for a worker
+# failure and reserves a new placement group that nothing removes until the sweep ends (ray-project/ray#58515):
+# each such leak held a trial's CPUs, and a small cluster's sweep could wait forever.
+IN_TRIAL_RETRIES = {"max_failures": 0}
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -270,7 +276,8 @@ def make_searcher(spec: SweepSpec, at_once: int):
     return BasicVariantGenerator(random_state=spec.seed, max_concurrent=at_once)
 
 
-def build_tuner(spec: SweepSpec, at_once: int, placed: dict, registry, resume: bool, log) -> tune.Tuner:
+def build_tuner(spec: SweepSpec, at_once: int, placed: dict, registry, resume: bool, retries: int,
+                log) -> tune.Tuner:
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=spec.base, sweep_dir=spec.location, placed=placed,
                              metric=spec.metric, registry=registry),
@@ -297,7 +304,7 @@ def build_tuner(spec: SweepSpec, at_once: int, placed: dict, registry, resume: b
                                     max_concurrent_trials=None if spec.search == "random" else at_once),
         run_config=tune.RunConfig(name=TUNE_RUN, storage_path=spec.location, verbose=0,
                                   callbacks=[TrialLines(spec, expected_trials(spec), log)],
-                                  failure_config=tune.FailureConfig(max_failures=0)))
+                                  failure_config=tune.FailureConfig(max_failures=retries)))
 
 
 def run_sweep(spec: SweepSpec, log=print) -> dict:
@@ -311,8 +318,8 @@ def run_sweep(spec: SweepSpec, log=print) -> dict:
         start_ray(config.resources.ray_address, config.resources.ray_logs)
         total = ray.cluster_resources()
         at_once, placed = plan_concurrency(spec, total.get("CPU", 0.0), total.get("GPU", 0.0), log)
-        placed.update(data_dir=data_dir if storage.is_url(data_dir) else str(Path(data_dir).resolve()),
-                      origin=str(Path.cwd()))
+        placed.update(IN_TRIAL_RETRIES, origin=str(Path.cwd()),
+                      data_dir=data_dir if storage.is_url(data_dir) else str(Path(data_dir).resolve()))
         resume = open_sweep(spec, log)
     except BaseException:
         if fresh:
@@ -324,7 +331,7 @@ def run_sweep(spec: SweepSpec, log=print) -> dict:
     registry = FoldStageRegistry.remote()
     started = time.perf_counter()
     try:
-        grid = build_tuner(spec, at_once, placed, registry, resume, log).fit()
+        grid = build_tuner(spec, at_once, placed, registry, resume, config.resources.max_failures, log).fit()
     finally:
         ray.kill(registry)
     ended = grid.num_terminated + grid.num_errors

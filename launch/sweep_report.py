@@ -51,6 +51,7 @@ def trial_row(spec: SweepSpec, trial) -> dict:
            "test_acc_at_best_val": best["test_acc"] if best else None,
            "last_test_acc": records[-1]["test_acc"] if records else None,
            "wall_s": round((trial.last_result or {}).get("time_total_s", 0.0), 1), "why_stopped": why,
+           "retries": trial.num_failures,   # Tune's restarts of the trial (a lost worker), each resuming its run
            "fold_stage": fold_stage(spec, fold_table) if fold_table else ""}
     return {**row, "_records": records, "_values": values}
 

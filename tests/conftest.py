@@ -6,6 +6,9 @@ default `python -m pytest` leaves slow tests out; `python -m pytest -m slow` run
 from __future__ import annotations
 
 import os
+import signal
+import time
+from pathlib import Path
 
 # Before any Ray process starts: no auth token on disk for local tests, and a fast controller
 # poll so the tiny epochs of the tests are not paced by Ray Train's 2 s default.
@@ -26,6 +29,25 @@ def make_config(tmp_path, **overrides):
     values = {"data_dir": str(tmp_path / "data"), "run_dir": str(tmp_path / "run"), "epochs": 2, "num_shards": 4}
     values.update(overrides)
     return build_config(overrides=values)
+
+
+def kill_one_worker_after_second_epoch(run_dir, done, pattern="metrics.jsonl"):
+    """SIGKILL a training worker once epoch 1 is recorded in run_dir/`pattern` (a glob: a sweep trial's run
+    folder is named after its trial id): by then epoch 0's checkpoint is registered (Ray Train's report queue
+    holds one result, so epoch 1's report waited for epoch 0's)."""
+    import ray
+    from ray.util.state import list_actors
+
+    # Name this session's cluster: another Ray on the machine would make the State API ambiguous.
+    address = ray.get_runtime_context().gcs_address
+    while not done.is_set():
+        if any(path.read_text().count("\n") >= 2 for path in Path(run_dir).glob(pattern)):
+            actors = list_actors(address=address,
+                                 filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            if actors:
+                os.kill(actors[0]["pid"], signal.SIGKILL)
+                return
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="session")

@@ -2,18 +2,15 @@
 
 import hashlib
 import json
-import os
 import shutil
-import signal
 import threading
-import time
 
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
 
-from conftest import make_config
+from conftest import kill_one_worker_after_second_epoch, make_config
 from noisymix.distributed import shards
 from noisymix.launch.cli import main
 from noisymix.launch.train import train
@@ -100,25 +97,6 @@ def test_the_poison_is_live_clean_method_reads_true_labels_and_fails(ray_session
     err = capsys.readouterr().err
     assert code == 2 and "does not decode" in err
     assert not (tmp_path / "run" / "summary.json").exists(), "a failed run never looks complete"
-
-
-def kill_one_worker_after_second_epoch(run_dir, done):
-    """SIGKILL a training worker once epoch 1 is recorded: by then epoch 0's checkpoint is registered
-    (Ray Train's report queue holds one result, so epoch 1's report waited for epoch 0's)."""
-    import ray
-    from ray.util.state import list_actors
-
-    # Name this session's cluster: another Ray on the machine would make the State API ambiguous.
-    address = ray.get_runtime_context().gcs_address
-    metrics = run_dir / "metrics.jsonl"
-    while not done.is_set():
-        if metrics.is_file() and metrics.read_text().count("\n") >= 2:
-            actors = list_actors(address=address,
-                                 filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-            if actors:
-                os.kill(actors[0]["pid"], signal.SIGKILL)
-                return
-        time.sleep(0.05)
 
 
 def test_a_lost_worker_is_replaced_and_training_resumes_from_the_checkpoint(ray_session, digits_dir, tmp_path):

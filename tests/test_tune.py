@@ -10,12 +10,15 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+from ray.util.state import list_placement_groups
 
+from conftest import kill_one_worker_after_second_epoch
 from noisymix.distributed import shards
 from noisymix.distributed.shards import GIVEN_LABEL, TRUE_LABEL
 from noisymix.launch.config import build_config
@@ -61,6 +64,34 @@ def test_a_sweep_stops_bad_trials_early_and_shares_fold_stages(ray_session, digi
     assert "NOISY validation" in text and "fold stages: 2 ran, used by 4 trials" in text
     assert all((Path(spec.sweep_dir) / name).is_file() for name in ("val_vs_test.png", "best_curves.png"))
     assert sum(line.startswith("trial ") for line in lines) == 4
+
+
+def test_a_trial_that_loses_a_worker_is_retried_by_tune_and_leaves_no_placement_group(ray_session, digits_dir,
+                                                                                         tmp_path):
+    """A trial's Ray Train run has no retries of its own (a Tune-stopped trial would otherwise start a recovery
+    group nobody removes): Tune retries the trial, which resumes its run from the checkpoint."""
+    spec = parse_sweep({
+        "name": "retry", "sweep_dir": str(tmp_path / "sweep"), "max_concurrent": 1, "scheduler": "fifo",
+        "base": {"data_dir": str(digits_dir), "method": "ce", "epochs": 5, "num_shards": 4, "num_workers": 2,
+                 "cpus_per_worker": 1, "max_failures": 1},
+        "space": {"lr": {"grid": [0.05]}}})
+    done = threading.Event()
+    killer = threading.Thread(target=kill_one_worker_after_second_epoch, daemon=True,
+                              args=(spec.sweep_dir, done, "trials/*/run/metrics.jsonl"))
+    killer.start()
+    try:
+        run_sweep(spec, log=lambda line: None)
+    finally:
+        done.set()
+    [row] = rows(spec.sweep_dir)
+    assert row["status"] == "finished" and row["retries"] == "1", row
+    run = Path(spec.sweep_dir) / "trials" / row["trial"] / "run"
+    assert yaml.safe_load((run / "config.yaml").read_text())["max_failures"] == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sorted({r["epoch"] for r in records}) == list(range(5))
+    assert any(r["resumed_from_epoch"] for r in records), "the retried trial resumed its run from a checkpoint"
+    address = ray_session.get_runtime_context().gcs_address
+    assert list_placement_groups(address=address, filters=[("state", "=", "CREATED")]) == []
 
 
 def poison_test_labels(data_dir: Path, into: Path, classes: int = 10) -> Path:
