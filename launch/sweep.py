@@ -16,7 +16,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from noisymix.distributed import storage
+from noisymix.distributed import shards, storage
 from noisymix.distributed.artifacts import OUT_OF_FOLD, RunDir, write_json_atomic
 from noisymix.distributed.fold_registry import FoldStageRegistry, shared_stage
 from noisymix.distributed.folds import select
@@ -335,7 +335,8 @@ def run_sweep(spec: SweepSpec, log=print) -> dict:
     finally:
         ray.kill(registry)
     ended = grid.num_terminated + grid.num_errors
-    report = write_sweep_report(spec, grid, time.perf_counter() - started, log)
+    val_count = shards.load_manifest(data_dir)["splits"]["val"]["count"]
+    report = write_sweep_report(spec, grid, time.perf_counter() - started, val_count, log)
     if ended < expected_trials(spec):
         raise SweepInterrupted(f"the sweep stopped with {ended} of {expected_trials(spec)} trials ended; the same "
                                "command resumes it")

@@ -102,6 +102,21 @@ def rank_correlation(rows: list[dict]) -> float | None:
     return None if math.isnan(rho) else float(rho)
 
 
+def choice_resolution(rows: list[dict], val_count: int) -> dict | None:
+    """How finely the noisy validation split ranks the trials: the binomial standard error of the best trial's
+    noisy accuracy over its `val_count` samples, and the trials within two of them of the best, a tie at that
+    resolution (choosing among them is noise), with the test accuracy they span."""
+    scored = [r for r in rows if r["best_val_acc"] is not None]
+    if not scored or val_count < 1:
+        return None
+    best = max(r["best_val_acc"] for r in scored)
+    error = math.sqrt(best * (1 - best) / val_count)
+    tied = [r for r in scored if best - r["best_val_acc"] <= 2 * error]
+    return {"val_samples": val_count, "standard_error": error, "tied_trials": len(tied),
+            "tied_test_acc": [min(r["test_acc_at_best_val"] for r in tied),
+                              max(r["test_acc_at_best_val"] for r in tied)]}
+
+
 def best_config(spec: SweepSpec, row: dict) -> dict:
     """The chosen trial's values as `noisymix train` takes them: a table the sweep shared becomes a file path
     for clean_from, and is left out for SelectMix (which trains its own folds, as with any other seed)."""
@@ -143,7 +158,7 @@ def _cell(value) -> str:
 
 
 def markdown(spec: SweepSpec, rows: list[dict], best: dict | None, folds: dict, asha: dict, rho: float | None,
-             wall_s: float, plots: list[str]) -> str:
+             resolution: dict | None, wall_s: float, plots: list[str]) -> str:
     columns = ["trial", "method", *[d.name for d in searched(spec)], "status", "epochs_run", "best_val_acc",
                "test_acc_at_best_val", "wall_s", "fold_stage"]
     ranked = sorted(rows, key=lambda r: -(r["best_val_acc"] if r["best_val_acc"] is not None else -1))
@@ -157,7 +172,14 @@ def markdown(spec: SweepSpec, rows: list[dict], best: dict | None, folds: dict, 
              f"- trial-epochs: {asha['trial_epochs_run']} run of {asha['trial_epochs_budget']} budgeted by the ended "
              f"trials ({asha['share_saved']:.0%} saved by early stopping)",
              "- rank correlation (Spearman) of noisy validation vs test accuracy across trials: "
-             + ("n/a (fewer than 3 scored trials)" if rho is None else f"{rho:.3f}"), ""]
+             + ("n/a (fewer than 3 scored trials)" if rho is None else f"{rho:.3f}")]
+    if resolution is not None:
+        low, high = resolution["tied_test_acc"]
+        lines.append(f"- resolution of the choice: {resolution['val_samples']} noisy validation samples, standard "
+                     f"error {resolution['standard_error']:.4f} at the best noisy accuracy; {resolution['tied_trials']} "
+                     f"trial(s) within 2 standard errors of the best (a tie the split cannot break), whose test "
+                     f"accuracy spans {low:.4f}-{high:.4f}")
+    lines.append("")
     if best is not None:
         lines += [f"Best trial: `{best['trial']}` ({best['method']}), noisy val {best['best_val_acc']:.4f} at epoch "
                   f"{best['best_epoch']}, test {best['test_acc_at_best_val']:.4f}; its config is {BEST_YAML}.", ""]
@@ -167,7 +189,7 @@ def markdown(spec: SweepSpec, rows: list[dict], best: dict | None, folds: dict, 
     return "\n".join(lines)
 
 
-def write_sweep_report(spec: SweepSpec, grid, wall_s: float, log) -> dict:
+def write_sweep_report(spec: SweepSpec, grid, wall_s: float, val_count: int, log) -> dict:
     sweep = RunDir(spec.location)
     folder = sweep.path
     rows = [trial_row(spec, trial) for trial in grid._experiment_analysis.trials]
@@ -182,10 +204,11 @@ def write_sweep_report(spec: SweepSpec, grid, wall_s: float, log) -> dict:
     if best is not None:
         (folder / BEST_YAML).write_text(yaml.safe_dump(best_config(spec, best), sort_keys=False))
     folds, asha, rho = fold_stages(spec, rows), asha_savings(rows), rank_correlation(rows)
+    resolution = choice_resolution(rows, val_count)
     plots = write_plots(rows, best, folder)
-    (folder / SWEEP_MD).write_text(markdown(spec, rows, best, folds, asha, rho, wall_s, plots))
+    (folder / SWEEP_MD).write_text(markdown(spec, rows, best, folds, asha, rho, resolution, wall_s, plots))
     report = {"trials": public, "best": None if best is None else best["trial"], "fold_stages": folds,
-              "asha": asha, "rank_correlation": rho, "wall_s": wall_s}
+              "asha": asha, "rank_correlation": rho, "resolution": resolution, "wall_s": wall_s}
     (folder / SWEEP_JSON).write_text(json.dumps(report, indent=2, default=str))
     for name in (TRIALS_CSV, BEST_YAML, SWEEP_MD, SWEEP_JSON, *plots):
         if (folder / name).is_file():

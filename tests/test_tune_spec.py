@@ -9,7 +9,7 @@ import yaml
 from noisymix.launch.cli import main
 from noisymix.launch.config import ConfigError, build_config
 from noisymix.launch.sweep import EpochReporter, absolute_paths, fold_key, make_searcher, plan_concurrency, search_space
-from noisymix.launch.sweep_report import asha_savings, rank_correlation
+from noisymix.launch.sweep_report import asha_savings, choice_resolution, rank_correlation
 from noisymix.launch.tune_spec import SweepSpecError, parse_sweep, trial_values
 
 BASE = {"source": "digits", "epochs": 3, "num_shards": 4}
@@ -140,6 +140,18 @@ def test_the_report_counts_epochs_saved_and_rank_correlation():
     assert asha_savings(rows) == {"trial_epochs_run": 7, "trial_epochs_budget": 12, "share_saved": pytest.approx(5 / 12)}
     assert rank_correlation(rows) == pytest.approx(1.0)
     assert rank_correlation(rows[:2]) is None
+
+
+def test_the_report_says_which_trials_the_noisy_validation_split_cannot_tell_apart():
+    rows = [{"trial": "a", "best_val_acc": 0.50, "test_acc_at_best_val": 0.80},
+            {"trial": "b", "best_val_acc": 0.47, "test_acc_at_best_val": 0.84},   # 0.03 < 2 x 0.0158
+            {"trial": "c", "best_val_acc": 0.46, "test_acc_at_best_val": 0.70},   # 0.04 > 2 x 0.0158
+            {"trial": "d", "best_val_acc": None, "test_acc_at_best_val": None}]
+    resolution = choice_resolution(rows, 1000)
+    assert resolution["standard_error"] == pytest.approx((0.5 * 0.5 / 1000) ** 0.5)
+    assert resolution["tied_trials"] == 2 and resolution["tied_test_acc"] == [0.80, 0.84]
+    assert choice_resolution(rows, 100_000)["tied_trials"] == 1, "a larger split breaks the tie"
+    assert choice_resolution(rows[3:], 1000) is None and choice_resolution(rows, 0) is None
 
 
 def test_optuna_samples_the_nested_space_with_the_spec_seed():
