@@ -115,8 +115,8 @@ def test_prepare_cost_times_every_step_of_a_prepare_on_a_few_images(tmp_path, mo
     assert all(value > 0 for value in result["ms_per_image"].values())
 
 
-def test_issue21_table_scores_each_row_against_the_ce_and_clean_of_its_own_seeds():
-    table = load("issue21_table")
+def test_memorise_table_scores_each_row_against_the_ce_and_clean_of_its_own_seeds():
+    table = load("memorise_table")
 
     def cell(spec, setting, method, seed, acc, f1=None):
         summary = {"test_acc": acc, "test_acc_last": acc, "wall_time_s": 10.0, **({"detection": {"f1": f1}} if f1 else {})}
@@ -133,4 +133,4 @@ def test_issue21_table_scores_each_row_against_the_ce_and_clean_of_its_own_seeds
     assert x["R"] == pytest.approx((0.8 - 0.6) / (0.9 - 0.6)) and x["R_seeds"] == [0, 1]
     assert x["flag_f1"] == pytest.approx(0.6) and x["headline"] == (pytest.approx(0.8), 0.0)
     assert rows["pairflip40", "b", "x"]["R"] is None, "no CE at that setting: no R"
-    assert "| symmetric40 | b / x | 0,1 | 0.8000 |" in table.markdown(list(rows.values()), "cmd")
+    assert "| symmetric40 | b / x | 0,1 | 0.8000 |" in table.markdown(list(rows.values()), "cmd", "title")

@@ -1,10 +1,12 @@
-"""Issue 21's table: every finished cell of several bench reports of the memorising regime in one table, each
-row's R against the CE and clean bound of the SAME seeds, wherever in those reports they were run.
+"""Every finished cell of several bench reports of the memorising regime in one table, each row's R against the
+CE and clean bound of the SAME seeds, wherever in those reports they were run (issue 21's table of every method,
+issue 20's check of the sweeps' choices).
 
 The specs share fashion_mnist_memorise.yaml's base (data subset, model, budget), so a CE or clean cell of one
 spec is the reference of another's rows; a setting's CE is looked up in the listed reports in order.
 
-    python benchmarks/issue21_table.py --out benchmarks/results/issue21_table \\
+    python benchmarks/memorise_table.py --out benchmarks/results/issue21_table \\
+        --title "Issue 21: every method and variant of the memorising regime, one table" \\
         benchmarks/results/fashion_mnist_memorise.json benchmarks/results/flag_rules.json \\
         benchmarks/results/crossmix.json
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -74,11 +77,11 @@ def rows(cells: list[dict]) -> list[dict]:
     return out
 
 
-def markdown(table: list[dict], command: str) -> str:
+def markdown(table: list[dict], command: str, title: str) -> str:
     def acc(pair):
         return f"{pair[0]:.4f}" + (f" ± {pair[1]:.4f}" if pair[1] else "")
 
-    lines = ["# Issue 21: every method and variant of the memorising regime, one table", "",
+    lines = [f"# {title}", "",
              "Headline = test accuracy at the best NOISY-validation epoch; R = (acc - CE) / (clean - CE) on the means "
              "over the seeds that have a CE and a clean-bound cell (R seeds); a row's seeds are its cells'. "
              "Rows are sorted by headline within a setting. Oracle rows read a perfect detector's table (a ceiling, "
@@ -98,11 +101,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("reports", nargs="+", type=Path, help="bench result JSONs (benchmarks/results/NAME.json)")
     parser.add_argument("--out", type=Path, required=True, help="writes OUT.md and OUT.json")
+    parser.add_argument("--title", default="The memorising regime, one table", help="the report's heading")
     args = parser.parse_args()
     reports = [json.loads(path.read_text()) for path in args.reports]
     table = rows(finished_cells(reports))
-    command = "python benchmarks/issue21_table.py --out " + " ".join([str(args.out), *map(str, args.reports)])
-    args.out.with_suffix(".md").write_text(markdown(table, command))
+    command = (f"python benchmarks/memorise_table.py --out {args.out} --title {shlex.quote(args.title)} "
+               + " ".join(map(str, args.reports)))
+    args.out.with_suffix(".md").write_text(markdown(table, command, args.title))
     args.out.with_suffix(".json").write_text(json.dumps(table, indent=2))
     print(f"wrote {args.out}.md and .json ({len(table)} rows)", file=sys.stderr)
 
