@@ -132,13 +132,15 @@ class SelectionRounds:
                            self.latest, init_state, self.config.method.workers_read_probs(), cache)
         table = selection.table
         write_selection(self.run, selection)
-        self.log(f"selection: {int(table.uncertain.sum())} of {len(table.uncertain)} samples flagged "
+        chosen = f" by {table.flag_rule} (flag_rule=auto)" if cv.flag_rule == "auto" else ""
+        self.log(f"selection: {int(table.uncertain.sum())} of {len(table.uncertain)} samples flagged{chosen} "
                  f"({table.uncertain.mean():.1%}) in {selection.seconds:.1f}s"
                  + (f"; fold epochs kept: {[run['kept_epoch'] for run in selection.fold_runs]}" if selection.fold_runs
                     else "")
                  + (f"; classes with no trusted sample use every sample predicted as them: {table.fallback_classes}"
                     if table.fallback_classes else ""))
         info = {"epoch": epoch, "seconds": selection.seconds, "flagged": int(table.uncertain.sum()),
+                "flag_rule": table.flag_rule,
                 "folds": selection.fold_runs, **({"oof_from": cv.oof_from} if reused else {})}
         info.update(self.recorder.believe(self.config.method.label_report(table=table), epoch))
         self.rounds.append(info)

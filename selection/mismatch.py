@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from noisymix.selection.crossval import SelectionError
-from noisymix.selection.flag_rules import flag_given_labels
+from noisymix.selection.flag_rules import choose_flags
 
 
 def predicted_class_and_confidence(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -45,6 +45,7 @@ class MixingTable:
     probs: np.ndarray | None
     pools: list[np.ndarray]
     fallback_classes: list[int]
+    flag_rule: str = ""   # the rule that flagged (flag_rule=auto's choice); the driver's, not sent to workers
 
     def to_arrays(self, for_workers: bool = False, probs: bool = True) -> dict[str, np.ndarray]:
         """Flat arrays for the object store: pools as one id array plus offsets. The workers' copy leaves out
@@ -78,11 +79,12 @@ def build_mixing_table(probs: np.ndarray, given: np.ndarray, tau_low: float = 0.
         raise SelectionError(f"{probs.shape[0]} out-of-fold rows for {len(given)} labels")
     num_classes = probs.shape[1]
     predicted, confidence = predicted_class_and_confidence(probs)
-    flagged = flag_given_labels(flag_rule, probs, np.asarray(given), seed, predicted)
+    rule, flagged = choose_flags(flag_rule, probs, np.asarray(given), seed, predicted)
     uncertain = uncertain_set(flagged, confidence, tau_low)
     pools = trusted_pools(predicted, given, confidence, tau_high, num_classes, uncertain)
     needed = np.unique(predicted[uncertain])
     fallback = [int(c) for c in needed if len(pools[c]) == 0]
     for c in fallback:
         pools[c] = np.flatnonzero(predicted == c)
-    return MixingTable(np.asarray(given), uncertain, predicted, confidence, probs.astype(np.float32), pools, fallback)
+    return MixingTable(np.asarray(given), uncertain, predicted, confidence, probs.astype(np.float32), pools, fallback,
+                       rule)

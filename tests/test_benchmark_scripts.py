@@ -70,7 +70,7 @@ def test_fold_accuracy_scores_a_run_with_the_library_metrics(digits_dir, tmp_pat
     assert row["precision"] == pytest.approx(np.mean(wrong[flagged]))
     assert fold_accuracy.required_clean_accuracy(0.4, 1.0, 0.9) == pytest.approx(1 - 0.4 * (1 / (0.9 / 1.1) - 1) / 0.6)
     rules = {r["rule"]: r for r in fold_accuracy.rule_scores(tmp_path)}
-    assert set(rules) == {"mismatch", "confident", "oof_gmm", "agree"}
+    assert set(rules) == {"mismatch", "confident", "oof_gmm", "agree", "auto"}
     assert rules["mismatch"]["precision"] == pytest.approx(row["precision"])
     assert rules["mismatch"]["class_acc_on_flagged"] == pytest.approx(np.mean(predicted[flagged] == true[flagged]))
 

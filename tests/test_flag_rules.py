@@ -7,7 +7,7 @@ from noisymix.selection.confident_learning import (calibrated_joint, confident_j
                                                    per_class_thresholds, prune_by_noise_rate)
 from noisymix.selection.crossval import SelectionError
 from noisymix.selection.detection import detection_metrics
-from noisymix.selection.flag_rules import FLAG_RULES, corrected_labels, flag_given_labels
+from noisymix.selection.flag_rules import FLAG_RULES, auto_flags, choose_flags, corrected_labels, flag_given_labels
 from noisymix.selection.mismatch import build_mixing_table
 
 # Rows 2 and 5 are labelled against what the folds say; row 8 (label 0) is one the folds got wrong.
@@ -78,6 +78,41 @@ def test_on_a_simulated_table_confident_learning_estimates_the_noise_and_is_more
     assert scores["agree"]["recall"] <= min(scores["confident"]["recall"], scores["oof_gmm"]["recall"])
     # the GMM on out-of-fold losses separates the two loss modes: well above chance at 40% noise
     assert scores["oof_gmm"]["f1"] > 0.6
+
+
+def pair_flip_table(n=3000, classes=5, noise=0.4, seed=0, learned=1.5):
+    """Out-of-fold probabilities of folds that partly learned a pair flip (40% of class c labelled c + 1): every
+    sample of class c also leans towards c + 1, so the flipped labels' losses are not a separate mode."""
+    rng = np.random.default_rng(seed)
+    true = rng.integers(0, classes, n)
+    given = np.where(rng.random(n) < noise, (true + 1) % classes, true)
+    logits = 2.0 * np.eye(classes)[true] + learned * np.eye(classes)[(true + 1) % classes] + rng.normal(0, 1.0,
+                                                                                                         (n, classes))
+    return np.exp(logits) / np.exp(logits).sum(1, keepdims=True), given, true
+
+
+def test_auto_takes_the_gmm_where_the_losses_separate_and_confident_learning_where_the_noise_was_learned():
+    probs, given, _ = simulated_table()
+    rule, flags = choose_flags("auto", probs, given)
+    assert rule == "oof_gmm" and np.array_equal(flags, flag_given_labels("oof_gmm", probs, given))
+    probs, given, true = pair_flip_table()
+    rule, flags = choose_flags("auto", probs, given)
+    assert rule == "confident" and np.array_equal(flags, flag_given_labels("confident", probs, given))
+    f1 = {r: detection_metrics(flag_given_labels(r, probs, given), np.zeros(len(given)), given, true)["f1"]
+          for r in ("confident", "oof_gmm")}
+    assert f1["confident"] > f1["oof_gmm"] + 0.05, "the GMM under-flags learned noise"
+    assert build_mixing_table(probs, given, flag_rule="auto").flag_rule == "confident"
+
+
+@pytest.mark.parametrize("gmm, confident, chosen", [
+    (10, 12, "oof_gmm"), (12, 10, "oof_gmm"), (9, 12, "oof_gmm"), (8, 12, "confident"), (17, 12, "confident"),
+    (0, 0, "confident"), (1, 0, "oof_gmm")])
+def test_auto_trusts_the_gmm_only_where_both_count_about_as_many_wrong_labels(gmm, confident, chosen):
+    def flags(count):
+        return np.arange(20) < count
+
+    rule, out = auto_flags(flags(gmm), flags(confident))
+    assert rule == chosen and np.array_equal(out, flags(gmm if chosen == "oof_gmm" else confident))
 
 
 def test_agree_is_the_intersection_and_every_rule_is_deterministic():
