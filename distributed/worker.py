@@ -120,10 +120,11 @@ def fixed_clean(job: WorkerJob, rank: int) -> np.ndarray | None:
 
 
 def send_state(job: WorkerJob, epoch: int, rank: int, state: SampleState) -> None:
-    """Each rank sends its home range's beliefs (and, audited, their digest) to the driver."""
+    """Each rank sends its home range's beliefs (and, audited, their digest) to the driver: 12 bytes per sample
+    (given and corrected label as int32, clean probability as float32), which the driver joins over all N."""
     if job.audit.audit_state:
         send(job, StateDigest(epoch, rank, state.start, state.stop, state.digest()))
-    send(job, StateSnapshot(epoch, state.given.cpu().numpy(), state.corrected().cpu().numpy(),
+    send(job, StateSnapshot(epoch, state.given.cpu().numpy(), state.corrected().to(torch.int32).cpu().numpy(),
                             state.clean.cpu().numpy(), state.start, state.world))
 
 
