@@ -102,6 +102,14 @@ def rank_correlation(rows: list[dict]) -> float | None:
     return None if math.isnan(rho) else float(rho)
 
 
+def invocation_seconds(previous: dict | None, wall_s: float) -> list[float]:
+    """The wall seconds of every invocation of the sweep so far, this one last (`previous`: the sweep.json an
+    earlier invocation wrote; one from before this list was kept counts as one invocation)."""
+    if previous is None:
+        return [wall_s]
+    return [*previous.get("invocation_s", [previous["wall_s"]]), wall_s]
+
+
 def choice_resolution(rows: list[dict], val_count: int) -> dict | None:
     """How finely the noisy validation split ranks the trials: the binomial standard error of the best trial's
     noisy accuracy over its `val_count` samples, and the trials within two of them of the best, a tie at that
@@ -158,7 +166,7 @@ def _cell(value) -> str:
 
 
 def markdown(spec: SweepSpec, rows: list[dict], best: dict | None, folds: dict, asha: dict, rho: float | None,
-             resolution: dict | None, wall_s: float, plots: list[str]) -> str:
+             resolution: dict | None, invocations: list[float], plots: list[str]) -> str:
     columns = ["trial", "method", *[d.name for d in searched(spec)], "status", "epochs_run", "best_val_acc",
                "test_acc_at_best_val", "wall_s", "fold_stage"]
     ranked = sorted(rows, key=lambda r: -(r["best_val_acc"] if r["best_val_acc"] is not None else -1))
@@ -166,7 +174,8 @@ def markdown(spec: SweepSpec, rows: list[dict], best: dict | None, folds: dict, 
              f"`noisymix tune` over {', '.join(spec.methods())}: {len(rows)} trials, {spec.search} search, "
              f"{spec.scheduler['name']} scheduler; chosen on **{spec.metric}, the NOISY validation accuracy**. "
              "Test accuracy is shown for the report only; the search never read it.", "",
-             f"- sweep wall time: {wall_s:.0f} s (this invocation)",
+             f"- sweep wall time: {sum(invocations):.0f} s over {len(invocations)} invocation(s) of the command "
+             f"({invocations[-1]:.0f} s this one)",
              f"- fold stages: {folds['stages_run']} ran, used by {folds['trials_using_one']} trials; sharing saved "
              f"{folds['seconds_saved']:.0f} s of fold training",
              f"- trial-epochs: {asha['trial_epochs_run']} run of {asha['trial_epochs_budget']} budgeted by the ended "
@@ -206,9 +215,12 @@ def write_sweep_report(spec: SweepSpec, grid, wall_s: float, val_count: int, log
     folds, asha, rho = fold_stages(spec, rows), asha_savings(rows), rank_correlation(rows)
     resolution = choice_resolution(rows, val_count)
     plots = write_plots(rows, best, folder)
-    (folder / SWEEP_MD).write_text(markdown(spec, rows, best, folds, asha, rho, resolution, wall_s, plots))
+    previous = json.loads((folder / SWEEP_JSON).read_text()) if (folder / SWEEP_JSON).is_file() else None
+    invocations = invocation_seconds(previous, wall_s)
+    (folder / SWEEP_MD).write_text(markdown(spec, rows, best, folds, asha, rho, resolution, invocations, plots))
     report = {"trials": public, "best": None if best is None else best["trial"], "fold_stages": folds,
-              "asha": asha, "rank_correlation": rho, "resolution": resolution, "wall_s": wall_s}
+              "asha": asha, "rank_correlation": rho, "resolution": resolution, "wall_s": wall_s,
+              "invocation_s": invocations}
     (folder / SWEEP_JSON).write_text(json.dumps(report, indent=2, default=str))
     for name in (TRIALS_CSV, BEST_YAML, SWEEP_MD, SWEEP_JSON, *plots):
         if (folder / name).is_file():

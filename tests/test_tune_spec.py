@@ -9,7 +9,7 @@ import yaml
 from noisymix.launch.cli import main
 from noisymix.launch.config import ConfigError, build_config
 from noisymix.launch.sweep import EpochReporter, absolute_paths, fold_key, make_searcher, plan_concurrency, search_space
-from noisymix.launch.sweep_report import asha_savings, choice_resolution, rank_correlation
+from noisymix.launch.sweep_report import asha_savings, choice_resolution, invocation_seconds, rank_correlation
 from noisymix.launch.tune_spec import SweepSpecError, parse_sweep, trial_values
 
 BASE = {"source": "digits", "epochs": 3, "num_shards": 4}
@@ -140,6 +140,12 @@ def test_the_report_counts_epochs_saved_and_rank_correlation():
     assert asha_savings(rows) == {"trial_epochs_run": 7, "trial_epochs_budget": 12, "share_saved": pytest.approx(5 / 12)}
     assert rank_correlation(rows) == pytest.approx(1.0)
     assert rank_correlation(rows[:2]) is None
+
+
+def test_the_report_adds_up_the_wall_time_of_every_invocation_of_a_resumed_sweep():
+    assert invocation_seconds(None, 5.0) == [5.0]
+    assert invocation_seconds({"wall_s": 100.0}, 5.0) == [100.0, 5.0], "a sweep.json from before the list"
+    assert invocation_seconds({"wall_s": 5.0, "invocation_s": [100.0, 5.0]}, 1.0) == [100.0, 5.0, 1.0]
 
 
 def test_the_report_says_which_trials_the_noisy_validation_split_cannot_tell_apart():
