@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import queue
@@ -160,13 +161,27 @@ def run_trainer(job: WorkerJob, resources: ResourcesSection, storage_path: str,
     try:
         # In the main thread, Ray Train installs its Ctrl-C handler: the first SIGINT aborts the worker
         # group gracefully (fit() then raises SystemExit); the latest checkpoint stays for a resume.
-        return trainer.fit()
+        with callers_interrupt_handler():
+            return trainer.fit()
     except SystemExit as exc:
         raise TrainingInterrupted("training was interrupted (Ctrl-C or SIGTERM)") from exc
     finally:
         done.set()
         drainer.join()
         channel.shutdown()
+
+
+@contextlib.contextmanager
+def callers_interrupt_handler():
+    """The SIGINT handler as it was before the block, whatever the block installs. Ray Train's fit() leaves its
+    Ctrl-C handler installed after the run, aimed at that run's finished controller: the process's next Ctrl-C
+    or SIGTERM (a bench between cells, a sweep's driver) would go there and be swallowed."""
+    saved = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            signal.signal(signal.SIGINT, saved)
 
 
 class TrainingInterrupted(KeyboardInterrupt):

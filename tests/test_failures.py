@@ -252,3 +252,21 @@ def test_sigterm_stops_a_run_like_ctrl_c_even_where_sigint_is_ignored(sigint):
         signal.signal(signal.SIGINT, saved[0])
         signal.signal(signal.SIGTERM, saved[1])
     assert seen == ([] if sigint == "ignored" else [signal.SIGINT]), "Ctrl-C's own handler runs where there is one"
+
+
+def test_a_handler_installed_inside_a_run_is_removed_when_it_ends():
+    """Ray Train's fit() leaves a Ctrl-C handler aimed at its finished controller: after the run the caller's
+    handler is back, so the next Ctrl-C or SIGTERM (a bench between cells) is not swallowed."""
+    def callers(signum, frame):
+        raise KeyboardInterrupt
+
+    saved = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, callers)
+        with pytest.raises(RuntimeError):
+            with runner.callers_interrupt_handler():
+                signal.signal(signal.SIGINT, lambda signum, frame: None)   # what fit() installs
+                raise RuntimeError("the run failed")
+        assert signal.getsignal(signal.SIGINT) is callers
+    finally:
+        signal.signal(signal.SIGINT, saved)

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import shutil
+import signal
 import threading
 
 import numpy as np
@@ -101,6 +102,7 @@ def test_the_poison_is_live_clean_method_reads_true_labels_and_fails(ray_session
 
 def test_a_lost_worker_is_replaced_and_training_resumes_from_the_checkpoint(ray_session, digits_dir, tmp_path):
     config = make_config(tmp_path, data_dir=str(digits_dir), epochs=8, num_workers=2, max_failures=2)
+    before = signal.getsignal(signal.SIGINT)
     done = threading.Event()
     killer = threading.Thread(target=kill_one_worker_after_second_epoch, args=(tmp_path / "run", done), daemon=True)
     killer.start()
@@ -111,3 +113,4 @@ def test_a_lost_worker_is_replaced_and_training_resumes_from_the_checkpoint(ray_
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert summary["epochs"] == 8 and sorted({r["epoch"] for r in records}) == list(range(8))
     assert any(r["resumed_from_epoch"] for r in records), "the worker group restarted from a checkpoint"
+    assert signal.getsignal(signal.SIGINT) is before, "Ray Train's Ctrl-C handler left installed after the run"
