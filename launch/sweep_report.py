@@ -185,9 +185,9 @@ def markdown(spec: SweepSpec, rows: list[dict], best: dict | None, folds: dict, 
     if resolution is not None:
         low, high = resolution["tied_test_acc"]
         lines.append(f"- resolution of the choice: {resolution['val_samples']} noisy validation samples, standard "
-                     f"error {resolution['standard_error']:.4f} at the best noisy accuracy; {resolution['tied_trials']} "
-                     f"trial(s) within 2 standard errors of the best (a tie the split cannot break), whose test "
-                     f"accuracy spans {low:.4f}-{high:.4f}")
+                     f"error {resolution['standard_error']:.4f} at the best noisy accuracy; "
+                     f"{resolution['tied_trials']} trial(s) within 2 standard errors of the best (a tie the split "
+                     f"cannot break), whose test accuracy spans {low:.4f}-{high:.4f}")
     lines.append("")
     if best is not None:
         lines += [f"Best trial: `{best['trial']}` ({best['method']}), noisy val {best['best_val_acc']:.4f} at epoch "

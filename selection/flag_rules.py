@@ -21,7 +21,8 @@ FLAG_RULE_HELP = {
     "confident": "confident learning, prune by noise rate (Northcutt et al. 2021)",
     "oof_gmm": "clean probability < 0.5 of a 2-component GMM on the out-of-fold losses -log P[i, y_i]",
     "agree": "flagged by both confident and oof_gmm (two detectors that read the table differently)",
-    "auto": f"oof_gmm where it flags {AUTO_AGREEMENT:g}x-{1 / AUTO_AGREEMENT:.3g}x as many as confident, else confident",
+    "auto": f"oof_gmm where it flags {AUTO_AGREEMENT:g}x-{1 / AUTO_AGREEMENT:.3g}x as many as confident, else "
+            "confident",
 }
 
 
