@@ -132,9 +132,8 @@ class SelectionRounds:
                            self.latest, init_state, self.config.method.workers_read_probs(), cache)
         table = selection.table
         write_selection(self.run, selection)
-        chosen = f" by {table.flag_rule} (flag_rule=auto)" if cv.flag_rule == "auto" else ""
-        self.log(f"selection: {int(table.uncertain.sum())} of {len(table.uncertain)} samples flagged{chosen} "
-                 f"({table.uncertain.mean():.1%}) in {selection.seconds:.1f}s"
+        self.log(f"selection: {int(table.uncertain.sum())} of {len(table.uncertain)} samples flagged by "
+                 f"{table.flag_rule} ({table.uncertain.mean():.1%}) in {selection.seconds:.1f}s"
                  + (f"; fold epochs kept: {[run['kept_epoch'] for run in selection.fold_runs]}" if selection.fold_runs
                     else "")
                  + (f"; classes with no trusted sample use every sample predicted as them: {table.fallback_classes}"

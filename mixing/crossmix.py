@@ -118,11 +118,11 @@ class CrossMixTargets(BatchRule):
 @dataclass
 class CrossMixConfig(CrossValConfig, MixupConfig):
     """H1's flag rule and folds (CrossValConfig's knobs), H2's guess, and H3's alpha (MixupConfig's). The
-    defaults were chosen by measurement (docs/crossmix.md): folds a fifth of the run, confident learning's flags,
-    flagged samples dropped."""
+    defaults were chosen by measurement (docs/crossmix.md): folds a fifth of the run, `auto` flags (the GMM's on
+    symmetric-looking noise, else confident learning's), flagged samples dropped."""
 
     fold_epochs: int = -1          # a fifth of the run's epochs (5 x 8 folds of a 40-epoch run were measured)
-    flag_rule: str = "confident"
+    flag_rule: str = "auto"
     guess: str = "none"
     sharpen_t: float = 0.5
     flagged_weight: float = 1.0
