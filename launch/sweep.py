@@ -315,6 +315,7 @@ def run_sweep(spec: SweepSpec, log=print) -> dict:
     fresh = not storage.is_dir(spec.location)
     try:
         data_dir = prepare(config.data, config.run.seed, log=log)
+        val_count = shards.load_manifest(data_dir)["splits"]["val"]["count"]   # the report's resolution of the choice
         start_ray(config.resources.ray_address, config.resources.ray_logs)
         total = ray.cluster_resources()
         at_once, placed = plan_concurrency(spec, total.get("CPU", 0.0), total.get("GPU", 0.0), log)
@@ -335,7 +336,6 @@ def run_sweep(spec: SweepSpec, log=print) -> dict:
     finally:
         ray.kill(registry)
     ended = grid.num_terminated + grid.num_errors
-    val_count = shards.load_manifest(data_dir)["splits"]["val"]["count"]
     report = write_sweep_report(spec, grid, time.perf_counter() - started, val_count, log)
     if ended < expected_trials(spec):
         raise SweepInterrupted(f"the sweep stopped with {ended} of {expected_trials(spec)} trials ended; the same "
