@@ -1,12 +1,13 @@
 """A named Ray actor holding a FAISS index of the training embeddings, for MixNN's global neighbours.
 
 Refreshed from each epoch's exact pass: every rank streams its own embeddings in, in chunks (no rank ever
-holds all N x d), rank 0 has the index built, then every rank asks for the neighbours of its own samples,
-once per refresh, so workers never wait on a round trip per sample or per step.
+holds all N x d), rank 0 has the index built, then every rank asks, by id, for the neighbours of its own
+samples, once per refresh, so workers never wait on a round trip per sample or per step.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -17,6 +18,15 @@ from noisymix.mixing.method import NeighbourQuery
 from noisymix.mixing.mixnn import INDEX_KINDS, INDEX_METRICS
 
 
+# k-means trains on at most this many embeddings per list (a random sample drawn with FAISS's fixed seed)
+TRAIN_PER_LIST = 256
+
+
+def ivf_lists(count: int, nprobe: int) -> int:
+    """The IVF lists for `count` embeddings searched with `nprobe` lists per query."""
+    return max(1, round(math.sqrt(count)))
+
+
 class NeighbourIndexError(RuntimeError):
     """The neighbour index cannot do what the run asks (too slow for its budget, no GPU support)."""
 
@@ -24,10 +34,13 @@ class NeighbourIndexError(RuntimeError):
 class NeighbourIndex:
     """Exact (flat) or IVF FAISS index over float32 embeddings, on the CPU or (use_gpu) a GPU.
 
-    IVF: `nlist` k-means lists (0 = sqrt(N), trained on this refresh's embeddings), `nprobe` searched per query,
-    vectors stored whole ("ivf") or as 8-bit scalars ("ivf_sq8": a quarter of the bytes to scan, about half the
-    query time on CPU); kind "auto" is flat below `auto_above` embeddings and ivf_sq8 from there (flat costs N^2:
-    3 h at 1M on 2 cores). benchmarks/results/index_scale.md has the measured times and recall.
+    IVF: `nlist` k-means lists (0 = ivf_lists(N, nprobe)), trained on a sample of TRAIN_PER_LIST embeddings per
+    list of this refresh, `nprobe` searched per query, vectors stored whole ("ivf") or as 8-bit scalars ("ivf_sq8":
+    a quarter of the bytes to scan, about half the query time on CPU); kind "auto" is flat below `auto_above`
+    embeddings and ivf_sq8 from there (flat costs N^2: 3 h at 1M on 2 cores). The queries of a refresh are its own
+    embeddings, so a CPU IVF index assigns each to its nprobe nearest lists once and both adds and searches with
+    that assignment. The refresh's embeddings stay (N x d float32, as during the fill) until the next refresh, so
+    ranks ask for neighbours by id. benchmarks/results/index_scale.md has the measured times and recall.
     """
 
     def __init__(self, dim: int, metric: str = "ip", kind: str = "auto", nlist: int = 0, nprobe: int = 8,
@@ -53,6 +66,8 @@ class NeighbourIndex:
         self.gpu_resources = faiss.StandardGpuResources() if self.on_gpu else None
         self.index = None
         self.count = 0
+        self.stored: np.ndarray | None = None                    # the refresh's embeddings, row i = sample id i
+        self.assigned: tuple[np.ndarray, np.ndarray] | None = None   # (scores, lists) of each row's nprobe lists
         self.filling: tuple[int, np.ndarray, np.ndarray] | None = None   # (token, embeddings by id, filled)
 
     def kind_for(self, count: int) -> str:
@@ -69,17 +84,18 @@ class NeighbourIndex:
             index = faiss.IndexFlatIP(self.dim) if self.metric == "ip" else faiss.IndexFlatL2(self.dim)
         else:
             quantizer = faiss.IndexFlatIP(self.dim) if self.metric == "ip" else faiss.IndexFlatL2(self.dim)
-            nlist = min(self.nlist or max(1, round(len(embeddings) ** 0.5)), len(embeddings))
+            nlist = min(self.nlist or ivf_lists(len(embeddings), self.nprobe), len(embeddings))
             if kind == "ivf":
                 index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, metric)
             else:
                 index = faiss.IndexIVFScalarQuantizer(quantizer, self.dim, nlist, faiss.ScalarQuantizer.QT_8bit,
                                                       metric)
+            index.cp.max_points_per_centroid = TRAIN_PER_LIST
         if self.on_gpu:
             index = faiss.index_cpu_to_gpu(self.gpu_resources, 0, index)
         if kind != "flat":
             index.train(embeddings)
-            index.nprobe = self.nprobe
+            index.nprobe = min(self.nprobe, index.nlist)
         return index
 
     def _check(self, array: np.ndarray, what: str) -> np.ndarray:
@@ -93,9 +109,17 @@ class NeighbourIndex:
     def refresh(self, embeddings: np.ndarray) -> int:
         """Replace the index content with these embeddings (row i is sample id i)."""
         embeddings = self._check(embeddings, "embeddings")
+        self.index = self.stored = self.assigned = None   # the last refresh's memory goes before this one's
         index = self._new_index(embeddings)
-        index.add(embeddings)
-        self.index, self.count = index, len(embeddings)
+        if isinstance(index, self.faiss.IndexIVF):   # a CPU IVF index: each row's lists once, for add and search
+            from faiss.contrib.ivf_tools import add_preassigned
+            scores, lists = index.quantizer.search(embeddings, index.nprobe)
+            add_preassigned(index, embeddings, np.ascontiguousarray(lists[:, 0]))
+            index.parallel_mode = 3   # a preassigned search splits its queries over the threads only in mode 3
+            self.assigned = (scores, lists)
+        else:
+            index.add(embeddings)
+        self.index, self.count, self.stored = index, len(embeddings), embeddings
         return self.count
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -114,10 +138,10 @@ class NeighbourIndex:
         started = time.perf_counter()
         self.refresh(embeddings)
         refreshed = time.perf_counter()
-        _, ids = self.search(embeddings, k + 1)
+        table, _ = self.neighbours(np.arange(self.count), k)
         timings = {"index_refresh_s": refreshed - started, "index_query_s": time.perf_counter() - refreshed,
                    "index_peak_rss_mb": peak_rss_mb(), "index_ivf": float(self.kind_for(len(embeddings)) != "flat")}
-        return drop_self(ids, k), timings
+        return table, timings
 
     def add(self, token: int, total: int, ids: np.ndarray, embeddings: np.ndarray) -> int:
         """Put a chunk of the refresh `token`'s embeddings (rows of sample ids `ids`, out of `total`) in place;
@@ -144,13 +168,23 @@ class NeighbourIndex:
         return {"index_refresh_s": time.perf_counter() - started, "index_peak_rss_mb": peak_rss_mb(),
                 "index_ivf": float(self.kind_for(self.count) != "flat")}
 
-    def neighbours(self, ids: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, float]:
-        """len(ids) x k ids of the nearest OTHER samples of these samples (their own embeddings as queries), and
-        the seconds of the search."""
+    def neighbours(self, ids: np.ndarray, k: int) -> tuple[np.ndarray, float]:
+        """len(ids) x k ids of the nearest OTHER samples of the samples `ids` (their embeddings of the last
+        refresh as queries), and the seconds of the search."""
+        if self.stored is None:
+            raise ValueError("the index is empty: refresh it first")
         if not 1 <= k < self.count:
             raise ValueError(f"k={k} neighbours need 1 <= k < N={self.count}")
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) and not 0 <= ids.min() <= ids.max() < self.count:
+            raise ValueError(f"sample ids must be in [0, {self.count}), got {ids.min()}..{ids.max()}")
         started = time.perf_counter()
-        _, found = self.search(queries, k + 1)
+        if self.assigned is None:
+            _, found = self.index.search(self.stored[ids], k + 1)
+        else:
+            from faiss.contrib.ivf_tools import search_preassigned
+            scores, lists = self.assigned
+            _, found = search_preassigned(self.index, self.stored[ids], k + 1, lists[ids], scores[ids])
         return drop_self(found, k, ids), time.perf_counter() - started
 
 

@@ -319,9 +319,9 @@ _INDEX_ACTORS: dict[str, ray.actor.ActorHandle] = {}
 def neighbour_rows(ids: np.ndarray, embeddings: torch.Tensor, total: int, query: NeighbourQuery, name: str,
                    token: int) -> tuple[np.ndarray, dict[str, float]]:
     """The K global neighbours of this rank's samples `ids`, from the index actor `name`: every rank streams its
-    embeddings in (float32 chunks of at most 8 MB), rank 0 has the index built, every rank queries its own rows. Returns
-    (len(ids) x K ids, rank 0's refresh/query seconds). The ranks agree after each step; a dead actor is
-    re-created and refilled once, by every rank together. A refresh longer than query.budget_s stops the run
+    embeddings in (float32 chunks of at most 8 MB), rank 0 has the index built, every rank asks for its own ids'
+    neighbours. Returns (len(ids) x K ids, rank 0's refresh/query seconds). The ranks agree after each step; a dead
+    actor is re-created and refilled once, by every rank together. A refresh longer than query.budget_s stops the run
     with what would make it faster (instead of every rank waiting into Ray Train's collective timeout)."""
     rank, embeddings = rank_and_world()[0], torch.as_tensor(embeddings)
     parts = chunks(len(ids), embeddings.shape[1])
@@ -335,7 +335,7 @@ def neighbour_rows(ids: np.ndarray, embeddings: torch.Tensor, total: int, query:
         actor, deadline, refresh = _INDEX_ACTORS[name], time.monotonic() + query.budget_s, token * 2 + attempt
         steps = [[lambda rows=rows: actor.add.remote(refresh, total, *chunk(rows)) for rows in parts],
                  [lambda: actor.build.remote(refresh)] if rank == 0 else [],
-                 [lambda rows=rows: actor.neighbours.remote(*chunk(rows), query.k) for rows in parts]]
+                 [lambda rows=rows: actor.neighbours.remote(ids[rows], query.k) for rows in parts]]
         answers = []
         for calls in steps:
             answers.append(_step(calls, deadline, query, total, embeddings.shape[1], name))

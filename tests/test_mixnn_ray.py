@@ -44,10 +44,28 @@ def test_ivf_index_is_exact_when_every_list_is_probed_and_close_with_few(kind, e
     assert (default.neighbour_table(z, 1)[0] == exact).mean() > 0.8 and default.index.nlist == 45
 
 
+@pytest.mark.parametrize("kind", ["flat", "ivf", "ivf_sq8"])
+def test_neighbours_by_id_are_those_of_the_whole_table_and_of_a_plain_faiss_search(kind):
+    """Ranks ask by id; a CPU IVF index reuses the lists it assigned each row when adding it, which must find what
+    FAISS's own search (its own coarse assignment) finds."""
+    rng = np.random.default_rng(3)
+    z = rng.standard_normal((1500, 12)).astype(np.float32)
+    index = NeighbourIndex(12, "ip", kind, nlist=20, nprobe=4, use_gpu=False)
+    table, _ = index.neighbour_table(z, 3)
+    ids = rng.choice(1500, 300, replace=False)
+    by_id, seconds = index.neighbours(ids, 3)
+    assert np.array_equal(by_id, table[ids]) and seconds >= 0
+    assert np.array_equal(by_id, drop_self(index.index.search(z[ids], 4)[1], 3, ids))
+    assert (index.assigned is None) == (kind == "flat")
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda index: index.refresh(np.zeros((5, 3), np.float32)), r"must be \(n, 8\)"),
     (lambda index: index.neighbour_table(np.zeros((5, 8), np.float32), 5), "1 <= k < N=5"),
     (lambda index: index.search(np.zeros((1, 8), np.float32), 1), "refresh it first"),
+    (lambda index: index.neighbours(np.arange(2), 1), "refresh it first"),
+    (lambda index: index.refresh(np.zeros((5, 8), np.float32)) and index.neighbours(np.array([4, 5]), 1),
+     r"sample ids must be in \[0, 5\), got 4..5"),
     (lambda index: index.refresh(np.full((5, 8), np.nan, np.float32)), "non-finite"),
 ])
 def test_index_rejects_bad_input(call, message):
