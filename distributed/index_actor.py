@@ -18,13 +18,19 @@ from noisymix.mixing.method import NeighbourQuery
 from noisymix.mixing.mixnn import INDEX_KINDS, INDEX_METRICS
 
 
-# k-means trains on at most this many embeddings per list (a random sample drawn with FAISS's fixed seed)
-TRAIN_PER_LIST = 256
+# Queries are copied out of the stored embeddings this many at a time (128 MB at d=512), not all N at once
+QUERY_BLOCK = 65536
+# k-means trains on at most this many embeddings per list (a random sample drawn with FAISS's fixed seed): 32 per
+# list recalled as well as 64 at 1M for less than half the training (benchmarks/results/ivf_choices.md).
+TRAIN_PER_LIST = 32
 
 
-def ivf_lists(count: int, nprobe: int) -> int:
-    """The IVF lists for `count` embeddings searched with `nprobe` lists per query."""
-    return max(1, round(math.sqrt(count)))
+def ivf_lists(count: int) -> int:
+    """IVF lists for `count` embeddings: 4 sqrt(N), FAISS's lower guideline, and never fewer than the 39 embeddings
+    per list below which FAISS's k-means warns. A refresh queries all N embeddings, so the list scan
+    (N x nprobe x N / lists, 8-bit codes) dominates while assigning (N x lists, a GEMM) is cheap: at 1M, 4096
+    lists took 170 s with recall@1 0.973, sqrt(N) = 1000 lists 416 s with 0.962 (ivf_choices.md)."""
+    return max(1, min(round(4 * math.sqrt(count)), count // 39))
 
 
 class NeighbourIndexError(RuntimeError):
@@ -34,13 +40,13 @@ class NeighbourIndexError(RuntimeError):
 class NeighbourIndex:
     """Exact (flat) or IVF FAISS index over float32 embeddings, on the CPU or (use_gpu) a GPU.
 
-    IVF: `nlist` k-means lists (0 = ivf_lists(N, nprobe)), trained on a sample of TRAIN_PER_LIST embeddings per
+    IVF: `nlist` k-means lists (0 = ivf_lists(N) = 4 sqrt(N)), trained on a sample of TRAIN_PER_LIST embeddings per
     list of this refresh, `nprobe` searched per query, vectors stored whole ("ivf") or as 8-bit scalars ("ivf_sq8":
     a quarter of the bytes to scan, about half the query time on CPU); kind "auto" is flat below `auto_above`
     embeddings and ivf_sq8 from there (flat costs N^2: 3 h at 1M on 2 cores). The queries of a refresh are its own
     embeddings, so a CPU IVF index assigns each to its nprobe nearest lists once and both adds and searches with
-    that assignment. The refresh's embeddings stay (N x d float32, as during the fill) until the next refresh, so
-    ranks ask for neighbours by id. benchmarks/results/index_scale.md has the measured times and recall.
+    that assignment. The refresh's embeddings stay (N x d float32, as during the fill) until as many ids as it
+    holds have been answered (each rank asks once for its own), so ranks ask for neighbours by id. benchmarks/results/index_scale.md has the measured times and recall.
     """
 
     def __init__(self, dim: int, metric: str = "ip", kind: str = "auto", nlist: int = 0, nprobe: int = 8,
@@ -68,6 +74,7 @@ class NeighbourIndex:
         self.count = 0
         self.stored: np.ndarray | None = None                    # the refresh's embeddings, row i = sample id i
         self.assigned: tuple[np.ndarray, np.ndarray] | None = None   # (scores, lists) of each row's nprobe lists
+        self.answered = 0                                        # ids whose neighbours this refresh has given
         self.filling: tuple[int, np.ndarray, np.ndarray] | None = None   # (token, embeddings by id, filled)
 
     def kind_for(self, count: int) -> str:
@@ -84,7 +91,7 @@ class NeighbourIndex:
             index = faiss.IndexFlatIP(self.dim) if self.metric == "ip" else faiss.IndexFlatL2(self.dim)
         else:
             quantizer = faiss.IndexFlatIP(self.dim) if self.metric == "ip" else faiss.IndexFlatL2(self.dim)
-            nlist = min(self.nlist or ivf_lists(len(embeddings), self.nprobe), len(embeddings))
+            nlist = min(self.nlist or ivf_lists(len(embeddings)), len(embeddings))
             if kind == "ivf":
                 index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, metric)
             else:
@@ -119,7 +126,7 @@ class NeighbourIndex:
             self.assigned = (scores, lists)
         else:
             index.add(embeddings)
-        self.index, self.count, self.stored = index, len(embeddings), embeddings
+        self.index, self.count, self.stored, self.answered = index, len(embeddings), embeddings, 0
         return self.count
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -172,20 +179,29 @@ class NeighbourIndex:
         """len(ids) x k ids of the nearest OTHER samples of the samples `ids` (their embeddings of the last
         refresh as queries), and the seconds of the search."""
         if self.stored is None:
-            raise ValueError("the index is empty: refresh it first")
+            raise ValueError("the index is empty: refresh it first" if self.index is None else
+                             "every sample's neighbours of this refresh were given and its embeddings released: "
+                             "refresh it again")
         if not 1 <= k < self.count:
             raise ValueError(f"k={k} neighbours need 1 <= k < N={self.count}")
         ids = np.asarray(ids, dtype=np.int64)
         if len(ids) and not 0 <= ids.min() <= ids.max() < self.count:
             raise ValueError(f"sample ids must be in [0, {self.count}), got {ids.min()}..{ids.max()}")
         started = time.perf_counter()
-        if self.assigned is None:
-            _, found = self.index.search(self.stored[ids], k + 1)
-        else:
-            from faiss.contrib.ivf_tools import search_preassigned
-            scores, lists = self.assigned
-            _, found = search_preassigned(self.index, self.stored[ids], k + 1, lists[ids], scores[ids])
+        found = np.concatenate([self._nearest(ids[start:start + QUERY_BLOCK], k + 1)
+                                for start in range(0, len(ids), QUERY_BLOCK)]) if len(ids) else np.empty((0, k + 1))
+        self.answered += len(ids)
+        if self.answered >= self.count:   # every rank has its rows: the N x d copy waits for no one
+            self.stored = self.assigned = None
         return drop_self(found, k, ids), time.perf_counter() - started
+
+    def _nearest(self, ids: np.ndarray, k: int) -> np.ndarray:
+        """The ids of the k nearest stored embeddings of the stored embeddings `ids` (themselves included)."""
+        if self.assigned is None:
+            return self.index.search(self.stored[ids], k)[1]
+        from faiss.contrib.ivf_tools import search_preassigned
+        scores, lists = self.assigned
+        return search_preassigned(self.index, self.stored[ids], k, lists[ids], scores[ids])[1]
 
 
 def drop_self(ids: np.ndarray, k: int, own_ids: np.ndarray | None = None) -> np.ndarray:

@@ -115,7 +115,7 @@ class MixNNConfig(GMMConfig, MixupConfig):
     index_metric: str = "ip"
     index_kind: str = "auto"       # auto: exact (flat) below index_auto_above embeddings, ivf_sq8 from there
     index_auto_above: int = 100_000
-    index_nlist: int = 0           # IVF lists; 0 = sqrt(N)
+    index_nlist: int = 0           # IVF lists; 0 = 4 sqrt(N)
     index_nprobe: int = 8          # IVF lists searched per query
     index_cpus: float = 0.0        # the index actor's CPUs, reserved in Ray, FAISS threads; 0: shares the workers', 1 thread
     index_gpu: bool = False        # the index actor asks Ray for a GPU and builds a GPU index (noisymix[gpu])

@@ -9,8 +9,8 @@ import faiss
 import ray
 import torch
 
-from noisymix.distributed import shards
-from noisymix.distributed.index_actor import NeighbourIndex, NeighbourIndexError, drop_self, index_actor
+from noisymix.distributed import index_actor as index_actor_module, shards
+from noisymix.distributed.index_actor import NeighbourIndex, NeighbourIndexError, drop_self, index_actor, ivf_lists
 from noisymix.distributed.sample_state import neighbour_rows, read_beliefs
 from noisymix.launch.cli import main
 from noisymix.mixing.method import NeighbourQuery
@@ -40,23 +40,29 @@ def test_ivf_index_is_exact_when_every_list_is_probed_and_close_with_few(kind, e
     exact = brute_force_neighbours(z, 1)
     every_list, _ = NeighbourIndex(12, "ip", kind, nlist=16, nprobe=16, use_gpu=False).neighbour_table(z, 1)
     assert (every_list == exact).mean() >= every_list_recall
-    default = NeighbourIndex(12, "ip", kind, use_gpu=False)  # sqrt(N) = 45 lists, 8 probed
-    assert (default.neighbour_table(z, 1)[0] == exact).mean() > 0.8 and default.index.nlist == 45
+    default = NeighbourIndex(12, "ip", kind, use_gpu=False)  # 2000 // 39 = 51 lists (not 4 sqrt(N) = 179)
+    assert (default.neighbour_table(z, 1)[0] == exact).mean() > 0.8 and default.index.nlist == 51
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf", "ivf_sq8"])
-def test_neighbours_by_id_are_those_of_the_whole_table_and_of_a_plain_faiss_search(kind):
+def test_neighbours_by_id_are_those_of_the_whole_table_and_of_a_plain_faiss_search(kind, monkeypatch):
     """Ranks ask by id; a CPU IVF index reuses the lists it assigned each row when adding it, which must find what
-    FAISS's own search (its own coarse assignment) finds."""
+    FAISS's own search (its own coarse assignment) finds, in query blocks of any size."""
     rng = np.random.default_rng(3)
     z = rng.standard_normal((1500, 12)).astype(np.float32)
     index = NeighbourIndex(12, "ip", kind, nlist=20, nprobe=4, use_gpu=False)
     table, _ = index.neighbour_table(z, 3)
+    assert index.stored is None, "every id was answered: the embeddings are released"
+    with pytest.raises(ValueError, match="every sample's neighbours of this refresh were given"):
+        index.neighbours(np.arange(2), 3)
+    index.refresh(z)
+    assert (index.assigned is None) == (kind == "flat")
     ids = rng.choice(1500, 300, replace=False)
     by_id, seconds = index.neighbours(ids, 3)
     assert np.array_equal(by_id, table[ids]) and seconds >= 0
     assert np.array_equal(by_id, drop_self(index.index.search(z[ids], 4)[1], 3, ids))
-    assert (index.assigned is None) == (kind == "flat")
+    monkeypatch.setattr(index_actor_module, "QUERY_BLOCK", 7)
+    assert np.array_equal(index.neighbours(ids, 3)[0], by_id)
 
 
 @pytest.mark.parametrize("call, message", [
@@ -71,6 +77,10 @@ def test_neighbours_by_id_are_those_of_the_whole_table_and_of_a_plain_faiss_sear
 def test_index_rejects_bad_input(call, message):
     with pytest.raises(ValueError, match=message):
         call(NeighbourIndex(8, use_gpu=False))
+
+
+def test_ivf_lists_are_four_sqrt_n_with_enough_embeddings_per_list_to_train():
+    assert [ivf_lists(n) for n in (1, 600, 100_000, 1_000_000, 2_400_000)] == [1, 15, 1265, 4000, 6197]
 
 
 def test_drop_self_when_self_is_not_first():
@@ -105,7 +115,7 @@ def test_auto_is_exact_below_its_threshold_and_ivf_above():
     assert np.array_equal(below.neighbour_table(z, 1)[0], brute_force_neighbours(z, 1)) and below.index.ntotal == 600
     above = NeighbourIndex(8, kind="auto", auto_above=600)
     _, timings = above.neighbour_table(z, 1)
-    assert timings["index_ivf"] == 1.0 and above.index.nlist == 24
+    assert timings["index_ivf"] == 1.0 and above.index.nlist == 15   # 600 // 39: 4 sqrt(N) = 98 is capped
     assert isinstance(above.index, faiss.IndexIVFScalarQuantizer), "8-bit IVF above the threshold"
 
 
