@@ -64,11 +64,13 @@ def configs(rows: list[dict]) -> str:
 def report(log: Path, out: Path) -> None:
     rows = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     lines = ["# IVF choices for a 1M-embedding refresh", "",
-             f"Command: `python benchmarks/ivf_choices.py {rows[0]['n']} '{configs(rows)}' > LOG` (one run, side by side), "
+             f"Command: `python benchmarks/ivf_choices.py {rows[0]['n']} '{configs(rows)}' > LOG` "
+             "(one run, side by side), "
              f"{THREADS} FAISS threads, d={DIM}, 8-bit IVF, inner product; the whole N x 1 neighbour table. per list: "
              "k-means trains on at most this many embeddings per list (FAISS's default 256); assigned once: each "
              "embedding's nprobe lists are computed once and used by both the add and the search.", "",
-             "| N | lists | nprobe | per list | assigned once | k-means s | assign s | add s | search s | total s | recall@1 |",
+             "| N | lists | nprobe | per list | assigned once | k-means s | assign s | add s | search s | total s | "
+             "recall@1 |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['n']:,} | {r['nlist']} | {r['nprobe']} | {r['per_list']} | {'yes' if r['pre'] else 'no'} | "

@@ -46,7 +46,8 @@ class NeighbourIndex:
     embeddings and ivf_sq8 from there (flat costs N^2: 3 h at 1M on 2 cores). The queries of a refresh are its own
     embeddings, so a CPU IVF index assigns each to its nprobe nearest lists once and both adds and searches with
     that assignment. The refresh's embeddings stay (N x d float32, as during the fill) until as many ids as it
-    holds have been answered (each rank asks once for its own), so ranks ask for neighbours by id. benchmarks/results/index_scale.md has the measured times and recall.
+    holds have been answered (each rank asks once for its own), so ranks ask for neighbours by id.
+    benchmarks/results/index_scale.md has the measured times and recall.
     """
 
     def __init__(self, dim: int, metric: str = "ip", kind: str = "auto", nlist: int = 0, nprobe: int = 8,
@@ -54,8 +55,8 @@ class NeighbourIndex:
         try:
             import faiss
         except ImportError as exc:
-            raise NeighbourIndexError("MixNN's global neighbours need FAISS: pip install noisymix[cpu] (or noisymix[gpu] "
-                                      "on GPU nodes)") from exc
+            raise NeighbourIndexError("MixNN's global neighbours need FAISS: pip install noisymix[cpu] (or "
+                                      "noisymix[gpu] on GPU nodes)") from exc
         if dim < 1:
             raise ValueError(f"embedding dimension must be >= 1, got {dim}")
         if metric not in INDEX_METRICS or kind not in INDEX_KINDS:
