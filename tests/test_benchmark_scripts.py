@@ -2,6 +2,7 @@
 tiny inputs, so a refactor cannot break them silently."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,20 @@ def test_index_scale_measures_the_table_and_its_recall_on_a_tiny_set(monkeypatch
     assert table.shape == (2000, 1) and row["recall_at_1"] == 1.0 and not row["ivf"]
     ivf, _ = index_scale.measure(2000, "ivf")
     assert ivf["ivf"] and 0.5 < ivf["recall_at_1"] <= 1.0
+
+
+def test_ivf_choices_assigning_once_finds_what_faiss_search_finds_and_reports_it(tmp_path):
+    ivf_choices, index_scale = load("ivf_choices"), load("index_scale")
+    z = index_scale.embeddings(3000)
+    queries = np.arange(0, 3000, 30)
+    exact = index_scale.exact_first_neighbours(z, queries)
+    rows = [ivf_choices.measure(z, queries, exact, nlist=40, nprobe=4, per_list=64, pre=pre) for pre in (False, True)]
+    assert rows[0]["recall"] == rows[1]["recall"] > 0.5 and rows[1]["assign_s"] >= 0 == rows[0]["assign_s"]
+    log = tmp_path / "log"
+    log.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    ivf_choices.report(log, tmp_path / "out")
+    table = (tmp_path / "out.md").read_text()
+    assert "'[{\"nlist\":40,\"nprobe\":4,\"per_list\":64,\"pre\":false}," in table and table.count("| 3,000 | 40 |") == 2
 
 
 def test_prepare_cost_times_every_step_of_a_prepare_on_a_few_images(tmp_path, monkeypatch):
