@@ -30,6 +30,9 @@ from noisymix.selection.detection import detection_metrics
 from noisymix.selection.flag_rules import FLAG_RULE_HELP, FLAG_RULES, flag_given_labels
 
 
+SCORED_RULES = [rule for rule in FLAG_RULES if rule != "none"]   # a rule that flags nothing has nothing to score
+
+
 def required_clean_accuracy(noise_rate: float, recall: float, f1: float) -> float:
     """The fold accuracy on correctly labelled samples below which F1 < f1, at this noise rate and recall."""
     if 2 * recall <= f1:
@@ -55,7 +58,7 @@ def rule_scores(run: Path) -> list[dict]:
     probs, given = oof["probs"], oof["given"]
     predicted, noise_score = probs.argmax(axis=1), 1.0 - given_label_probability(probs, given)
     rows = []
-    for rule in FLAG_RULES:
+    for rule in SCORED_RULES:
         flagged = flag_given_labels(rule, probs, given, config["seed"])
         scores = detection_metrics(flagged, noise_score, given, true)
         corrected = float(np.mean(predicted[flagged] == true[flagged])) if flagged.any() else None
@@ -121,7 +124,7 @@ def write_rules(rows: list[dict], out: Path | None) -> None:
                      f"{r['recall']:.3f} | **{r['f1']:.3f}** | {acc} |")
     print("\n".join(lines))
     if out:
-        rules = "\n".join(f"- `{rule}`: {text}" for rule, text in FLAG_RULE_HELP.items())
+        rules = "\n".join(f"- `{rule}`: {FLAG_RULE_HELP[rule]}" for rule in SCORED_RULES)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".json").write_text(json.dumps({"rows": rows}, indent=1))
         out.with_suffix(".md").write_text(

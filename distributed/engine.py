@@ -203,12 +203,14 @@ def autocast(device: torch.device, enabled: bool):
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor,
-               amp: bool = False) -> torch.Tensor:
-    """One optimizer step on soft-target cross-entropy; returns the detached mean loss."""
+               amp: bool = False, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = soft_target_cross_entropy
+               ) -> torch.Tensor:
+    """One optimizer step on `loss_fn(logits, targets)` (soft-target cross-entropy unless the method's batch rule
+    says otherwise); returns the detached mean loss."""
     model.train()
     with autocast(inputs.device, amp):
         logits = model(inputs)
-    loss = soft_target_cross_entropy(logits, targets)
+    loss = loss_fn(logits, targets)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -244,7 +246,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
         x = transform(images, device, rng)
         y = torch.from_numpy(labels).to(device)
         x, targets = method.batch(torch.from_numpy(ids), x, y, rng)
-        loss = train_step(model, optimizer, x, targets, amp)
+        loss = train_step(model, optimizer, x, targets, amp, method.loss)
         loss_sum += loss * len(ids)
         stats.samples += len(ids)
         stats.steps += 1

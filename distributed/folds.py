@@ -208,7 +208,7 @@ class Selection:
 
 def select(cv: CrossValConfig, train: TrainSection, seed: int, data_dir: str, manifest: dict,
            previous: Selection | None = None, init_state: dict | None = None,
-           workers_read_probs: bool = False, cache: FoldCache | None = None) -> Selection:
+           workers_read_probs: bool = False, cache: FoldCache | None = None, noise_matrix: bool = False) -> Selection:
     """Run the K folds as Ray tasks and build the mixing table (methods.md A1-A2).
 
     Each fold task streams the train shards itself; the driver reads the given labels only. A re-selection
@@ -217,7 +217,8 @@ def select(cv: CrossValConfig, train: TrainSection, seed: int, data_dir: str, ma
     kept. A later round is out-of-fold for its own labels, not strictly for the given ones: a training sample's
     corrected label came from a fold that saw the held-out samples' given labels. With `oof_from`, the first
     selection takes an earlier run's out-of-fold probabilities instead of its first round of folds. The workers get the
-    table without its N x C probabilities unless they read them (`workers_read_probs`: SelectMix's soft label).
+    table without its N x C probabilities unless they read them (`workers_read_probs`: SelectMix's soft label),
+    and with the C x C noise transition of the unflagged samples where asked (`noise_matrix`: CrossMix's forward).
     """
     started = time.perf_counter()
     given = shards.load_labels(data_dir, manifest) if previous is None else previous.table.given
@@ -237,15 +238,16 @@ def select(cv: CrossValConfig, train: TrainSection, seed: int, data_dir: str, ma
         probs, fold_of, runs = out_of_fold_probabilities(given, cv.folds, seed, relabelled,
                                                          map=functools.partial(runner, cache=round_cache))
         fold_runs += [{**run, "round": later + 1} for run in runs]
-    table = build_mixing_table(probs, given, cv.tau_low, cv.tau_high, cv.flag_rule, seed)
+    table = build_mixing_table(probs, given, cv.tau_low, cv.tau_high, cv.flag_rule, seed, noise_matrix)
     return Selection(table, fold_of, fold_runs, time.perf_counter() - started,
                      ray.put(table.to_arrays(for_workers=True, probs=workers_read_probs)))
 
 
 def restore_selection(arrays: dict[str, np.ndarray], cv: CrossValConfig, seed: int,
-                      workers_read_probs: bool = False) -> Selection:
+                      workers_read_probs: bool = False, noise_matrix: bool = False) -> Selection:
     """The latest selection of an interrupted run, rebuilt from its oof.npz (the same table: it is a function
     of the out-of-fold probabilities, the given labels, the flag rule, the thresholds and the seed)."""
-    table = build_mixing_table(arrays["probs"], arrays["given"], cv.tau_low, cv.tau_high, cv.flag_rule, seed)
+    table = build_mixing_table(arrays["probs"], arrays["given"], cv.tau_low, cv.tau_high, cv.flag_rule, seed,
+                               noise_matrix)
     fold_of = arrays.get("fold", np.full(len(table.given), -1))
     return Selection(table, fold_of, [], 0.0, ray.put(table.to_arrays(for_workers=True, probs=workers_read_probs)))

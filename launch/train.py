@@ -108,7 +108,7 @@ class SelectionRounds:
         self.rounds: list[dict] = (run.status() or {}).get("rounds", [])   # a resumed run's finished rounds
         if self.rounds:
             self.latest = restore_selection(run.out_of_fold(), self.cv, config.run.seed,
-                                            config.method.workers_read_probs())
+                                            config.method.workers_read_probs(), config.method.needs_noise_matrix())
             recorder.believe(config.method.label_report(table=self.latest.table), self.rounds[-1]["epoch"])
 
     def done_at(self, epoch: int) -> bool:
@@ -129,7 +129,8 @@ class SelectionRounds:
         self.run.write_status("running", f"selection at epoch {epoch}", rounds=self.rounds)
         cache = FoldCache(self.run / "folds" / f"epoch{epoch}")
         selection = select(cv, self.config.train, self.config.run.seed, self.data_dir, self.manifest,
-                           self.latest, init_state, self.config.method.workers_read_probs(), cache)
+                           self.latest, init_state, self.config.method.workers_read_probs(), cache,
+                           self.config.method.needs_noise_matrix())
         table = selection.table
         write_selection(self.run, selection)
         self.log(f"selection: {int(table.uncertain.sum())} of {len(table.uncertain)} samples flagged by "
@@ -137,7 +138,10 @@ class SelectionRounds:
                  + (f"; fold epochs kept: {[run['kept_epoch'] for run in selection.fold_runs]}" if selection.fold_runs
                     else "")
                  + (f"; classes with no trusted sample use every sample predicted as them: {table.fallback_classes}"
-                    if table.fallback_classes else ""))
+                    if table.fallback_classes else "")
+                 + (f"; forward correction: kept labels estimated wrong {1 - float(np.diag(table.noise_matrix).mean()):.1%}"
+                    " of the time (mean over true classes of 1 - T[j, j], oof.npz's noise_matrix)"
+                    if table.noise_matrix is not None else ""))
         info = {"epoch": epoch, "seconds": selection.seconds, "flagged": int(table.uncertain.sum()),
                 "flag_rule": table.flag_rule,
                 "folds": selection.fold_runs, **({"oof_from": cv.oof_from} if reused else {})}
@@ -150,10 +154,12 @@ class SelectionRounds:
 
 
 def write_selection(run: RunDir, selection: Selection) -> None:
-    """oof.npz: the out-of-fold probabilities, folds and the mixing table's per-id columns."""
+    """oof.npz: the out-of-fold probabilities, folds and the mixing table's per-id columns (and its noise matrix
+    where the method asked for one)."""
     table = selection.table
+    extra = {} if table.noise_matrix is None else {"noise_matrix": table.noise_matrix}
     run.write_out_of_fold(table.probs, table.given, fold=selection.fold_of, predicted=table.predicted,
-                          confidence=table.confidence, uncertain=table.uncertain)
+                          confidence=table.confidence, uncertain=table.uncertain, **extra)
 
 
 def preflight(config: Config, log) -> tuple[str, dict]:

@@ -1,7 +1,8 @@
 """CrossMix (docs/crossmix.md, ours): SelectMix's cross-validated detection with the flagged samples treated
 as UNLABELED (DivideMix's insight) instead of as wrongly labeled: a flagged sample's given label is dropped
 and replaced by a sharpened guess (the out-of-fold prediction, the main model's, or their mean), and every
-sample of the batch is mixed MixMatch-style with a random partner, its own part dominant.
+sample of the batch is mixed MixMatch-style with a random partner, its own part dominant. Optionally the kept
+labels' loss is forward-corrected through the noise the out-of-fold table estimates among them.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from noisymix.mixing.config import check_choice, check_range
-from noisymix.mixing.losses import one_hot
+from noisymix.mixing.config import ConfigError, check_choice, check_range
+from noisymix.mixing.losses import forward_corrected_cross_entropy, one_hot
 from noisymix.mixing.method import BatchContext, BatchRule, register
 from noisymix.mixing.mixup import MixupConfig, mix, sample_lambda
 from noisymix.mixing.selectmix import CrossValConfig, OutOfFoldMethod
 
 GUESSES = ("oof", "model", "mean", "none")
+CORRECTIONS = ("none", "forward")
 
 
 def sharpen(probs: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -52,6 +54,7 @@ class CrossMixTargets(BatchRule):
     i is mixed with a random partner j among the rows that are not dropped: x = l' x_i + (1 - l') x_j,
     t = l' t_i + (1 - l') t_j, l' = max(l, 1 - l), l ~ Beta(alpha, alpha) per row. `predict(inputs)` gives the
     main model's probabilities (guess model/mean). counts: flagged rows, and those that kept a guess.
+    With a `transition` T (C x C, P(given | true)) the loss is forward-corrected: -sum_k t_k log (p T)_k.
     """
 
     uncertain: np.ndarray = None
@@ -62,6 +65,7 @@ class CrossMixTargets(BatchRule):
     threshold: float = 0.0
     alpha: float = 1.0
     predict: Callable[[torch.Tensor], torch.Tensor] | None = None
+    transition: np.ndarray | None = None
     counts: dict = field(default_factory=lambda: {"flagged": 0, "guessed": 0}, kw_only=True)
 
     def __post_init__(self):
@@ -74,6 +78,18 @@ class CrossMixTargets(BatchRule):
             raise ValueError(f"alpha must be > 0, flagged_weight >= 0 and threshold in [0, 1], got {self.alpha}, "
                              f"{self.flagged_weight}, {self.threshold}")
         sharpen(torch.ones(1, 2), self.temperature)   # refuses a temperature outside (0, 1] now, not mid-epoch
+        if self.transition is not None:
+            if self.guess != "none":
+                raise ValueError("a forward-corrected loss reads every target as a given label: it needs guess=none "
+                                 f"(a guess is a distribution over true classes), got guess={self.guess}")
+            if self.transition.shape != (self.num_classes, self.num_classes):
+                raise ValueError(f"noise transition of shape {self.transition.shape} for {self.num_classes} classes")
+            self._transition = torch.from_numpy(np.asarray(self.transition, dtype=np.float32))
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.transition is None:
+            return super().loss(logits, targets)
+        return forward_corrected_cross_entropy(logits, targets, self._transition)
 
     def batch(self, ids: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor,
               rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,6 +143,7 @@ class CrossMixConfig(CrossValConfig, MixupConfig):
     sharpen_t: float = 0.5
     flagged_weight: float = 1.0
     guess_threshold: float = 0.0   # a flagged sample whose sharpened guess peaks below this is dropped
+    noise_correction: str = "none"  # forward: the kept labels' loss through their estimated noise (guess=none)
 
     def validate(self) -> None:
         super().validate()
@@ -134,6 +151,10 @@ class CrossMixConfig(CrossValConfig, MixupConfig):
         check_range("sharpen_t", self.sharpen_t, 0.0, 1.0, lo_open=True)
         check_range("flagged_weight", self.flagged_weight, 0.0)
         check_range("guess_threshold", self.guess_threshold, 0.0, 1.0)
+        check_choice("noise_correction", self.noise_correction, CORRECTIONS)
+        if self.noise_correction == "forward" and self.guess != "none":
+            raise ConfigError("noise_correction=forward needs guess=none: the correction reads every target as a "
+                              f"given label, and a guess is a distribution over true classes (got guess={self.guess})")
 
 
 @register
@@ -149,9 +170,14 @@ class CrossMix(OutOfFoldMethod):
     def predicts_in_batch(self) -> bool:
         return self.config.guess in ("model", "mean")
 
+    def needs_noise_matrix(self) -> bool:
+        return self.config.noise_correction == "forward"
+
     def batch_rule(self, context: BatchContext) -> BatchRule:
         c, table = self.config, context.table
+        if self.needs_noise_matrix() and table.noise_matrix is None:
+            raise ValueError("noise_correction=forward, but the mixing table carries no noise transition")
         return CrossMixTargets(context.num_classes, uncertain=table.uncertain, probs=table.probs, guess=c.guess,
                                temperature=c.sharpen_t, flagged_weight=c.flagged_weight,
-                               threshold=c.guess_threshold, alpha=c.alpha,
-                               predict=context.predict)
+                               threshold=c.guess_threshold, alpha=c.alpha, predict=context.predict,
+                               transition=table.noise_matrix if self.needs_noise_matrix() else None)

@@ -19,7 +19,21 @@ def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduc
     A row whose target is all zero carries no loss and is left out of the mean: that is how a method
     drops a sample from a batch without breaking the ranks' lockstep (selection-only training).
     """
-    per_sample = -(targets * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1)
+    return _reduce(-(targets * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1), targets, reduction)
+
+
+def forward_corrected_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, transition: torch.Tensor,
+                                    reduction: str = "mean") -> torch.Tensor:
+    """-sum_k t_k log (p T)_k, T[j, k] = P(given k | true j): the targets are given labels, so the model's clean
+    softmax p is carried through the noise first (forward correction, Patrini et al., CVPR 2017); T = I is
+    soft_target_cross_entropy."""
+    noisy = F.softmax(logits.float(), dim=-1) @ transition.to(logits.device, torch.float32)
+    log_noisy = noisy.clamp_min(torch.finfo(torch.float32).tiny).log()
+    return _reduce(-(targets * log_noisy).sum(dim=-1), targets, reduction)
+
+
+def _reduce(per_sample: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The per-row losses, summed, or averaged over the rows whose target is not all zero."""
     if reduction == "none":
         return per_sample
     if reduction == "sum":

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from noisymix.mixing.config import ConfigError, Section
+from noisymix.mixing.losses import soft_target_cross_entropy
 from noisymix.selection.report import LabelReport
 
 GIVEN, TRUE = "given", "true"
@@ -98,6 +99,10 @@ class BatchRule:
               rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The training loss of a batch's logits against the targets `batch` made: soft-target cross-entropy."""
+        return soft_target_cross_entropy(logits, targets)
+
 
 @dataclass
 class NoKnobs(Section):
@@ -163,6 +168,10 @@ class Method:
 
     def workers_read_probs(self) -> bool:
         """Whether the batch rule reads the out-of-fold table's N x C probabilities (else they stay on the driver)."""
+        return False
+
+    def needs_noise_matrix(self) -> bool:
+        """Whether the batch rule reads the table's C x C noise transition of the unflagged samples."""
         return False
 
     def out_of_fold_file(self) -> str | None:

@@ -34,12 +34,13 @@ def per_class_thresholds(probs: np.ndarray, given: np.ndarray) -> np.ndarray:
         return np.where(counts > 0, sums / np.maximum(counts, 1), np.inf)
 
 
-def confident_joint(probs: np.ndarray, given: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+def confident_joint(probs: np.ndarray, given: np.ndarray, thresholds: np.ndarray,
+                    counted: np.ndarray | None = None) -> np.ndarray:
     """C[i, j] = how many samples labelled i have P[x, j] >= t_j, each counted once, in its most probable such
-    class j (CL eq. 1); a sample above no threshold is counted nowhere."""
+    class j (CL eq. 1); a sample above no threshold, or outside the boolean mask `counted`, is counted nowhere."""
     probs, given = _check(probs, given)
     above = probs >= thresholds[None, :]
-    confident = above.any(axis=1)
+    confident = above.any(axis=1) if counted is None else above.any(axis=1) & counted
     true_guess = np.where(above, probs, -np.inf).argmax(axis=1)
     num_classes = probs.shape[1]
     cells = given[confident] * num_classes + true_guess[confident]
@@ -77,3 +78,18 @@ def confident_learning_flags(probs: np.ndarray, given: np.ndarray) -> np.ndarray
     joint = confident_joint(probs, given, per_class_thresholds(probs, given))
     calibrated = calibrated_joint(joint, np.bincount(given, minlength=probs.shape[1]))
     return prune_by_noise_rate(probs, given, calibrated)
+
+
+def noise_transition(probs: np.ndarray, given: np.ndarray, counted: np.ndarray | None = None) -> np.ndarray:
+    """T[j, k] = P(given label k | true class j) among the samples of the mask `counted` (all where None): the
+    calibrated joint C~[k, j] of those samples (thresholds t from every sample), each true class's column
+    normalised. What forward loss correction needs (docs/crossmix.md H2); a true class that no counted sample is
+    confidently in keeps an identity row (no correction without evidence)."""
+    probs, given = _check(probs, given)
+    num_classes = probs.shape[1]
+    sizes = np.bincount(given if counted is None else given[counted], minlength=num_classes)
+    joint = confident_joint(probs, given, per_class_thresholds(probs, given), counted)
+    by_true = calibrated_joint(joint, sizes).T
+    totals = by_true.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(totals > 0, by_true / np.maximum(totals, 1e-12), np.eye(num_classes)).astype(np.float32)

@@ -13,7 +13,7 @@ from noisymix.selection.confident_learning import confident_learning_flags
 from noisymix.selection.crossval import SelectionError
 from noisymix.selection.gmm import out_of_fold_clean_probability
 
-FLAG_RULES = ("mismatch", "confident", "oof_gmm", "agree", "auto")
+FLAG_RULES = ("mismatch", "confident", "oof_gmm", "agree", "auto", "none")
 # `auto` takes the GMM's flags when its flagged count is within this factor of confident learning's (either way).
 AUTO_AGREEMENT = 0.75
 FLAG_RULE_HELP = {
@@ -23,6 +23,7 @@ FLAG_RULE_HELP = {
     "agree": "flagged by both confident and oof_gmm (two detectors that read the table differently)",
     "auto": f"oof_gmm where it flags {AUTO_AGREEMENT:g}x-{1 / AUTO_AGREEMENT:.3g}x as many as confident, else "
             "confident",
+    "none": "no label is flagged (CrossMix's forward correction then corrects every label through the table)",
 }
 
 
@@ -33,6 +34,8 @@ def choose_flags(rule: str, probs: np.ndarray, given: np.ndarray, seed: int = 0,
     so an N x C table is not scanned twice)."""
     if rule not in FLAG_RULES:
         raise SelectionError(f"flag_rule={rule!r} is not one of {', '.join(FLAG_RULES)}")
+    if rule == "none":
+        return rule, np.zeros(len(given), dtype=bool)
     if rule == "mismatch":
         return rule, (probs.argmax(axis=1) if predicted is None else predicted) != given
     if rule == "confident":

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from noisymix.selection.confident_learning import noise_transition
 from noisymix.selection.crossval import SelectionError
 from noisymix.selection.flag_rules import choose_flags
 
@@ -46,6 +47,7 @@ class MixingTable:
     pools: list[np.ndarray]
     fallback_classes: list[int]
     flag_rule: str = ""   # the rule that flagged (flag_rule=auto's choice); the driver's, not sent to workers
+    noise_matrix: np.ndarray | None = None   # C x C: the trusted samples' estimated P(given | true), for CrossMix
 
     def to_arrays(self, for_workers: bool = False, probs: bool = True) -> dict[str, np.ndarray]:
         """Flat arrays for the object store: pools as one id array plus offsets. The workers' copy leaves out
@@ -58,6 +60,8 @@ class MixingTable:
             arrays.update(given=self.given, confidence=self.confidence)
         if probs:
             arrays["probs"] = self.probs
+        if self.noise_matrix is not None:
+            arrays["noise_matrix"] = self.noise_matrix
         return arrays
 
     @classmethod
@@ -65,13 +69,15 @@ class MixingTable:
         offsets = arrays["pool_offsets"]
         pools = [arrays["pool_ids"][offsets[c]:offsets[c + 1]] for c in range(len(offsets) - 1)]
         return cls(arrays.get("given"), arrays["uncertain"], arrays["predicted"], arrays.get("confidence"),
-                   arrays.get("probs"), pools, [int(c) for c in arrays["fallback_classes"]])
+                   arrays.get("probs"), pools, [int(c) for c in arrays["fallback_classes"]],
+                   noise_matrix=arrays.get("noise_matrix"))
 
 
 def build_mixing_table(probs: np.ndarray, given: np.ndarray, tau_low: float = 0.0, tau_high: float = 0.0,
-                       flag_rule: str = "mismatch", seed: int = 0) -> MixingTable:
+                       flag_rule: str = "mismatch", seed: int = 0, noise_matrix: bool = False) -> MixingTable:
     """The mixing table of methods.md A2 from out-of-fold probabilities and the given labels; `flag_rule`
-    chooses which given labels are flagged (selection.flag_rules; `mismatch` is the paper's)."""
+    chooses which given labels are flagged (selection.flag_rules; `mismatch` is the paper's). `noise_matrix`:
+    also estimate the unflagged samples' noise transition (one more pass over the N x C table)."""
     for name, tau in (("tau_low", tau_low), ("tau_high", tau_high)):
         if not 0.0 <= tau <= 1.0:
             raise SelectionError(f"{name} must be in [0, 1], got {tau}")
@@ -87,4 +93,4 @@ def build_mixing_table(probs: np.ndarray, given: np.ndarray, tau_low: float = 0.
     for c in fallback:
         pools[c] = np.flatnonzero(predicted == c)
     return MixingTable(np.asarray(given), uncertain, predicted, confidence, probs.astype(np.float32), pools, fallback,
-                       rule)
+                       rule, noise_transition(probs, given, ~uncertain) if noise_matrix else None)

@@ -6,6 +6,8 @@ import torch
 
 from noisymix.launch.config import ConfigError, build_config
 from noisymix.mixing.crossmix import CrossMixTargets, dominant_lambda, label_guess, sharpen
+from noisymix.mixing.losses import forward_corrected_cross_entropy, soft_target_cross_entropy
+from noisymix.mixing.method import BatchContext
 from noisymix.selection.mismatch import build_mixing_table
 
 C = 3
@@ -153,3 +155,62 @@ def test_only_the_guesses_that_need_them_read_probabilities_or_predict():
                  build_config(overrides={"method": "crossmix", "guess": g}).method.predicts_in_batch())
              for g in ("oof", "model", "mean", "none")}
     assert needs == {"oof": (True, False), "model": (False, True), "mean": (True, True), "none": (False, False)}
+
+
+def test_the_forward_corrected_loss_carries_the_prediction_through_the_noise():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0], [0.5, 0.5, 0.5]])
+    targets = torch.tensor([[0.0, 1.0, 0.0], [0.3, 0.7, 0.0], [0.0, 0.0, 0.0]])
+    assert torch.allclose(forward_corrected_cross_entropy(logits, targets, torch.eye(C)),
+                          soft_target_cross_entropy(logits, targets))
+    noise = torch.tensor([[0.6, 0.4, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    noisy = torch.softmax(logits, dim=1) @ noise
+    by_hand = -(targets * noisy.log()).sum(dim=1)
+    assert torch.allclose(forward_corrected_cross_entropy(logits, targets, noise, reduction="none"), by_hand)
+    assert torch.allclose(forward_corrected_cross_entropy(logits, targets, noise), by_hand[:2].mean()), \
+        "a zero target row is left out of the mean"
+
+
+def test_forward_correction_lets_a_confident_true_class_pay_little_for_its_flipped_label():
+    """Class 0 is labelled 1 with probability 0.4: predicting the true class 0 for a sample labelled 1 costs
+    -log 0.4 under the correction, against -log p_1 (large) without it."""
+    logits = torch.tensor([[8.0, 0.0, 0.0]])
+    target = torch.tensor([[0.0, 1.0, 0.0]])
+    noise = torch.tensor([[0.6, 0.4, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    assert float(forward_corrected_cross_entropy(logits, target, noise)) == pytest.approx(-np.log(0.4), abs=1e-3)
+    assert float(soft_target_cross_entropy(logits, target)) > 7.9
+
+
+def test_with_a_noise_matrix_the_rule_drops_flagged_rows_and_forward_corrects_the_rest():
+    table, given = make_table()
+    noise = np.array([[0.7, 0.3, 0.0], [0.0, 1.0, 0.0], [0.0, 0.1, 0.9]], dtype=np.float32)
+    rule = CrossMixTargets(C, uncertain=table.uncertain, guess="none", transition=noise)
+    ids = np.arange(12)
+    _, targets = unmixed(rule, ids, given)
+    assert (targets[ids % 4 == 0] == 0).all(), "flagged rows are still dropped"
+    logits = torch.randn(12, C)
+    assert torch.allclose(rule.loss(logits, targets),
+                          forward_corrected_cross_entropy(logits, targets, torch.from_numpy(noise)))
+    plain = CrossMixTargets(C, uncertain=table.uncertain, guess="none")
+    assert torch.allclose(plain.loss(logits, targets), soft_target_cross_entropy(logits, targets))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"guess": "oof", "probs": np.ones((4, C)), "transition": np.eye(C)}, "needs guess=none"),
+    ({"guess": "none", "transition": np.eye(C + 1)}, "noise transition of shape"),
+])
+def test_the_forward_rule_refuses_guesses_and_a_wrong_matrix(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CrossMixTargets(C, uncertain=np.zeros(4, bool), **kwargs)
+
+
+def test_forward_correction_is_a_knob_that_asks_the_table_for_its_noise_matrix():
+    method = build_config(overrides={"method": "crossmix", "noise_correction": "forward"}).method
+    assert method.needs_noise_matrix() and not method.workers_read_probs()
+    assert not build_config(overrides={"method": "crossmix"}).method.needs_noise_matrix()
+    with pytest.raises(ConfigError, match="noise_correction=forward needs guess=none"):
+        build_config(overrides={"method": "crossmix", "noise_correction": "forward", "guess": "mean"})
+    with pytest.raises(ConfigError, match="noise_correction='backward' is not one of"):
+        build_config(overrides={"method": "crossmix", "noise_correction": "backward"})
+    table, _ = make_table()
+    with pytest.raises(ValueError, match="carries no noise transition"):
+        method.batch_rule(BatchContext(C, table=table))

@@ -107,6 +107,27 @@ def test_train_epoch_learns_digits_in_process(digits_dir):
     assert losses[-1] < losses[0] and correct / total > before[0] / before[1] + 0.3
 
 
+def test_train_epoch_steps_on_the_batch_rules_own_loss(digits_dir):
+    """A rule's `loss` is what the optimizer steps on (CrossMix's forward correction); the default is soft CE."""
+    manifest = shards.load_manifest(digits_dir)
+    stream = shards.sample_stream(shards.shard_urls(digits_dir, manifest, "train"), batch_size=64)
+    transform = InputTransform(tuple(manifest["mean"]), tuple(manifest["std"]))
+    seen = []
+
+    class DoubledLoss(PlainTargets):
+        def loss(self, logits, targets):
+            seen.append(len(targets))
+            return 2 * super().loss(logits, targets)
+
+    model = create_model("auto", 1, 10, 8)
+    stats = train_epoch(model, build_optimizer(model, 0.0, 0.9, 0.0), stream, DoubledLoss(10), transform,
+                        torch.device("cpu"), np.random.default_rng(0))
+    assert sum(seen) == stats.samples == manifest["splits"]["train"]["count"]
+    plain = train_epoch(model, build_optimizer(model, 0.0, 0.9, 0.0), stream, PlainTargets(10), transform,
+                        torch.device("cpu"), np.random.default_rng(0))
+    assert stats.mean_loss == pytest.approx(2 * plain.mean_loss, rel=1e-5), "lr 0: the same model, twice the loss"
+
+
 def test_nan_loss_stops_with_the_step_range(digits_dir):
     manifest = shards.load_manifest(digits_dir)
     model = create_model("auto", 1, 10, 8)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from noisymix.selection.confident_learning import (calibrated_joint, confident_joint, confident_learning_flags,
-                                                   per_class_thresholds, prune_by_noise_rate)
+                                                   noise_transition, per_class_thresholds, prune_by_noise_rate)
 from noisymix.selection.crossval import SelectionError
 from noisymix.selection.detection import detection_metrics
 from noisymix.selection.flag_rules import FLAG_RULES, auto_flags, choose_flags, corrected_labels, flag_given_labels
@@ -113,6 +113,51 @@ def test_auto_trusts_the_gmm_only_where_both_count_about_as_many_wrong_labels(gm
 
     rule, out = auto_flags(flags(gmm), flags(confident))
     assert rule == chosen and np.array_equal(out, flags(gmm if chosen == "oof_gmm" else confident))
+
+
+def test_the_noise_transition_of_a_pair_flip_is_estimated_from_the_table():
+    """Folds that did not learn the flip (learned=0; their argmax errs on ~20% of the samples, which the joint
+    counts as noise too). Folds that learned it lean every class towards the next, which the joint reads as
+    noise in the other direction (max error 0.22 at learned=1.5): the estimate is only as good as the table."""
+    probs, given, true = pair_flip_table(n=6000, learned=0.0)
+    estimated = noise_transition(probs, given)
+    actual = np.zeros((5, 5))
+    np.add.at(actual, (true, given), 1)
+    actual /= actual.sum(axis=1, keepdims=True)
+    assert estimated.shape == (5, 5) and estimated.sum(axis=1) == pytest.approx(np.ones(5), abs=1e-5)
+    assert np.abs(estimated - actual).max() < 0.12
+    off_pair = ~(np.eye(5, dtype=bool) | np.eye(5, k=1, dtype=bool) | np.eye(5, k=-4, dtype=bool))
+    assert estimated[off_pair].max() < 0.07, "no noise is invented between classes the flip never links"
+
+
+def test_the_noise_transition_counts_only_the_masked_samples_and_keeps_unseen_classes_clean():
+    probs, given, true = pair_flip_table(n=6000, learned=0.0)
+    clean_only = given == true
+    kept = noise_transition(probs, given, clean_only)
+    everything = noise_transition(probs, given)
+    assert np.trace(kept) > np.trace(everything) + 1.0, "the clean samples carry less noise than all of them"
+    by_hand = calibrated_joint(confident_joint(probs, given, per_class_thresholds(probs, given), clean_only),
+                               np.bincount(given[clean_only], minlength=5)).T
+    assert kept == pytest.approx(by_hand / by_hand.sum(axis=1, keepdims=True), abs=1e-6)
+    nobody_in_2 = probs[:, 2] < 0.0                   # no sample counted: every row is the identity
+    assert np.array_equal(noise_transition(probs, given, nobody_in_2), np.eye(5))
+
+
+def test_rule_none_flags_nothing():
+    probs, given, _ = simulated_table(n=300)
+    rule, flags = choose_flags("none", probs, given)
+    assert rule == "none" and flags.dtype == bool and not flags.any() and len(flags) == 300
+    table = build_mixing_table(probs, given, flag_rule="none")
+    assert not table.uncertain.any() and table.noise_matrix is None
+
+
+def test_the_table_carries_the_noise_transition_of_its_unflagged_samples_where_asked():
+    probs, given, _ = pair_flip_table(n=2000)
+    table = build_mixing_table(probs, given, flag_rule="confident", noise_matrix=True)
+    assert table.noise_matrix == pytest.approx(noise_transition(probs, given, ~table.uncertain))
+    arrays = table.to_arrays(for_workers=True, probs=False)
+    assert np.array_equal(type(table).from_arrays(arrays).noise_matrix, table.noise_matrix)
+    assert "noise_matrix" not in build_mixing_table(probs, given).to_arrays(for_workers=True)
 
 
 def test_agree_is_the_intersection_and_every_rule_is_deterministic():
