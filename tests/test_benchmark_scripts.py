@@ -70,10 +70,18 @@ def test_fold_accuracy_scores_a_run_with_the_library_metrics(digits_dir, tmp_pat
     flagged, wrong = predicted != given, given != true
     assert row["precision"] == pytest.approx(np.mean(wrong[flagged]))
     assert fold_accuracy.required_clean_accuracy(0.4, 1.0, 0.9) == pytest.approx(1 - 0.4 * (1 / (0.9 / 1.1) - 1) / 0.6)
-    rules = {r["rule"]: r for r in fold_accuracy.rule_scores(tmp_path)}
-    assert set(rules) == {"mismatch", "confident", "oof_gmm", "agree", "auto"}
+    rules = {r["rule"]: r for r in fold_accuracy.rule_scores(tmp_path, [0.5, 1.5])}
+    assert set(rules) == {"mismatch", "confident", "oof_gmm", "agree", "auto", "none", "confident, top P >= 0.5",
+                          "confident, top P >= 1.5"}
     assert rules["mismatch"]["precision"] == pytest.approx(row["precision"])
     assert rules["mismatch"]["class_acc_on_flagged"] == pytest.approx(np.mean(predicted[flagged] == true[flagged]))
+    assert rules["mismatch"]["kept_noise"] == pytest.approx(np.mean(wrong[~flagged]))
+    assert rules["none"]["flagged_rate"] == 0 and rules["none"]["kept_noise"] == pytest.approx(np.mean(wrong))
+    # one-hot rows: every top probability is 1, so a floor of 0.5 keeps confident learning's flags, 1.5 none of them
+    assert rules["confident, top P >= 0.5"]["f1"] == rules["confident"]["f1"]
+    assert rules["confident, top P >= 1.5"]["flagged_rate"] == 0
+    # the kept samples' noise matrix: estimated from a table whose argmax is the true class on all but 100 samples
+    assert 0 < rules["mismatch"]["noise_matrix_max_error"] < 0.2
 
 
 def test_ddp_overhead_measures_steps():
