@@ -84,6 +84,25 @@ def test_fold_accuracy_scores_a_run_with_the_library_metrics(digits_dir, tmp_pat
     assert 0 < rules["mismatch"]["noise_matrix_max_error"] < 0.2
 
 
+def test_per_class_accuracy_scores_a_runs_best_model_on_each_test_class(digits_dir, tmp_path):
+    per_class = load("per_class_accuracy")
+    from noisymix.distributed.models import create_model
+
+    manifest = shards.load_manifest(digits_dir)
+    run = RunDir(tmp_path)
+    run.write_config({"data_dir": str(digits_dir), "method": "ce", "model": "auto", "width": 0})
+    height, _, channels = manifest["image_shape"]
+    torch.manual_seed(0)
+    model = create_model("auto", channels, 10, height)
+    torch.save({"model": model.state_dict()}, tmp_path / "model_best.pt")
+    row = per_class.per_class_accuracy(tmp_path)
+    labels = shards.load_labels(str(digits_dir), manifest, split="test")
+    counts = np.bincount(labels, minlength=10)
+    assert len(row["per_class"]) == 10 and row["method"] == "ce"
+    assert row["test_acc"] == pytest.approx(np.dot(row["per_class"], counts) / counts.sum())
+    assert "| class 9 |" in per_class.markdown([row], "cmd")
+
+
 def test_ddp_overhead_measures_steps():
     ddp = load("ddp_overhead")
     model = ddp.create_model("small_cnn", 1, 10, 28, 4)
