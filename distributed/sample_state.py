@@ -82,19 +82,20 @@ def move_targets(codec: TargetCodec, targets: torch.Tensor | None, labels: torch
     """B1's loss -log p[argmax t] of each sample and its encoded target after B2's t <- m t + (1 - m) p (as it was
     without a momentum), computed a chunk of rows at a time from the encoded rows; `targets` None: the first
     refresh, t = onehot(given label)."""
-    losses, out = [], []
+    # Outputs allocated whole before the chunks: small results left between each chunk's large transients would
+    # fragment the heap (glibc then kept ~2 KB per row at C=1000 that no array held).
+    write = momentum is not None or targets is None
+    losses = torch.empty(len(probs), device=probs.device)
+    moved = codec.empty(len(probs), probs.device) if write else targets
     # A probability stored in 16 bits underflows to 0 below its smallest subnormal: cap the loss there.
     floor = max(1e-30, torch.finfo(codec.value_dtype).tiny / 1024)
     for rows in chunks(len(probs), codec.num_classes):
         p = codec.decode(probs[rows])
         t = F.one_hot(labels[rows].long(), codec.num_classes).float() if targets is None else codec.decode(targets[rows])
-        losses.append(-torch.log(p.gather(1, t.argmax(dim=1, keepdim=True)).squeeze(1).clamp_min(floor)))
-        if momentum is not None:
-            out.append(codec.encode(update_soft_targets(t, p, momentum)))
-        elif targets is None:
-            out.append(codec.encode(t))
-    moved = targets if momentum is None and targets is not None else (torch.cat(out) if out else probs[:0])
-    return (torch.cat(losses) if losses else torch.empty(0, device=probs.device)), moved
+        losses[rows] = -torch.log(p.gather(1, t.argmax(dim=1, keepdim=True)).squeeze(1).clamp_min(floor))
+        if write:
+            moved[rows] = codec.encode(t if momentum is None else update_soft_targets(t, p, momentum))
+    return losses, moved
 
 
 @dataclass
