@@ -133,18 +133,18 @@ class SelectionRounds:
                            self.config.method.needs_noise_matrix())
         table = selection.table
         write_selection(self.run, selection)
+        note = self.config.method.selection_note(table)
         self.log(f"selection: {int(table.uncertain.sum())} of {len(table.uncertain)} samples flagged by "
                  f"{table.flag_rule} ({table.uncertain.mean():.1%}) in {selection.seconds:.1f}s"
                  + (f"; fold epochs kept: {[run['kept_epoch'] for run in selection.fold_runs]}" if selection.fold_runs
                     else "")
                  + (f"; classes with no trusted sample use every sample predicted as them: {table.fallback_classes}"
                     if table.fallback_classes else "")
-                 + (f"; forward correction: kept labels estimated wrong {1 - float(np.diag(table.noise_matrix).mean()):.1%}"
-                    " of the time (mean over true classes of 1 - T[j, j], oof.npz's noise_matrix)"
-                    if table.noise_matrix is not None else ""))
+                 + (f"; {note}" if note else ""))
         info = {"epoch": epoch, "seconds": selection.seconds, "flagged": int(table.uncertain.sum()),
                 "flag_rule": table.flag_rule,
-                "folds": selection.fold_runs, **({"oof_from": cv.oof_from} if reused else {})}
+                "folds": selection.fold_runs, **({"oof_from": cv.oof_from} if reused else {}),
+                **({"note": note} if note else {})}
         info.update(self.recorder.believe(self.config.method.label_report(table=table), epoch))
         self.rounds.append(info)
         self.latest = selection

@@ -18,9 +18,10 @@ from noisymix.mixing.losses import forward_corrected_cross_entropy, one_hot
 from noisymix.mixing.method import BatchContext, BatchRule, register
 from noisymix.mixing.mixup import MixupConfig, mix, sample_lambda
 from noisymix.mixing.selectmix import CrossValConfig, OutOfFoldMethod
+from noisymix.selection.confident_learning import least_separated
 
 GUESSES = ("oof", "model", "mean", "none")
-CORRECTIONS = ("none", "forward")
+CORRECTIONS = ("none", "forward", "auto")
 
 
 def sharpen(probs: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -144,6 +145,8 @@ class CrossMixConfig(CrossValConfig, MixupConfig):
     flagged_weight: float = 1.0
     guess_threshold: float = 0.0   # a flagged sample whose sharpened guess peaks below this is dropped
     noise_correction: str = "none"  # forward: the kept labels' loss through their estimated noise (guess=none)
+    # auto: forward only where every two true classes' rows of that noise are this far apart (total variation)
+    forward_separation: float = 0.3
 
     def validate(self) -> None:
         super().validate()
@@ -152,9 +155,11 @@ class CrossMixConfig(CrossValConfig, MixupConfig):
         check_range("flagged_weight", self.flagged_weight, 0.0)
         check_range("guess_threshold", self.guess_threshold, 0.0, 1.0)
         check_choice("noise_correction", self.noise_correction, CORRECTIONS)
-        if self.noise_correction == "forward" and self.guess != "none":
-            raise ConfigError("noise_correction=forward needs guess=none: the correction reads every target as a "
-                              f"given label, and a guess is a distribution over true classes (got guess={self.guess})")
+        check_range("forward_separation", self.forward_separation, 0.0, 1.0)
+        if self.noise_correction != "none" and self.guess != "none":
+            raise ConfigError(f"noise_correction={self.noise_correction} needs guess=none: the correction reads every "
+                              "target as a given label, and a guess is a distribution over true classes (got "
+                              f"guess={self.guess})")
 
 
 @register
@@ -171,13 +176,36 @@ class CrossMix(OutOfFoldMethod):
         return self.config.guess in ("model", "mean")
 
     def needs_noise_matrix(self) -> bool:
-        return self.config.noise_correction == "forward"
+        return self.config.noise_correction != "none"
+
+    def transition(self, table) -> np.ndarray | None:
+        """The noise matrix the kept labels' loss goes through (None: plain loss): the table's with `forward`; with
+        `auto` only where no two true classes' rows of it are closer than forward_separation."""
+        if not self.needs_noise_matrix():
+            return None
+        if table.noise_matrix is None:
+            raise ValueError(f"noise_correction={self.config.noise_correction}, but the mixing table carries no "
+                             "noise transition")
+        if self.config.noise_correction == "auto" and least_separated(table.noise_matrix)[0] < \
+                self.config.forward_separation:
+            return None
+        return table.noise_matrix
+
+    def selection_note(self, table) -> str:
+        if not self.needs_noise_matrix() or table.noise_matrix is None:
+            return ""
+        separation, j, k = least_separated(table.noise_matrix)
+        applied = self.transition(table) is not None
+        choice = "" if self.config.noise_correction == "forward" else (
+            f"; auto: {'on' if applied else 'off'}, {'' if applied else 'below '}forward_separation "
+            f"{self.config.forward_separation:g}")
+        return (f"forward correction: kept labels estimated wrong {1 - float(np.diag(table.noise_matrix).mean()):.1%} "
+                "of the time (mean over true classes of 1 - T[j, j], oof.npz's noise_matrix); closest true classes "
+                f"{j} and {k}, rows {separation:.2f} apart{choice}")
 
     def batch_rule(self, context: BatchContext) -> BatchRule:
         c, table = self.config, context.table
-        if self.needs_noise_matrix() and table.noise_matrix is None:
-            raise ValueError("noise_correction=forward, but the mixing table carries no noise transition")
         return CrossMixTargets(context.num_classes, uncertain=table.uncertain, probs=table.probs, guess=c.guess,
                                temperature=c.sharpen_t, flagged_weight=c.flagged_weight,
                                threshold=c.guess_threshold, alpha=c.alpha, predict=context.predict,
-                               transition=table.noise_matrix if self.needs_noise_matrix() else None)
+                               transition=self.transition(table))

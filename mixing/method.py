@@ -174,6 +174,10 @@ class Method:
         """Whether the batch rule reads the table's C x C noise transition of the unflagged samples."""
         return False
 
+    def selection_note(self, table) -> str:
+        """What the driver's log says of a new mixing table beyond its flags (\"\": nothing)."""
+        return ""
+
     def out_of_fold_file(self) -> str | None:
         """An earlier run's out-of-fold table to use for the first selection instead of training folds."""
         return None

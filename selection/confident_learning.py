@@ -93,3 +93,21 @@ def noise_transition(probs: np.ndarray, given: np.ndarray, counted: np.ndarray |
     totals = by_true.sum(axis=1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(totals > 0, by_true / np.maximum(totals, 1e-12), np.eye(num_classes)).astype(np.float32)
+
+
+def row_separation(transition: np.ndarray) -> np.ndarray:
+    """S[j, k] = 1/2 sum_l |T[j, l] - T[k, l]|, the total variation between how true classes j and k are labelled.
+    Where it is small, predicting k for j's images explains their given labels almost as well as predicting j: a
+    loss forward-corrected through T hardly tells j from k (docs/crossmix.md H2). One row of T at a time."""
+    rows = np.asarray(transition, dtype=np.float64)
+    return np.stack([np.abs(rows - row).sum(axis=1) for row in rows]) / 2 if len(rows) else np.zeros((0, 0))
+
+
+def least_separated(transition: np.ndarray) -> tuple[float, int, int]:
+    """(S[j, k], j, k) of the two true classes whose rows of T are closest (1.0, 0, 0 below two classes)."""
+    separation = row_separation(transition)
+    if len(separation) < 2:
+        return 1.0, 0, 0
+    np.fill_diagonal(separation, np.inf)
+    j, k = np.unravel_index(int(np.argmin(separation)), separation.shape)
+    return float(separation[j, k]), int(min(j, k)), int(max(j, k))

@@ -214,3 +214,26 @@ def test_forward_correction_is_a_knob_that_asks_the_table_for_its_noise_matrix()
     table, _ = make_table()
     with pytest.raises(ValueError, match="carries no noise transition"):
         method.batch_rule(BatchContext(C, table=table))
+
+
+# A pair swapped 40% each way, as estimated at 40% asymmetric (rows 0 and 1 0.10 apart), and a cycle of flips
+# over-estimated at 50%, as at 40% pairflip (rows 0.5 apart).
+SWAPPED = np.array([[0.50, 0.45, 0.05], [0.40, 0.55, 0.05], [0.0, 0.0, 1.0]], dtype=np.float32)
+CYCLE = np.array([[0.5, 0.5, 0.0], [0.0, 0.5, 0.5], [0.5, 0.0, 0.5]], dtype=np.float32)
+
+
+@pytest.mark.parametrize("noise, applied", [(SWAPPED, False), (CYCLE, True)])
+def test_auto_correction_applies_the_matrix_only_where_it_tells_every_two_classes_apart(noise, applied):
+    method = build_config(overrides={"method": "crossmix", "noise_correction": "auto", "flag_rule": "none"}).method
+    assert method.needs_noise_matrix()
+    table, _ = make_table()
+    table.noise_matrix = noise
+    rule = method.batch_rule(BatchContext(C, table=table))
+    assert (rule.transition is noise) == applied and (rule.transition is None) == (not applied)
+    note = method.selection_note(table)
+    assert ("auto: on" in note) == applied and ("auto: off, below forward_separation 0.3" in note) == (not applied)
+    assert ("closest true classes 0 and 1, rows 0.10 apart" in note) == (not applied), note
+    forward = build_config(overrides={"method": "crossmix", "noise_correction": "forward"}).method
+    assert forward.batch_rule(BatchContext(C, table=table)).transition is noise, "forward applies whatever T says"
+    with pytest.raises(ConfigError, match="forward_separation"):
+        build_config(overrides={"method": "crossmix", "noise_correction": "auto", "forward_separation": 1.5})

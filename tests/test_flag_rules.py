@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from noisymix.selection.confident_learning import (calibrated_joint, confident_joint, confident_learning_flags,
-                                                   noise_transition, per_class_thresholds, prune_by_noise_rate)
+                                                   least_separated, noise_transition, per_class_thresholds,
+                                                   prune_by_noise_rate, row_separation)
 from noisymix.selection.crossval import SelectionError
 from noisymix.selection.detection import detection_metrics
 from noisymix.selection.flag_rules import FLAG_RULES, auto_flags, choose_flags, corrected_labels, flag_given_labels
@@ -198,3 +199,12 @@ def test_corrected_labels_take_the_prediction_where_flagged_only():
     assert corrected_labels("mismatch", probs, given).tolist() == [0, 1, 0]
     with pytest.raises(SelectionError, match="flag_rule='vote'"):
         corrected_labels("vote", probs, given)
+
+
+def test_row_separation_is_the_total_variation_between_two_true_classes_labels():
+    swap = np.array([[0.6, 0.4, 0.0], [0.4, 0.6, 0.0], [0.0, 0.0, 1.0]])
+    assert row_separation(swap) == pytest.approx(np.array([[0, 0.2, 1.0], [0.2, 0, 1.0], [1.0, 1.0, 0]]))
+    assert least_separated(swap) == pytest.approx((0.2, 0, 1))
+    cycle = np.array([[0.6, 0.4, 0.0], [0.0, 0.6, 0.4], [0.4, 0.0, 0.6]])
+    assert least_separated(cycle)[0] == pytest.approx(0.6), "a cycle of flips keeps its rows apart"
+    assert least_separated(np.eye(4))[0] == 1.0 and least_separated(np.eye(1)) == (1.0, 0, 0)
