@@ -150,8 +150,8 @@ def test_a_sweep_whose_driver_is_killed_resumes_without_repeating_finished_trial
     spec_path.write_text(yaml.safe_dump({
         "name": "resume", "sweep_dir": str(sweep_dir), "max_concurrent": 1, "scheduler": "fifo",
         "base": {"data_dir": str(digits_dir), "method": "ce", "epochs": 2, "num_shards": 4},
-        # The last two trials raise (no such weights file): listed as failed, the others go on.
-        "space": {"pretrained": {"grid": [None, "missing.pt"]}, "lr": {"grid": [0.05, 0.02]}}}))
+        # The second trial raises (no such weights file): listed as failed, with why.
+        "space": {"pretrained": {"grid": [None, "missing.pt"]}}}))
     command = [sys.executable, "-m", "noisymix.launch.cli", "tune", str(spec_path)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
@@ -159,7 +159,7 @@ def test_a_sweep_whose_driver_is_killed_resumes_without_repeating_finished_trial
     deadline, seen = time.time() + 300, []
     for line in driver.stdout:
         seen.append(line)
-        if line.startswith("trial 1/4"):
+        if line.startswith("trial 1/2"):
             break
         assert time.time() < deadline, "".join(seen)
     os.killpg(driver.pid, signal.SIGKILL)   # the driver and the Ray it started, without a goodbye
@@ -170,11 +170,7 @@ def test_a_sweep_whose_driver_is_killed_resumes_without_repeating_finished_trial
     again = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "resuming the sweep" in again.stdout
-    table = rows(sweep_dir)
-    assert len(table) == 4 and {float(row["lr"]) for row in table} == {0.05, 0.02}
-    trained = [row for row in table if row["pretrained"] == ""]
-    failed = [row for row in table if row["pretrained"] != ""]
-    assert [row["status"] for row in trained] == ["finished"] * 2, table
-    assert [row["status"] for row in failed] == ["failed"] * 2, table
-    assert all("cannot read pretrained weights" in row["why_stopped"] for row in failed), failed
+    [trained, failed] = sorted(rows(sweep_dir), key=lambda row: row["pretrained"])
+    assert trained["pretrained"] == "" and trained["status"] == "finished", trained
+    assert failed["status"] == "failed" and "cannot read pretrained weights" in failed["why_stopped"], failed
     assert all(p.stat().st_mtime_ns == stamp for p, stamp in stamps.items()), "a finished trial was not retrained"
