@@ -186,16 +186,17 @@ class CrossMix(OutOfFoldMethod):
         if table.noise_matrix is None:
             raise ValueError(f"noise_correction={self.config.noise_correction}, but the mixing table carries no "
                              "noise transition")
-        if self.config.noise_correction == "auto" and least_separated(table.noise_matrix)[0] < \
-                self.config.forward_separation:
-            return None
-        return table.noise_matrix
+        forward = self.config.noise_correction == "forward" or self._separated(least_separated(table.noise_matrix)[0])
+        return table.noise_matrix if forward else None
+
+    def _separated(self, separation: float) -> bool:
+        return separation >= self.config.forward_separation
 
     def selection_note(self, table) -> str:
         if not self.needs_noise_matrix() or table.noise_matrix is None:
             return ""
         separation, j, k = least_separated(table.noise_matrix)
-        applied = self.transition(table) is not None
+        applied = self._separated(separation)
         choice = "" if self.config.noise_correction == "forward" else (
             f"; auto: {'on' if applied else 'off'}, {'' if applied else 'below '}forward_separation "
             f"{self.config.forward_separation:g}")

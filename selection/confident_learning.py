@@ -10,6 +10,7 @@ the ones the folds are most sure about: its precision does not fall with the fol
 from __future__ import annotations
 
 import numpy as np
+from scipy.spatial.distance import cdist
 
 from noisymix.selection.crossval import SelectionError
 
@@ -98,9 +99,9 @@ def noise_transition(probs: np.ndarray, given: np.ndarray, counted: np.ndarray |
 def row_separation(transition: np.ndarray) -> np.ndarray:
     """S[j, k] = 1/2 sum_l |T[j, l] - T[k, l]|, the total variation between how true classes j and k are labelled.
     Where it is small, predicting k for j's images explains their given labels almost as well as predicting j: a
-    loss forward-corrected through T hardly tells j from k (docs/crossmix.md H2). One row of T at a time."""
+    loss forward-corrected through T hardly tells j from k (docs/crossmix.md H2)."""
     rows = np.asarray(transition, dtype=np.float64)
-    return np.stack([np.abs(rows - row).sum(axis=1) for row in rows]) / 2 if len(rows) else np.zeros((0, 0))
+    return cdist(rows, rows, "cityblock") / 2 if len(rows) else np.zeros((0, 0))
 
 
 def least_separated(transition: np.ndarray) -> tuple[float, int, int]:
