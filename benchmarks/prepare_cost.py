@@ -1,6 +1,7 @@
 """Where a re-encoding prepare spends its time per image, beside the bare decode loop it is measured against
-(benchmarks/scale.py): decode + shorter-side resize, JPEG re-encode, pixel statistics (the histogram the
-writers use, and the float sums they used before), and the shard checksum. Medians of 5 passes, one core.
+(benchmarks/scale.py): decode + shorter-side resize, JPEG re-encode, pixel statistics (PIL's histogram the
+writers use, and numpy's histogram and the float sums they used before), and the shard checksum. Medians of 5
+passes, one core.
 
     python benchmarks/prepare_cost.py --source runs/scale/synth-20000 [--images 400] [--out benchmarks/results/prepare_cost]
 """
@@ -46,7 +47,8 @@ def measure(source: Path, count: int) -> dict:
     return {"images": len(data), "stored_size": STORED_SIZE, "quality": QUALITY, "ms_per_image": {
         "decode_resize": per_image_ms(lambda d: resize_shorter(open_rgb(d, at_least=STORED_SIZE), STORED_SIZE), data),
         "encode_jpeg": per_image_ms(lambda image: encode_jpeg(image, QUALITY), images),
-        "pixel_stats_histogram": per_image_ms(lambda p: PixelSums().add(p), pixels),
+        "pixel_stats_pil_histogram": per_image_ms(lambda image: PixelSums().add_image(image), images),
+        "pixel_stats_numpy_histogram": per_image_ms(lambda p: PixelSums().add(p), pixels),
         "pixel_stats_float_sums": per_image_ms(float_sums, pixels),
         "sha256": per_image_ms(lambda b: hashlib.sha256(b).digest(), encoded)}}
 
@@ -60,7 +62,7 @@ def main() -> None:
     result = {"command": f"python benchmarks/prepare_cost.py --source {args.source} --images {args.images}",
               **measure(args.source, args.images)}
     costs = result["ms_per_image"]
-    work = costs["decode_resize"] + costs["encode_jpeg"] + costs["pixel_stats_histogram"] + costs["sha256"]
+    work = costs["decode_resize"] + costs["encode_jpeg"] + costs["pixel_stats_pil_histogram"] + costs["sha256"]
     result["prepare_vs_decode_bound"] = costs["decode_resize"] / work
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))

@@ -157,14 +157,14 @@ class ShardJob:
                     rel = read_line_path(fh, self.split.offsets[k])
                     where = f"{self.split.path}:{self.split.lines[k]}: {self.root / rel}"
                     try:
-                        data, pixels, side = stored_image((self.root / rel).read_bytes(), self.stored_size,
+                        data, image, side = stored_image((self.root / rel).read_bytes(), self.stored_size,
                                                           self.quality)
                     except OSError as exc:
                         raise SourceError(f"{where}: cannot read the image: {exc.strerror or exc}") from exc
                     except ImageDecodeError as exc:
                         raise SourceError(f"{where}: not a decodable image ({exc}); set skip_bad_images=true "
                                           "to leave such files out") from exc
-                    sums.add(pixels)
+                    sums.add_image(image)
                     sides.append(side)
                     true = None if self.split.true_labels is None else int(self.split.true_labels[k])
                     yield shards.encode_sample(int(sample_id), data, int(self.split.labels[k]), true)

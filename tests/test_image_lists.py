@@ -204,6 +204,15 @@ def test_selectmix_and_mixnn_train_on_jpeg_shards_reading_partners_by_id(ray_ses
         assert [r["phase"] for r in run.metrics()] == ["warmup", "mixup", "neighbours"]
 
 
+def test_pixel_sums_of_an_image_equal_those_of_its_pixels():
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, size=(19, 29, 3), dtype=np.uint8)
+    from_image, from_array = PixelSums(), PixelSums()
+    from_image.add_image(Image.fromarray(pixels))
+    from_array.add(pixels)
+    assert from_image == from_array and from_image.count == 19 * 29
+
+
 def test_pixel_sums_of_uint8_images_equal_the_float_sums():
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, size=(5, 17, 23, 3), dtype=np.uint8)
