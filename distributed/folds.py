@@ -208,7 +208,8 @@ class Selection:
 
 def select(cv: CrossValConfig, train: TrainSection, seed: int, data_dir: str, manifest: dict,
            previous: Selection | None = None, init_state: dict | None = None,
-           workers_read_probs: bool = False, cache: FoldCache | None = None, noise_matrix: bool = False) -> Selection:
+           workers_read_probs: bool = False, cache: FoldCache | None = None,
+           noise_matrix: str | None = None) -> Selection:
     """Run the K folds as Ray tasks and build the mixing table (methods.md A1-A2).
 
     Each fold task streams the train shards itself; the driver reads the given labels only. A re-selection
@@ -218,7 +219,7 @@ def select(cv: CrossValConfig, train: TrainSection, seed: int, data_dir: str, ma
     corrected label came from a fold that saw the held-out samples' given labels. With `oof_from`, the first
     selection takes an earlier run's out-of-fold probabilities instead of its first round of folds. The workers get the
     table without its N x C probabilities unless they read them (`workers_read_probs`: SelectMix's soft label),
-    and with the C x C noise transition of the unflagged samples where asked (`noise_matrix`: CrossMix's forward).
+    and with the C x C noise transition of the unflagged or of all samples where asked (`noise_matrix`, CrossMix's).
     """
     started = time.perf_counter()
     given = shards.load_labels(data_dir, manifest) if previous is None else previous.table.given
@@ -244,7 +245,7 @@ def select(cv: CrossValConfig, train: TrainSection, seed: int, data_dir: str, ma
 
 
 def restore_selection(arrays: dict[str, np.ndarray], cv: CrossValConfig, seed: int,
-                      workers_read_probs: bool = False, noise_matrix: bool = False) -> Selection:
+                      workers_read_probs: bool = False, noise_matrix: str | None = None) -> Selection:
     """The latest selection of an interrupted run, rebuilt from its oof.npz (the same table: it is a function
     of the out-of-fold probabilities, the given labels, the flag rule, the thresholds and the seed)."""
     table = build_mixing_table(arrays["probs"], arrays["given"], cv.tau_low, cv.tau_high, cv.flag_rule, seed,

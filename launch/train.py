@@ -108,7 +108,7 @@ class SelectionRounds:
         self.rounds: list[dict] = (run.status() or {}).get("rounds", [])   # a resumed run's finished rounds
         if self.rounds:
             self.latest = restore_selection(run.out_of_fold(), self.cv, config.run.seed,
-                                            config.method.workers_read_probs(), config.method.needs_noise_matrix())
+                                            config.method.workers_read_probs(), config.method.noise_matrix_over())
             recorder.believe(config.method.label_report(table=self.latest.table), self.rounds[-1]["epoch"])
 
     def done_at(self, epoch: int) -> bool:
@@ -130,7 +130,7 @@ class SelectionRounds:
         cache = FoldCache(self.run / "folds" / f"epoch{epoch}")
         selection = select(cv, self.config.train, self.config.run.seed, self.data_dir, self.manifest,
                            self.latest, init_state, self.config.method.workers_read_probs(), cache,
-                           self.config.method.needs_noise_matrix())
+                           self.config.method.noise_matrix_over())
         table = selection.table
         write_selection(self.run, selection)
         note = self.config.method.selection_note(table)

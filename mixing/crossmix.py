@@ -145,7 +145,8 @@ class CrossMixConfig(CrossValConfig, MixupConfig):
     flagged_weight: float = 1.0
     guess_threshold: float = 0.0   # a flagged sample whose sharpened guess peaks below this is dropped
     noise_correction: str = "none"  # forward: the kept labels' loss through their estimated noise (guess=none)
-    # auto: forward only where every two true classes' rows of that noise are this far apart (total variation)
+    # auto: every label kept and forward-corrected where the flags are not the GMM's and every two true classes'
+    # rows of the noise over all samples are this far apart (total variation); else the flags dropped, plain loss
     forward_separation: float = 0.3
 
     def validate(self) -> None:
@@ -175,38 +176,48 @@ class CrossMix(OutOfFoldMethod):
     def predicts_in_batch(self) -> bool:
         return self.config.guess in ("model", "mean")
 
-    def needs_noise_matrix(self) -> bool:
-        return self.config.noise_correction != "none"
+    def noise_matrix_over(self) -> str | None:
+        return {"none": None, "forward": "kept", "auto": "all"}[self.config.noise_correction]
 
-    def transition(self, table) -> np.ndarray | None:
-        """The noise matrix the kept labels' loss goes through (None: plain loss): the table's with `forward`; with
-        `auto` only where no two true classes' rows of it are closer than forward_separation."""
-        if not self.needs_noise_matrix():
-            return None
-        if table.noise_matrix is None:
-            raise ValueError(f"noise_correction={self.config.noise_correction}, but the mixing table carries no "
-                             "noise transition")
-        forward = self.config.noise_correction == "forward" or self._separated(least_separated(table.noise_matrix)[0])
-        return table.noise_matrix if forward else None
-
-    def _separated(self, separation: float) -> bool:
+    def corrects_all(self, table, separation: float | None = None) -> bool:
+        """`auto`'s choice between its two treatments of the noise (docs/crossmix.md H2): every label kept and
+        forward-corrected where the flags are not the GMM's (where `auto` flags take the GMM's, the losses formed
+        two modes: noise that does not follow the classes, which dropping its flags handled best) and the noise
+        matrix over all samples tells every two true classes apart; else the flags dropped with a plain loss.
+        `separation`: the matrix's least row separation where the caller has it already."""
+        if self.config.noise_correction != "auto" or table.flag_rule == "oof_gmm":
+            return False
+        if separation is None:
+            separation = least_separated(table.noise_matrix)[0]
         return separation >= self.config.forward_separation
 
     def selection_note(self, table) -> str:
-        if not self.needs_noise_matrix() or table.noise_matrix is None:
+        if self.noise_matrix_over() is None or table.noise_matrix is None:
             return ""
         separation, j, k = least_separated(table.noise_matrix)
-        applied = self._separated(separation)
-        choice = "" if self.config.noise_correction == "forward" else (
-            f"; auto: {'on' if applied else 'off'}, {'' if applied else 'below '}forward_separation "
-            f"{self.config.forward_separation:g}")
-        return (f"forward correction: kept labels estimated wrong {1 - float(np.diag(table.noise_matrix).mean()):.1%} "
-                "of the time (mean over true classes of 1 - T[j, j], oof.npz's noise_matrix); closest true classes "
-                f"{j} and {k}, rows {separation:.2f} apart{choice}")
+        over = "kept labels" if self.noise_matrix_over() == "kept" else "labels"
+        note = (f"forward correction: {over} estimated wrong {1 - float(np.diag(table.noise_matrix).mean()):.1%} of "
+                "the time (mean over true classes of 1 - T[j, j], oof.npz's noise_matrix); closest true classes "
+                f"{j} and {k}, rows {separation:.2f} apart")
+        if self.config.noise_correction == "forward":
+            return note
+        if self.corrects_all(table, separation):
+            return note + (f"; auto: on (>= forward_separation {self.config.forward_separation:g}): every label kept "
+                           f"and corrected, the {int(table.uncertain.sum())} flags reported, not dropped")
+        why = ("the flags are the GMM's" if table.flag_rule == "oof_gmm" else
+               f"below forward_separation {self.config.forward_separation:g}")
+        return note + f"; auto: off ({why}): the flags dropped, plain loss"
 
     def batch_rule(self, context: BatchContext) -> BatchRule:
+        """H2-H3 on the table: with `forward` the kept labels go through their noise matrix; with `auto` every label
+        does where `corrects_all` says so (nothing dropped), else the flags are dropped with a plain loss."""
         c, table = self.config, context.table
-        return CrossMixTargets(context.num_classes, uncertain=table.uncertain, probs=table.probs, guess=c.guess,
+        if self.noise_matrix_over() is not None and table.noise_matrix is None:
+            raise ValueError(f"noise_correction={c.noise_correction}, but the mixing table carries no noise transition")
+        corrects_all = self.corrects_all(table)
+        transition = table.noise_matrix if c.noise_correction == "forward" or corrects_all else None
+        uncertain = np.zeros_like(table.uncertain) if corrects_all else table.uncertain
+        return CrossMixTargets(context.num_classes, uncertain=uncertain, probs=table.probs, guess=c.guess,
                                temperature=c.sharpen_t, flagged_weight=c.flagged_weight,
                                threshold=c.guess_threshold, alpha=c.alpha, predict=context.predict,
-                               transition=self.transition(table))
+                               transition=transition)

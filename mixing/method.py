@@ -170,9 +170,10 @@ class Method:
         """Whether the batch rule reads the out-of-fold table's N x C probabilities (else they stay on the driver)."""
         return False
 
-    def needs_noise_matrix(self) -> bool:
-        """Whether the batch rule reads the table's C x C noise transition of the unflagged samples."""
-        return False
+    def noise_matrix_over(self) -> str | None:
+        """Which samples the table's C x C noise transition is estimated over for the batch rule: `kept` (the
+        unflagged), `all`, or None (the batch rule reads none)."""
+        return None
 
     def selection_note(self, table) -> str:
         """What the driver's log says of a new mixing table beyond its flags (\"\": nothing)."""

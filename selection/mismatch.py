@@ -10,6 +10,8 @@ from noisymix.selection.confident_learning import noise_transition
 from noisymix.selection.crossval import SelectionError
 from noisymix.selection.flag_rules import choose_flags
 
+NOISE_MATRIX_OVER = (None, "kept", "all")   # which samples a table's noise transition is estimated over
+
 
 def predicted_class_and_confidence(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """c_i = argmax P[i] and q_i = max P[i]."""
@@ -47,7 +49,7 @@ class MixingTable:
     pools: list[np.ndarray]
     fallback_classes: list[int]
     flag_rule: str = ""   # the rule that flagged (flag_rule=auto's choice); the driver's, not sent to workers
-    noise_matrix: np.ndarray | None = None   # C x C: the trusted samples' estimated P(given | true), for CrossMix
+    noise_matrix: np.ndarray | None = None   # C x C: estimated P(given | true) of the unflagged or all samples (CrossMix)
 
     def to_arrays(self, for_workers: bool = False, probs: bool = True) -> dict[str, np.ndarray]:
         """Flat arrays for the object store: pools as one id array plus offsets. The workers' copy leaves out
@@ -74,13 +76,16 @@ class MixingTable:
 
 
 def build_mixing_table(probs: np.ndarray, given: np.ndarray, tau_low: float = 0.0, tau_high: float = 0.0,
-                       flag_rule: str = "mismatch", seed: int = 0, noise_matrix: bool = False) -> MixingTable:
+                       flag_rule: str = "mismatch", seed: int = 0, noise_matrix: str | None = None) -> MixingTable:
     """The mixing table of methods.md A2 from out-of-fold probabilities and the given labels; `flag_rule`
     chooses which given labels are flagged (selection.flag_rules; `mismatch` is the paper's). `noise_matrix`:
-    also estimate the unflagged samples' noise transition (one more pass over the N x C table)."""
+    also estimate the noise transition of the unflagged samples (`kept`) or of every sample (`all`), one more
+    pass over the N x C table."""
     for name, tau in (("tau_low", tau_low), ("tau_high", tau_high)):
         if not 0.0 <= tau <= 1.0:
             raise SelectionError(f"{name} must be in [0, 1], got {tau}")
+    if noise_matrix not in NOISE_MATRIX_OVER:
+        raise SelectionError(f"noise_matrix must be one of {NOISE_MATRIX_OVER}, got {noise_matrix!r}")
     if probs.shape[0] != len(given):
         raise SelectionError(f"{probs.shape[0]} out-of-fold rows for {len(given)} labels")
     num_classes = probs.shape[1]
@@ -92,5 +97,6 @@ def build_mixing_table(probs: np.ndarray, given: np.ndarray, tau_low: float = 0.
     fallback = [int(c) for c in needed if len(pools[c]) == 0]
     for c in fallback:
         pools[c] = np.flatnonzero(predicted == c)
+    counted = {"kept": ~uncertain, "all": None}
     return MixingTable(np.asarray(given), uncertain, predicted, confidence, probs.astype(np.float32), pools, fallback,
-                       rule, noise_transition(probs, given, ~uncertain) if noise_matrix else None)
+                       rule, noise_transition(probs, given, counted[noise_matrix]) if noise_matrix else None)

@@ -205,8 +205,8 @@ def test_the_forward_rule_refuses_guesses_and_a_wrong_matrix(kwargs, message):
 
 def test_forward_correction_is_a_knob_that_asks_the_table_for_its_noise_matrix():
     method = build_config(overrides={"method": "crossmix", "noise_correction": "forward"}).method
-    assert method.needs_noise_matrix() and not method.workers_read_probs()
-    assert not build_config(overrides={"method": "crossmix"}).method.needs_noise_matrix()
+    assert method.noise_matrix_over() == "kept" and not method.workers_read_probs()
+    assert build_config(overrides={"method": "crossmix"}).method.noise_matrix_over() is None
     with pytest.raises(ConfigError, match="noise_correction=forward needs guess=none"):
         build_config(overrides={"method": "crossmix", "noise_correction": "forward", "guess": "mean"})
     with pytest.raises(ConfigError, match="noise_correction='backward' is not one of"):
@@ -222,17 +222,22 @@ SWAPPED = np.array([[0.50, 0.45, 0.05], [0.40, 0.55, 0.05], [0.0, 0.0, 1.0]], dt
 CYCLE = np.array([[0.5, 0.5, 0.0], [0.0, 0.5, 0.5], [0.5, 0.0, 0.5]], dtype=np.float32)
 
 
-@pytest.mark.parametrize("noise, applied", [(SWAPPED, False), (CYCLE, True)])
-def test_auto_correction_applies_the_matrix_only_where_it_tells_every_two_classes_apart(noise, applied):
-    method = build_config(overrides={"method": "crossmix", "noise_correction": "auto", "flag_rule": "none"}).method
-    assert method.needs_noise_matrix()
+@pytest.mark.parametrize("noise, flagged_by, applied", [(SWAPPED, "confident", False), (CYCLE, "confident", True),
+                                                      (CYCLE, "oof_gmm", False)])
+def test_auto_correction_keeps_and_corrects_every_label_only_where_the_matrix_tells_every_two_classes_apart(
+        noise, flagged_by, applied):
+    method = build_config(overrides={"method": "crossmix", "noise_correction": "auto"}).method
+    assert method.noise_matrix_over() == "all"
     table, _ = make_table()
-    table.noise_matrix = noise
+    table.noise_matrix, table.flag_rule = noise, flagged_by
     rule = method.batch_rule(BatchContext(C, table=table))
     assert (rule.transition is noise) == applied and (rule.transition is None) == (not applied)
+    assert table.uncertain.sum() == 10 and rule.uncertain.sum() == (0 if applied else 10), "on: no flag dropped"
     note = method.selection_note(table)
-    assert ("auto: on" in note) == applied and ("auto: off, below forward_separation 0.3" in note) == (not applied)
-    assert ("closest true classes 0 and 1, rows 0.10 apart" in note) == (not applied), note
+    why = "the flags are the GMM's" if flagged_by == "oof_gmm" else "below forward_separation 0.3"
+    assert ("auto: on (>= forward_separation 0.3): every label kept and corrected, the 10 flags reported" in note
+            ) == applied and (f"auto: off ({why}): the flags dropped, plain loss" in note) == (not applied), note
+    assert ("closest true classes 0 and 1, rows 0.10 apart" in note) == (noise is SWAPPED), note
     forward = build_config(overrides={"method": "crossmix", "noise_correction": "forward"}).method
     assert forward.batch_rule(BatchContext(C, table=table)).transition is noise, "forward applies whatever T says"
     with pytest.raises(ConfigError, match="forward_separation"):

@@ -152,10 +152,15 @@ def test_rule_none_flags_nothing():
     assert not table.uncertain.any() and table.noise_matrix is None
 
 
-def test_the_table_carries_the_noise_transition_of_its_unflagged_samples_where_asked():
+def test_the_table_carries_the_noise_transition_of_its_unflagged_or_all_samples_where_asked():
     probs, given, _ = pair_flip_table(n=2000)
-    table = build_mixing_table(probs, given, flag_rule="confident", noise_matrix=True)
+    table = build_mixing_table(probs, given, flag_rule="confident", noise_matrix="kept")
     assert table.noise_matrix == pytest.approx(noise_transition(probs, given, ~table.uncertain))
+    every = build_mixing_table(probs, given, flag_rule="confident", noise_matrix="all").noise_matrix
+    assert every == pytest.approx(noise_transition(probs, given))
+    assert np.abs(every - table.noise_matrix).max() > 0.05, "dropping the flags changes the estimate"
+    with pytest.raises(SelectionError, match="noise_matrix must be one of"):
+        build_mixing_table(probs, given, noise_matrix=True)
     arrays = table.to_arrays(for_workers=True, probs=False)
     assert np.array_equal(type(table).from_arrays(arrays).noise_matrix, table.noise_matrix)
     assert "noise_matrix" not in build_mixing_table(probs, given).to_arrays(for_workers=True)

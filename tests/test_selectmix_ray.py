@@ -235,10 +235,14 @@ def test_a_second_fold_round_retrains_on_an_earlier_tables_corrections(ray_sessi
     assert not (run / "folds").exists() or not any((run / "folds").rglob("*.npz")), "round caches are cleared"
 
 
+@pytest.mark.parametrize("keys, said", [
+    (["flag_rule=none", "noise_correction=forward"], "flagged by none (0.0%)"),
+    (["flag_rule=mismatch", "noise_correction=auto"], "auto: on (>= forward_separation 0.3): every label kept"),
+])
 def test_crossmix_forward_corrects_every_label_through_the_tables_noise_matrix(ray_session, digits_dir, digits_train,
-                                                                              tmp_path, capsys):
-    """flag_rule=none + noise_correction=forward: nothing dropped, the matrix estimated on the driver reaches the
-    workers and oof.npz; the table below says class 0 is labelled 1 a third of the time."""
+                                                                              tmp_path, capsys, keys, said):
+    """Nothing dropped (nothing flagged, or auto's flags reported but kept), the matrix estimated on the driver
+    reaches the workers and oof.npz; the table below says class 0 is labelled 1 a third of the time."""
     _, _, given = digits_train
     true_guess = np.where((given == 1) & (np.arange(len(given)) % 3 == 0), 0, given)
     probs = 0.8 * np.eye(10, dtype=np.float32)[true_guess] + 0.02
@@ -246,10 +250,10 @@ def test_crossmix_forward_corrects_every_label_through_the_tables_noise_matrix(r
     np.savez(oof, probs=probs, given=given)
     run = tmp_path / "run"
     code = main(["train", "method=crossmix", f"data_dir={digits_dir}", f"run_dir={run}", "epochs=1", "num_shards=4",
-                 f"oof_from={oof}", "flag_rule=none", "noise_correction=forward"])
+                 f"oof_from={oof}", *keys])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "0 of" in out and "flagged by none" in out and "forward correction: kept labels estimated wrong" in out
+    assert said in out and "forward correction: " in out and "labels estimated wrong" in out
     [record] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert record["samples_flagged"] == 0
     matrix = np.load(run / "oof.npz")["noise_matrix"]
