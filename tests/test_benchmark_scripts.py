@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import make_config
 from noisymix.distributed import shards
 from noisymix.distributed.artifacts import RunDir, read_out_of_fold
 from noisymix.distributed.engine import InputTransform
@@ -52,6 +53,29 @@ def test_oracle_table_writes_the_true_labels_beside_the_given_ones(digits_dir, t
     true = shards.load_labels(str(digits_dir), manifest, label_key=shards.TRUE_LABEL)
     table = read_out_of_fold(tmp_path / "oracle" / "oof.npz")
     assert np.array_equal(table["probs"].argmax(1), true) and held["wrong_labels"] == int(np.sum(table["given"] != true))
+
+
+def test_clean_fold_table_holds_real_folds_trained_on_the_true_labels_beside_the_given_ones(digits_dir, tmp_path):
+    config = make_config(tmp_path, method="selectmix", folds=3)
+    target = tmp_path / "clean_folds" / "oof.npz"
+    manifest = shards.load_manifest(digits_dir)
+    given = shards.load_labels(str(digits_dir), manifest)
+    true = shards.load_labels(str(digits_dir), manifest, label_key=shards.TRUE_LABEL)
+    trained_on = []
+
+    def in_process(trainer, folds):
+        trained_on.append(trainer.labels)
+        return [trainer(fold) for fold in folds]
+
+    held = load("oracle_table").write_clean_fold_table(config, digits_dir, target, fold_epochs=2, map=in_process)
+    assert len(trained_on) == 1 and np.array_equal(trained_on[0], true) and held["fold_epochs_kept"] != []
+    table = read_out_of_fold(target)
+    assert np.array_equal(table["given"], given) and sorted(np.unique(table["fold"])) == [0, 1, 2]
+    predicted = table["probs"].argmax(1)
+    assert held["fold_accuracy_on_true"] == pytest.approx(np.mean(predicted == true))
+    # folds that learned the true classes agree with the wrong labels (40%) about as rarely as chance
+    assert held["fold_accuracy_on_true"] > 0.5 and np.mean(predicted[given != true] == given[given != true]) < 0.2
+    assert held["wrong_labels"] == int(np.sum(given != true)) and len(held["fold_epochs_kept"]) == 3
 
 
 def test_fold_accuracy_scores_a_run_with_the_library_metrics(digits_dir, tmp_path):
