@@ -134,9 +134,10 @@ class CrossMixTargets(BatchRule):
 
 @dataclass
 class CrossMixConfig(CrossValConfig, MixupConfig):
-    """H1's flag rule and folds (CrossValConfig's knobs), H2's guess, and H3's alpha (MixupConfig's). The
-    defaults were chosen by measurement (docs/crossmix.md): folds a fifth of the run, `auto` flags (the GMM's on
-    symmetric-looking noise, else confident learning's), flagged samples dropped."""
+    """H1's flag rule and folds (CrossValConfig's knobs), H2's guess and correction, and H3's alpha (MixupConfig's).
+    The defaults were chosen by measurement (docs/crossmix.md): folds a fifth of the run, `auto` flags (the GMM's on
+    symmetric-looking noise, else confident learning's), flagged samples dropped unless `auto` correction keeps and
+    corrects every label."""
 
     fold_epochs: int = -1          # a fifth of the run's epochs (5 x 8 folds of a 40-epoch run were measured)
     flag_rule: str = "auto"
@@ -144,9 +145,10 @@ class CrossMixConfig(CrossValConfig, MixupConfig):
     sharpen_t: float = 0.5
     flagged_weight: float = 1.0
     guess_threshold: float = 0.0   # a flagged sample whose sharpened guess peaks below this is dropped
-    noise_correction: str = "none"  # forward: the kept labels' loss through their estimated noise (guess=none)
-    # auto: every label kept and forward-corrected where the flags are not the GMM's and every two true classes'
-    # rows of the noise over all samples are this far apart (total variation); else the flags dropped, plain loss
+    noise_correction: str = "auto"  # forward: the kept labels' loss through their estimated noise (guess=none)
+    # auto (with guess=none; else none): every label kept and forward-corrected where the flags are not the GMM's and
+    # every two true classes' rows of the noise over all samples are this far apart (total variation); else the
+    # flags dropped, plain loss
     forward_separation: float = 0.3
 
     def validate(self) -> None:
@@ -157,7 +159,7 @@ class CrossMixConfig(CrossValConfig, MixupConfig):
         check_range("guess_threshold", self.guess_threshold, 0.0, 1.0)
         check_choice("noise_correction", self.noise_correction, CORRECTIONS)
         check_range("forward_separation", self.forward_separation, 0.0, 1.0)
-        if self.noise_correction != "none" and self.guess != "none":
+        if self.noise_correction == "forward" and self.guess != "none":
             raise ConfigError(f"noise_correction={self.noise_correction} needs guess=none: the correction reads every "
                               "target as a given label, and a guess is a distribution over true classes (got "
                               f"guess={self.guess})")
@@ -177,6 +179,9 @@ class CrossMix(OutOfFoldMethod):
         return self.config.guess in ("model", "mean")
 
     def noise_matrix_over(self) -> str | None:
+        """`auto` with a label guess corrects nothing: a guess is a distribution over true classes, not a label."""
+        if self.config.noise_correction == "auto" and self.config.guess != "none":
+            return None
         return {"none": None, "forward": "kept", "auto": "all"}[self.config.noise_correction]
 
     def corrects_all(self, table, separation: float | None = None) -> bool:
@@ -185,7 +190,7 @@ class CrossMix(OutOfFoldMethod):
         two modes: noise that does not follow the classes, which dropping its flags handled best) and the noise
         matrix over all samples tells every two true classes apart; else the flags dropped with a plain loss.
         `separation`: the matrix's least row separation where the caller has it already."""
-        if self.config.noise_correction != "auto" or table.flag_rule == "oof_gmm":
+        if self.noise_matrix_over() != "all" or table.flag_rule == "oof_gmm":
             return False
         if separation is None:
             separation = least_separated(table.noise_matrix)[0]

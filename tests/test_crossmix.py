@@ -206,7 +206,11 @@ def test_the_forward_rule_refuses_guesses_and_a_wrong_matrix(kwargs, message):
 def test_forward_correction_is_a_knob_that_asks_the_table_for_its_noise_matrix():
     method = build_config(overrides={"method": "crossmix", "noise_correction": "forward"}).method
     assert method.noise_matrix_over() == "kept" and not method.workers_read_probs()
-    assert build_config(overrides={"method": "crossmix"}).method.noise_matrix_over() is None
+    assert build_config(overrides={"method": "crossmix"}).method.noise_matrix_over() == "all", "auto by default"
+    guessing = build_config(overrides={"method": "crossmix", "guess": "mean"}).method
+    assert guessing.noise_matrix_over() is None and not guessing.corrects_all(make_table()[0]), "auto: no correction"
+    plain = build_config(overrides={"method": "crossmix", "noise_correction": "none"}).method
+    assert plain.noise_matrix_over() is None
     with pytest.raises(ConfigError, match="noise_correction=forward needs guess=none"):
         build_config(overrides={"method": "crossmix", "noise_correction": "forward", "guess": "mean"})
     with pytest.raises(ConfigError, match="noise_correction='backward' is not one of"):
