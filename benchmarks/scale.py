@@ -12,6 +12,9 @@ Per N (synthetic 200-500 px JPEGs, `noisymix synth`):
 Every prepare and training run is its own `noisymix` process with its own Ray, so each peak is its own.
 
     python benchmarks/scale.py [--sizes 20000 80000] [--work runs/scale] [--out benchmarks/results/scale]
+    python benchmarks/scale.py --prepare-only --sizes 20000 --out benchmarks/results/scale_prepare
+
+With --prepare-only, the bare loop and the two re-encoding prepares only (a few minutes, for a change to prepare).
 
 Writes OUT.json and OUT.md; data under WORK is reused by a re-run.
 """
@@ -107,7 +110,7 @@ def end_to_end(data_dir: Path, source: Path, run_dir: Path, method: list[str]) -
             "index_actor_peak_rss_mb": max((r.get("index_peak_rss_mb", 0.0) for r in records), default=0.0) or None}
 
 
-def measure(n: int, work: Path, log) -> dict:
+def measure(n: int, work: Path, log, prepare_only: bool = False) -> dict:
     source = work / f"synth-{n}"
     if not (source / "train.txt").is_file():
         synthesize(SynthSection.from_values({"out": str(source), "train": n, "test": n // TEST_SHARE,
@@ -115,6 +118,8 @@ def measure(n: int, work: Path, log) -> dict:
     source_bytes = sum(p.stat().st_size for p in (source / "images").rglob("*.jpg"))
     row = {"n": n, "source_bytes": source_bytes, "bare_loop_images_per_s": bare_loop(source, 1000)}
     row["prepare"] = [timed_prepare(source, work / f"data-{n}-w{w}", w, 256) for w in (1, 2)]
+    if prepare_only:
+        return row
     row["prepare_as_is"] = timed_prepare(source, work / f"data-{n}-asis", 2, 0)
     row["loader_images_per_s"] = {w: loader_rate(work / f"data-{n}-w2", w, 3000) for w in (1, 2)}
     row["end_to_end"] = [end_to_end(work / f"data-{n}-w2", source, work / f"run-{n}-{name}", method)
@@ -142,6 +147,29 @@ def extrapolate(rows: list[dict]) -> list[dict]:
     return out
 
 
+def prepare_cells(r: dict) -> str:
+    """N, source MB, the bare loop, both prepares against it and the 2-writer peaks, as table cells."""
+    bare = r["bare_loop_images_per_s"]
+    p1, p2 = r["prepare"]
+    return (f"| {r['n']:,} | {r['source_bytes'] / 2**20:,.0f} | {bare:,.0f} | {p1['images_per_s']:,.0f}, "
+            f"{p1['images_per_s_per_core'] / bare:.2f}x | {p2['images_per_s']:,.0f}, "
+            f"{p2['images_per_s_per_core'] / bare:.2f}x | {p2['writer_peak_rss_mb']:,.0f} / "
+            f"{p2['driver_peak_rss_mb']:,.0f} |")
+
+
+PREPARE_HEADER = ("| N | source MB | bare loop img/s (1 core) | prepare 1 writer: img/s, per core vs bare | prepare 2 "
+                  "writers: img/s, per core vs bare | writer / driver peak RSS MB |")
+
+
+def prepare_markdown(results: dict) -> str:
+    lines = ["# Scale: prepare alone on synthetic JPEG sets", "",
+             f"Command: `{results['command']}`. Machine: {results['machine']}, {os.cpu_count()} cores. Synthetic "
+             f"JPEGs of 200-500 px, {CLASSES} classes (`noisymix synth`), test = N/{TEST_SHARE}; re-encoded at "
+             "stored_size 256, 16 shards per split.", "", PREPARE_HEADER, "|---|---|---|---|---|---|"]
+    lines += [prepare_cells(r) for r in results["rows"]]
+    return "\n".join(lines) + "\n"
+
+
 def markdown(results: dict) -> str:
     rows = results["rows"]
     lines = ["# Scale: prepare, loader and end-to-end memory on synthetic JPEG sets", "",
@@ -149,19 +177,14 @@ def markdown(results: dict) -> str:
              f"JPEGs of 200-500 px, {CLASSES} classes (`noisymix synth`), test = N/{TEST_SHARE}; stored_size 256, "
              "16 shards per split. Peak RSS is each process's ru_maxrss.", "",
              "## Prepare and loader", "",
-             "| N | source MB | bare loop img/s (1 core) | prepare 1 writer: img/s, per core vs bare | prepare 2 writers: "
-             "img/s, per core vs bare | writer / driver peak RSS MB | shard bytes / source bytes (stored as is) | "
-             "loader img/s per process (1 / 2 processes) vs bare |", "|---|---|---|---|---|---|---|---|"]
+             PREPARE_HEADER[:-1] + " shard bytes / source bytes (stored as is) | loader img/s per process (1 / 2 "
+             "processes) vs bare |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         bare = r["bare_loop_images_per_s"]
-        p1, p2 = r["prepare"]
         loader = r["loader_images_per_s"]
         per_process = [loader[1], loader[2] / 2]
         lines.append(
-            f"| {r['n']:,} | {r['source_bytes'] / 2**20:,.0f} | {bare:,.0f} | {p1['images_per_s']:,.0f}, "
-            f"{p1['images_per_s_per_core'] / bare:.2f}x | {p2['images_per_s']:,.0f}, {p2['images_per_s_per_core'] / bare:.2f}x | "
-            f"{p2['writer_peak_rss_mb']:,.0f} / {p2['driver_peak_rss_mb']:,.0f} | "
-            f"{r['prepare_as_is']['shard_bytes'] / r['source_bytes']:.3f} | "
+            f"{prepare_cells(r)} {r['prepare_as_is']['shard_bytes'] / r['source_bytes']:.3f} | "
             f"{per_process[0]:,.0f} / {per_process[1]:,.0f}, {per_process[0] / bare:.2f}x / {per_process[1] / bare:.2f}x |")
     lines += ["", "## End to end (2 workers x 1 CPU, 64 px crops, small CNN width 8)", "",
               "| N | method | wall s | driver MB | worker MB | fold task MB | index actor MB |", "|---|---|---|---|---|---|---|"]
@@ -186,15 +209,20 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 80_000])
     parser.add_argument("--work", type=Path, default=Path("runs/scale"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale")
+    parser.add_argument("--prepare-only", action="store_true", help="the bare loop and the two prepares only")
     args = parser.parse_args()
     log = lambda line: print(line, flush=True)
-    rows = [measure(n, args.work, log) for n in args.sizes]
-    results = {"command": f"python benchmarks/scale.py --sizes {' '.join(map(str, args.sizes))}",
-               "machine": platform.processor() or platform.machine(), "rows": rows, "extrapolated": extrapolate(rows)}
+    rows = [measure(n, args.work, log, args.prepare_only) for n in args.sizes]
+    flag = " --prepare-only" if args.prepare_only else ""
+    results = {"command": f"python benchmarks/scale.py{flag} --sizes {' '.join(map(str, args.sizes))}",
+               "machine": platform.processor() or platform.machine(), "rows": rows}
+    if not args.prepare_only:
+        results["extrapolated"] = extrapolate(rows)
+    text = prepare_markdown(results) if args.prepare_only else markdown(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
-    args.out.with_suffix(".md").write_text(markdown(results))
-    print(markdown(results))
+    args.out.with_suffix(".md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

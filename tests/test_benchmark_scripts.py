@@ -201,3 +201,19 @@ def test_memorise_table_scores_each_row_against_the_ce_and_clean_of_its_own_seed
     assert x["flag_f1"] == pytest.approx(0.6) and x["headline"] == (pytest.approx(0.8), 0.0)
     assert rows["pairflip40", "b", "x"]["R"] is None, "no CE at that setting: no R"
     assert "| symmetric40 | b / x | 0,1 | 0.8000 |" in table.markdown(list(rows.values()), "cmd", "title")
+
+
+def test_scale_writes_the_prepare_table_alone_or_with_the_rest():
+    scale = load("scale")
+    prepare = {"images_per_s": 400.0, "images_per_s_per_core": 200.0, "writer_peak_rss_mb": 380.0,
+               "driver_peak_rss_mb": 370.0, "shard_bytes": 1000}
+    row = {"n": 20000, "source_bytes": 2**30, "bare_loop_images_per_s": 250.0, "prepare": [prepare, prepare]}
+    alone = scale.prepare_markdown({"command": "c", "machine": "m", "rows": [row]})
+    assert "| 20,000 | 1,024 | 250 | 400, 0.80x | 400, 0.80x | 380 / 370 |" in alone
+    full_row = {**row, "prepare_as_is": {"shard_bytes": 2**30}, "loader_images_per_s": {1: 500.0, 2: 800.0},
+                "end_to_end": [{"method": "selectmix", "wall_s": 1.0, "driver_peak_rss_mb": 1.0,
+                                "worker_peak_rss_mb": 1.0, "fold_task_peak_rss_mb": None,
+                                "index_actor_peak_rss_mb": None}]}
+    full = scale.markdown({"command": "c", "machine": "m", "rows": [full_row],
+                           "extrapolated": [{"dataset": "clothing1m", "n": 10**6, "prepare_hours_16_cores": 0.1}]})
+    assert "| 20,000 | 1,024 | 250 | 400, 0.80x | 400, 0.80x | 380 / 370 | 1.000 | 500 / 400, 2.00x / 1.60x |" in full
