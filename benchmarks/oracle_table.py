@@ -28,11 +28,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-import ray
 
 from noisymix.distributed import shards
 from noisymix.distributed.artifacts import write_out_of_fold
 from noisymix.distributed.folds import FoldTrainer, ray_map
+from noisymix.distributed.runner import start_ray
 from noisymix.launch.bench_spec import load_spec
 from noisymix.launch.prepare import prepare
 from noisymix.selection.crossval import out_of_fold_probabilities
@@ -87,7 +87,7 @@ def main() -> None:
     if not cells:
         raise SystemExit(f"no cell of {args.spec} reads a table under {work / folder} (oof_from or clean_from)")
     if args.clean_folds:
-        ray.init(include_dashboard=False, log_to_driver=False)
+        start_ray()
     written = set()
     for cell in cells:
         config = cell.config(work)

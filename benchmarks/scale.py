@@ -157,15 +157,20 @@ def prepare_cells(r: dict) -> str:
             f"{p2['driver_peak_rss_mb']:,.0f} |")
 
 
-PREPARE_HEADER = ("| N | source MB | bare loop img/s (1 core) | prepare 1 writer: img/s, per core vs bare | prepare 2 "
-                  "writers: img/s, per core vs bare | writer / driver peak RSS MB |")
+PREPARE_COLUMNS = ["N", "source MB", "bare loop img/s (1 core)", "prepare 1 writer: img/s, per core vs bare",
+                   "prepare 2 writers: img/s, per core vs bare", "writer / driver peak RSS MB"]
+
+
+def header(columns: list[str]) -> list[str]:
+    """A markdown table's header row and its rule."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
 
 
 def prepare_markdown(results: dict) -> str:
     lines = ["# Scale: prepare alone on synthetic JPEG sets", "",
              f"Command: `{results['command']}`. Machine: {results['machine']}, {os.cpu_count()} cores. Synthetic "
              f"JPEGs of 200-500 px, {CLASSES} classes (`noisymix synth`), test = N/{TEST_SHARE}; re-encoded at "
-             "stored_size 256, 16 shards per split.", "", PREPARE_HEADER, "|---|---|---|---|---|---|"]
+             "stored_size 256, 16 shards per split.", "", *header(PREPARE_COLUMNS)]
     lines += [prepare_cells(r) for r in results["rows"]]
     return "\n".join(lines) + "\n"
 
@@ -177,8 +182,8 @@ def markdown(results: dict) -> str:
              f"JPEGs of 200-500 px, {CLASSES} classes (`noisymix synth`), test = N/{TEST_SHARE}; stored_size 256, "
              "16 shards per split. Peak RSS is each process's ru_maxrss.", "",
              "## Prepare and loader", "",
-             PREPARE_HEADER[:-1] + " shard bytes / source bytes (stored as is) | loader img/s per process (1 / 2 "
-             "processes) vs bare |", "|---|---|---|---|---|---|---|---|"]
+             *header(PREPARE_COLUMNS + ["shard bytes / source bytes (stored as is)",
+                                        "loader img/s per process (1 / 2 processes) vs bare"])]
     for r in rows:
         bare = r["bare_loop_images_per_s"]
         loader = r["loader_images_per_s"]
