@@ -59,14 +59,19 @@ def encode_jpeg(image: Image.Image, quality: int) -> bytes:
 
 def stored_image(data: bytes, stored_size: int, quality: int) -> tuple[bytes, Image.Image, int]:
     """(the JPEG bytes a shard stores, the RGB image for the channel statistics, the stored image's shorter side)
-    for one source file: re-encoded after a shorter-side resize to stored_size; with stored_size 0 a JPEG
-    source's own bytes unchanged (their statistics then come from a cheap reduced decode), other formats
-    re-encoded at their size."""
-    if stored_size == 0 and data[:2] == JPEG_MAGIC:
+    for one source file. A JPEG source is stored as its own bytes where it needs no resize (shorter side <=
+    stored_size, or stored_size 0: their statistics then come from a cheap reduced decode); others are
+    re-encoded, after a shorter-side resize to stored_size where they are larger."""
+    is_jpeg = data[:2] == JPEG_MAGIC
+    if stored_size == 0 and is_jpeg:
         with Image.open(io.BytesIO(data)) as header:
             shorter = min(header.size)
         return data, open_rgb(data, at_least=64), shorter
-    image = open_rgb(data) if stored_size == 0 else resize_shorter(open_rgb(data, at_least=stored_size), stored_size)
+    image = open_rgb(data, at_least=stored_size)
+    if is_jpeg and min(image.size) <= stored_size:   # DCT scaling never goes below stored_size: no resize needed
+        return data, image, min(image.size)
+    if stored_size:
+        image = resize_shorter(image, stored_size)
     return encode_jpeg(image, quality), image, min(image.size)
 
 

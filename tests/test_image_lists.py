@@ -67,6 +67,23 @@ def test_shards_store_a_jpeg_sources_own_bytes_at_stored_size_0(tmp_path, synth_
     assert reader.read(first_test) == source
 
 
+def test_jpegs_that_need_no_resize_keep_their_own_bytes_and_larger_ones_are_re_encoded(tmp_path, synth_dir):
+    target, _ = prepared(tmp_path, synth_dir, stored_size=60)
+    manifest = shards.load_manifest(target)
+    reader = shards.SampleReader(target, manifest, "test")
+    first_test = manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"]
+    kept = 0
+    for k, line in enumerate((synth_dir / "test.txt").read_text().splitlines()):
+        source = (synth_dir / line.split()[0]).read_bytes()
+        stored = reader.read(first_test + k)
+        with Image.open(synth_dir / line.split()[0]) as image:
+            small = min(image.size) <= 60
+        assert (stored == source) == small
+        assert min(open_rgb(stored).size) == (min(open_rgb(source).size) if small else 60)
+        kept += small
+    assert 0 < kept < 20
+
+
 def test_training_crops_are_seeded_by_epoch_and_id_and_evaluation_crops_are_fixed(tmp_path, synth_dir):
     target, _ = prepared(tmp_path, synth_dir, stored_size=48)
     manifest = shards.load_manifest(target)
