@@ -4,8 +4,8 @@ A folder holds `train.txt` and `test.txt` of `relative/path.jpg label` lines, op
 validation list, e.g. Clothing1M's clean 14k for model selection), `train_true.txt` (the true labels of
 train.txt's lines, where known: synthetic sets) and `classes.txt` (one class name per line). The lists are
 scanned once (each kept line's byte offset and label, 16 bytes per sample); then one process per output
-shard reads its lines, re-encodes each image after a shorter-side resize (or stores its bytes as they
-are), and writes its tar with the pixel sums for mean/std and the offsets of its images. No process holds
+shard reads its lines, re-encodes each image larger than stored_size after a shorter-side resize (a JPEG
+that needs none keeps its own bytes), and writes its tar with the pixel sums for mean/std and the offsets of its images. No process holds
 more than one shard's images. A finished shard is kept in the staging folder, so a re-run after an
 interruption writes only the shards that are missing.
 """
