@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -44,16 +45,31 @@ TEST_SHARE, CLASSES = 10, 14
 TARGETS = {"clothing1m": (1_000_000, 14), "webvision": (2_400_000, 1000)}
 
 
-def bare_loop(source: Path, count: int) -> float:
-    """Images/s of the reference loop on one core: open, decode to RGB, resize the shorter side to 256."""
-    lines = (source / "train.txt").read_text().splitlines()[:count]
-    started = time.perf_counter()
-    for line in lines:
-        with Image.open(source / line.split()[0]) as image:
-            image = image.convert("RGB")
-            scale = 256 / min(image.size)
-            image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
-    return len(lines) / (time.perf_counter() - started)
+def bare_loop(source: Path, count: int, passes: int = 3) -> tuple[float, float]:
+    """(images per wall second, images per CPU second) of the reference loop on one core: open, decode to RGB,
+    resize the shorter side to 256. Medians of `passes` passes after one that only reads the files (the prepares
+    too read from the page cache). CPU seconds do not count what other processes take from the core: on a
+    shared machine the wall rates of the loop and of a prepare minutes later differ by up to 1.4x."""
+    paths = [source / line.split()[0] for line in (source / "train.txt").read_text().splitlines()[:count]]
+    for path in paths:
+        path.read_bytes()
+    wall, cpu = [], []
+    for _ in range(passes):
+        started, cpu_started = time.perf_counter(), time.process_time()
+        for path in paths:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+                scale = 256 / min(image.size)
+                image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
+        wall.append(len(paths) / (time.perf_counter() - started))
+        cpu.append(len(paths) / (time.process_time() - cpu_started))
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU seconds of every finished child process and its waited-for descendants."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def noisymix(*args: str) -> None:
@@ -69,15 +85,19 @@ def list_keys(source: Path, data_dir: Path) -> list[str]:
 def timed_prepare(source: Path, data_dir: Path, workers: int, stored_size: int) -> dict:
     """Prepare (or reuse: the manifest records how long its prepare took; one that does not is prepared again)."""
     manifest = shards.load_manifest(data_dir) if (data_dir / shards.MANIFEST).is_file() else {}
+    cpu_seconds = None
     if "seconds" not in manifest.get("prepare", {}):
         shutil.rmtree(data_dir, ignore_errors=True)
+        cpu_started = children_cpu_seconds()
         noisymix("prepare", *list_keys(source, data_dir), f"prepare_workers={workers}", f"stored_size={stored_size}")
+        cpu_seconds = children_cpu_seconds() - cpu_started
         manifest = shards.load_manifest(data_dir)
     seconds = manifest["prepare"]["seconds"]
     images = sum(info["count"] for info in manifest["splits"].values())
     shard_bytes = sum(s["bytes"] for info in manifest["splits"].values() for s in info["shards"])
     return {"workers": workers, "stored_size": stored_size, "seconds": seconds, "images": images,
             "images_per_s": images / seconds, "images_per_s_per_core": images / seconds / workers,
+            "cpu_seconds": cpu_seconds, "images_per_cpu_s": images / cpu_seconds if cpu_seconds else None,
             "shard_bytes": shard_bytes, **manifest["prepare"]}
 
 
@@ -116,7 +136,8 @@ def measure(n: int, work: Path, log, prepare_only: bool = False) -> dict:
         synthesize(SynthSection.from_values({"out": str(source), "train": n, "test": n // TEST_SHARE,
                                              "classes": CLASSES, "noise_rate": 0.3}), log=log)
     source_bytes = sum(p.stat().st_size for p in (source / "images").rglob("*.jpg"))
-    row = {"n": n, "source_bytes": source_bytes, "bare_loop_images_per_s": bare_loop(source, 1000)}
+    wall, cpu = bare_loop(source, 1000)
+    row = {"n": n, "source_bytes": source_bytes, "bare_loop_images_per_s": wall, "bare_loop_images_per_cpu_s": cpu}
     row["prepare"] = [timed_prepare(source, work / f"data-{n}-w{w}", w, 256) for w in (1, 2)]
     if prepare_only:
         return row
@@ -148,17 +169,24 @@ def extrapolate(rows: list[dict]) -> list[dict]:
 
 
 def prepare_cells(r: dict) -> str:
-    """N, source MB, the bare loop, both prepares against it and the 2-writer peaks, as table cells."""
+    """N, source MB, the bare loop, both prepares against it (per wall second and per CPU second of the prepare's
+    processes, where measured) and the 2-writer peaks, as table cells."""
     bare = r["bare_loop_images_per_s"]
     p1, p2 = r["prepare"]
+    bare_cpu = r.get("bare_loop_images_per_cpu_s")
+    cpu = (f"{bare_cpu:,.0f} | " + " | ".join(f"{p['images_per_cpu_s']:,.0f}, {p['images_per_cpu_s'] / bare_cpu:.2f}x"
+                                              if p.get("images_per_cpu_s") else "-" for p in (p1, p2))
+           if bare_cpu else "- | - | -")
     return (f"| {r['n']:,} | {r['source_bytes'] / 2**20:,.0f} | {bare:,.0f} | {p1['images_per_s']:,.0f}, "
             f"{p1['images_per_s_per_core'] / bare:.2f}x | {p2['images_per_s']:,.0f}, "
-            f"{p2['images_per_s_per_core'] / bare:.2f}x | {p2['writer_peak_rss_mb']:,.0f} / "
+            f"{p2['images_per_s_per_core'] / bare:.2f}x | {cpu} | {p2['writer_peak_rss_mb']:,.0f} / "
             f"{p2['driver_peak_rss_mb']:,.0f} |")
 
 
 PREPARE_COLUMNS = ["N", "source MB", "bare loop img/s (1 core)", "prepare 1 writer: img/s, per core vs bare",
-                   "prepare 2 writers: img/s, per core vs bare", "writer / driver peak RSS MB"]
+                   "prepare 2 writers: img/s, per core vs bare", "bare loop img per CPU-s",
+                   "prepare 1 writer: img per CPU-s, vs bare", "prepare 2 writers: img per CPU-s, vs bare",
+                   "writer / driver peak RSS MB"]
 
 
 def header(columns: list[str]) -> list[str]:
@@ -169,8 +197,10 @@ def header(columns: list[str]) -> list[str]:
 def prepare_markdown(results: dict) -> str:
     lines = ["# Scale: prepare alone on synthetic JPEG sets", "",
              f"Command: `{results['command']}`. Machine: {results['machine']}, {os.cpu_count()} cores. Synthetic "
-             f"JPEGs of 200-500 px, {CLASSES} classes (`noisymix synth`), test = N/{TEST_SHARE}; re-encoded at "
-             "stored_size 256, 16 shards per split.", "", *header(PREPARE_COLUMNS)]
+             f"JPEGs of 200-500 px, {CLASSES} classes (`noisymix synth`), test = N/{TEST_SHARE}; stored_size 256 "
+             "(larger images resized and re-encoded, JPEGs that need no resize kept as they are), 16 shards per split. "
+             "Bare loop: the median of 3 passes over the first 1,000 training images, after a pass that reads them "
+             "(the prepares too read from the page cache).", "", *header(PREPARE_COLUMNS)]
     lines += [prepare_cells(r) for r in results["rows"]]
     return "\n".join(lines) + "\n"
 

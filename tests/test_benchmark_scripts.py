@@ -207,14 +207,37 @@ def test_memorise_table_scores_each_row_against_the_ce_and_clean_of_its_own_seed
 def test_scale_writes_the_prepare_table_alone_or_with_the_rest():
     scale = load("scale")
     prepare = {"images_per_s": 400.0, "images_per_s_per_core": 200.0, "writer_peak_rss_mb": 380.0,
-               "driver_peak_rss_mb": 370.0, "shard_bytes": 1000}
-    row = {"n": 20000, "source_bytes": 2**30, "bare_loop_images_per_s": 250.0, "prepare": [prepare, prepare]}
+               "driver_peak_rss_mb": 370.0, "shard_bytes": 1000, "images_per_cpu_s": 270.0}
+    row = {"n": 20000, "source_bytes": 2**30, "bare_loop_images_per_s": 250.0, "bare_loop_images_per_cpu_s": 300.0,
+           "prepare": [prepare, {**prepare, "images_per_cpu_s": None}]}
     alone = scale.prepare_markdown({"command": "c", "machine": "m", "rows": [row]})
-    assert "| 20,000 | 1,024 | 250 | 400, 0.80x | 400, 0.80x | 380 / 370 |" in alone
+    assert "| 20,000 | 1,024 | 250 | 400, 0.80x | 400, 0.80x | 300 | 270, 0.90x | - | 380 / 370 |" in alone
+    older = {k: v for k, v in row.items() if k != "bare_loop_images_per_cpu_s"}   # rows measured before CPU time
+    assert "| 400, 0.80x | - | - | - | 380 / 370 |" in scale.prepare_markdown({"command": "c", "machine": "m",
+                                                                              "rows": [older]})
     full_row = {**row, "prepare_as_is": {"shard_bytes": 2**30}, "loader_images_per_s": {1: 500.0, 2: 800.0},
                 "end_to_end": [{"method": "selectmix", "wall_s": 1.0, "driver_peak_rss_mb": 1.0,
                                 "worker_peak_rss_mb": 1.0, "fold_task_peak_rss_mb": None,
                                 "index_actor_peak_rss_mb": None}]}
     full = scale.markdown({"command": "c", "machine": "m", "rows": [full_row],
                            "extrapolated": [{"dataset": "clothing1m", "n": 10**6, "prepare_hours_16_cores": 0.1}]})
-    assert "| 20,000 | 1,024 | 250 | 400, 0.80x | 400, 0.80x | 380 / 370 | 1.000 | 500 / 400, 2.00x / 1.60x |" in full
+    assert ("| 20,000 | 1,024 | 250 | 400, 0.80x | 400, 0.80x | 300 | 270, 0.90x | - | 380 / 370 | 1.000 | "
+            "500 / 400, 2.00x / 1.60x |") in full
+
+
+def test_fold_loss_probe_losses_have_their_limits_and_a_tiny_probe_reports_every_loss(tmp_path):
+    import torch
+    import torch.nn.functional as F
+
+    probe = load("fold_loss_probe")
+    logits, labels = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]]), torch.tensor([0, 1])
+    p_y = logits.softmax(dim=1)[[0, 1], labels]
+    assert torch.isclose(probe.generalised_ce(logits, labels, q=1e-4), F.cross_entropy(logits, labels), atol=1e-3)
+    assert torch.isclose(probe.generalised_ce(logits, labels, q=1.0), (1 - p_y).mean())
+    assert torch.isclose(probe.symmetric_ce(logits, labels, alpha=0.0, beta=1.0), 4.0 * (1 - p_y).mean())
+    source = ROOT.parent / "shared" / "data" / "fashion-mnist"
+    runs = [probe.probe("asymmetric40", loss, 0, 2, source, subset=500) for loss in ("ce", "gce")]
+    assert [r["loss"] for r in runs] == ["ce", "gce"] and all(len(r["per_epoch"]) == 2 for r in runs)
+    assert all(0.0 <= r["acc_true_kept"] <= 1.0 and r["kept_epoch"] in (1, 2) for r in runs)
+    table = probe.markdown({"command": "probe", "runs": runs})
+    assert "| asymmetric40 | ce | 0 |" in table and "| asymmetric40 | gce | 0 |" in table

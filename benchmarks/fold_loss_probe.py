@@ -1,0 +1,153 @@
+"""Would a noise-robust loss make the folds better detectors? One fold of the memorising regime's fold stage
+(issue 21), trained with CE and with two losses built to resist label noise, scored on the TRUE labels of
+its held-out samples.
+
+A probe outside the trainer, in one process: the data of fashion_mnist_memorise.yaml (10,000 Fashion-MNIST
+training samples, the same noise, the same 90/10 train/val split by seed), fold 0 of the same 5 stratified
+folds, the width-32 small CNN, SGD at lr 0.05 with cosine decay over `--epochs`, batch 128, no augmentation
+(the regime's base), kept epoch = the one whose held-out predictions agree most with the GIVEN labels (the
+fold stage's `fold_select=best`). Images are standardised by the fold's training images' mean and std.
+- `ce`: cross-entropy (what the folds use);
+- `gce`: generalised cross-entropy (1 - p_y^q) / q, q = 0.7 (Zhang & Sabuncu, NeurIPS 2018);
+- `sce`: symmetric cross-entropy 0.1 CE + 1.0 RCE, log 0 clipped at -4 (Wang et al., ICCV 2019).
+True labels are read here to score, never to train.
+
+    python benchmarks/fold_loss_probe.py --setting asymmetric40 --seeds 0 1 2 [--epochs 8] \
+        [--out benchmarks/results/fold_loss_probe]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from noisymix.distributed.engine import build_optimizer
+from noisymix.distributed.models import create_model
+from noisymix.launch import noise
+from noisymix.launch.prepare import _split_val, _subsample
+from noisymix.launch.sources import read_idx
+from noisymix.selection.crossval import stratified_folds
+
+SETTINGS = {"symmetric40": ("symmetric", 0.4), "asymmetric40": ("asymmetric", 0.4), "pairflip40": ("pairflip", 0.4),
+            "instance40": ("instance", 0.4), "symmetric_incl80": ("symmetric_incl", 0.8)}
+SUBSET, FOLDS, BATCH, LR, WIDTH = 10000, 5, 128, 0.05, 32
+GCE_Q, SCE_ALPHA, SCE_BETA, SCE_LOG_ZERO = 0.7, 0.1, 1.0, -4.0
+
+
+def generalised_ce(logits: torch.Tensor, labels: torch.Tensor, q: float = GCE_Q) -> torch.Tensor:
+    """(1 - p_y^q) / q, averaged: CE as q -> 0, mean absolute error at q = 1."""
+    p_y = logits.softmax(dim=1).gather(1, labels[:, None]).squeeze(1)
+    return ((1.0 - p_y.clamp_min(1e-7) ** q) / q).mean()
+
+
+def symmetric_ce(logits: torch.Tensor, labels: torch.Tensor, alpha: float = SCE_ALPHA, beta: float = SCE_BETA,
+                 log_zero: float = SCE_LOG_ZERO) -> torch.Tensor:
+    """alpha CE + beta reverse CE, where reverse CE = -sum_c p_c log onehot_c with log 0 taken as `log_zero`:
+    -log_zero (1 - p_y)."""
+    reverse = -log_zero * (1.0 - logits.softmax(dim=1).gather(1, labels[:, None]).squeeze(1))
+    return alpha * F.cross_entropy(logits, labels) + beta * reverse.mean()
+
+
+LOSSES = {"ce": F.cross_entropy, "gce": generalised_ce, "sce": symmetric_ce}
+
+
+def fold_data(setting: str, seed: int, source: Path, subset: int = SUBSET):
+    """(images as float tensors, given labels, true labels, fold-0 train positions, held positions) of the
+    regime's training split, prepared as `noisymix prepare` does."""
+    noise_type, rate = SETTINGS[setting]
+    data = _subsample(read_idx(source), subset, seed)
+    given = noise.apply_noise(data.train_labels, data.num_classes, noise_type, rate, seed,
+                              images=data.train_images, dataset=data.name)
+    train, _ = _split_val(given, 0.1, seed)
+    images = torch.from_numpy(data.train_images[train].astype(np.float32) / 255.0)
+    images = images.reshape(len(train), -1, *data.train_images.shape[1:3])
+    fit, held = stratified_folds(given[train], FOLDS, seed)[0]
+    return images, torch.from_numpy(given[train]).long(), torch.from_numpy(data.train_labels[train]).long(), fit, held
+
+
+def probe(setting: str, loss: str, seed: int, epochs: int, source: Path, subset: int = SUBSET) -> dict:
+    """Train fold 0 with `loss`; the held-out accuracy on true labels at the kept epoch and the last."""
+    images, given, true, fit, held = fold_data(setting, seed, source, subset)
+    mean, std = images[fit].mean(), images[fit].std()
+    images = (images - mean) / std
+    torch.manual_seed(seed)
+    model = create_model("small_cnn", images.shape[1], 10, images.shape[-1], width=WIDTH)
+    optimizer = build_optimizer(model, LR, 0.9, 5e-4)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
+    order_rng = np.random.default_rng(seed)
+    started, per_epoch = time.perf_counter(), []
+    for _ in range(epochs):
+        model.train()
+        order = order_rng.permutation(fit)
+        for start in range(0, len(order), BATCH):
+            rows = torch.from_numpy(order[start:start + BATCH])
+            value = LOSSES[loss](model(images[rows]), given[rows])
+            optimizer.zero_grad()
+            value.backward()
+            optimizer.step()
+        scheduler.step()
+        model.eval()
+        with torch.no_grad():
+            predicted = model(images[held]).argmax(dim=1)
+        per_epoch.append({"agree_given": float((predicted == given[held]).float().mean()),
+                          "acc_true": float((predicted == true[held]).float().mean())})
+    kept = max(range(epochs), key=lambda e: (per_epoch[e]["agree_given"], e))
+    return {"setting": setting, "loss": loss, "seed": seed, "epochs": epochs, "kept_epoch": kept + 1,
+            "acc_true_kept": per_epoch[kept]["acc_true"], "acc_true_last": per_epoch[-1]["acc_true"],
+            "per_epoch": per_epoch, "seconds": time.perf_counter() - started}
+
+
+def markdown(result: dict) -> str:
+    lines = ["# A noise-robust loss in the folds? One fold, held-out accuracy on the true labels", "",
+             f"Command: `{result['command']}`. {__doc__.split(chr(10) + chr(10))[1].strip()}", "",
+             "| setting | loss | seeds | kept epochs | acc on true labels, kept epoch | last epoch | s per run |",
+             "|---|---|---|---|---|---|---|"]
+    groups: dict[tuple, list[dict]] = {}
+    for row in result["runs"]:
+        groups.setdefault((row["setting"], row["loss"]), []).append(row)
+    for (setting, loss), rows in groups.items():
+        kept = [r["acc_true_kept"] for r in rows]
+        last = [r["acc_true_last"] for r in rows]
+        spread = (lambda v: f" ± {statistics.stdev(v):.3f}" if len(v) > 1 else "")
+        lines.append(f"| {setting} | {loss} | {','.join(str(r['seed']) for r in rows)} | "
+                     f"{','.join(str(r['kept_epoch']) for r in rows)} | {statistics.mean(kept):.3f}{spread(kept)} "
+                     f"({', '.join(f'{v:.3f}' for v in kept)}) | {statistics.mean(last):.3f}{spread(last)} | "
+                     f"{statistics.median(r['seconds'] for r in rows):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="asymmetric40")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--losses", nargs="+", choices=sorted(LOSSES), default=list(LOSSES))
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--source", type=Path, default=Path("../shared/data/fashion-mnist"))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/fold_loss_probe"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    command = (f"python benchmarks/fold_loss_probe.py --setting {args.setting} --seeds {' '.join(map(str, args.seeds))} "
+               f"--losses {' '.join(args.losses)} --epochs {args.epochs}")
+    runs = []
+    for seed in args.seeds:
+        for loss in args.losses:
+            runs.append(probe(args.setting, loss, seed, args.epochs, args.source))
+            print(f"{args.setting} {loss} seed {seed}: kept epoch {runs[-1]['kept_epoch']}, "
+                  f"acc on true {runs[-1]['acc_true_kept']:.3f} (last {runs[-1]['acc_true_last']:.3f})", flush=True)
+    result = {"command": command, "runs": runs}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    args.out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
