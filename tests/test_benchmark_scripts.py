@@ -236,7 +236,8 @@ def test_fold_loss_probe_losses_have_their_limits_and_a_tiny_probe_reports_every
     assert torch.isclose(probe.generalised_ce(logits, labels, q=1.0), (1 - p_y).mean())
     assert torch.isclose(probe.symmetric_ce(logits, labels, alpha=0.0, beta=1.0), 4.0 * (1 - p_y).mean())
     source = ROOT.parent / "shared" / "data" / "fashion-mnist"
-    runs = [probe.probe("asymmetric40", loss, 0, 2, source, subset=500) for loss in ("ce", "gce")]
+    data = probe.fold_data("asymmetric40", 0, source, subset=500)
+    runs = [probe.probe("asymmetric40", loss, 0, 2, data) for loss in ("ce", "gce")]
     assert [r["loss"] for r in runs] == ["ce", "gce"] and all(len(r["per_epoch"]) == 2 for r in runs)
     assert all(0.0 <= r["acc_true_kept"] <= 1.0 and r["kept_epoch"] in (1, 2) for r in runs)
     table = probe.markdown({"command": "probe", "runs": runs})
