@@ -18,7 +18,7 @@ from noisymix.mixing.losses import forward_corrected_cross_entropy, one_hot
 from noisymix.mixing.method import BatchContext, BatchRule, register
 from noisymix.mixing.mixup import MixupConfig, mix, sample_lambda
 from noisymix.mixing.selectmix import CrossValConfig, OutOfFoldMethod
-from noisymix.selection.confident_learning import least_separated
+from noisymix.selection.confident_learning import least_separated, row_separation
 
 GUESSES = ("oof", "model", "mean", "none")
 CORRECTIONS = ("none", "forward", "auto")
@@ -56,6 +56,8 @@ class CrossMixTargets(BatchRule):
     t = l' t_i + (1 - l') t_j, l' = max(l, 1 - l), l ~ Beta(alpha, alpha) per row. `predict(inputs)` gives the
     main model's probabilities (guess model/mean). counts: flagged rows, and those that kept a guess.
     With a `transition` T (C x C, P(given | true)) the loss is forward-corrected: -sum_k t_k log (p T)_k.
+    With `close_pairs` (C x C bool) and `predicted` (the table's c_i), a flag whose given label y and predicted class
+    c have close_pairs[y, c] is not dropped: the row keeps its label.
     """
 
     uncertain: np.ndarray = None
@@ -67,6 +69,8 @@ class CrossMixTargets(BatchRule):
     alpha: float = 1.0
     predict: Callable[[torch.Tensor], torch.Tensor] | None = None
     transition: np.ndarray | None = None
+    predicted: np.ndarray | None = None
+    close_pairs: np.ndarray | None = None
     counts: dict = field(default_factory=lambda: {"flagged": 0, "guessed": 0}, kw_only=True)
 
     def __post_init__(self):
@@ -86,6 +90,10 @@ class CrossMixTargets(BatchRule):
             if self.transition.shape != (self.num_classes, self.num_classes):
                 raise ValueError(f"noise transition of shape {self.transition.shape} for {self.num_classes} classes")
             self._transition = torch.from_numpy(np.asarray(self.transition, dtype=np.float32))
+        if self.close_pairs is not None:
+            if self.predicted is None or self.close_pairs.shape != (self.num_classes, self.num_classes):
+                raise ValueError(f"close_pairs needs the predicted classes and a {self.num_classes} x "
+                                 f"{self.num_classes} matrix, got {self.close_pairs.shape}")
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self.transition is None:
@@ -96,7 +104,10 @@ class CrossMixTargets(BatchRule):
               rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         ids_np = ids.numpy()
         targets = one_hot(labels, self.num_classes).to(inputs.device)
-        rows = np.flatnonzero(self.uncertain[ids_np])
+        flagged = self.uncertain[ids_np]
+        if self.close_pairs is not None:
+            flagged = flagged & ~self.close_pairs[labels.cpu().numpy(), self.predicted[ids_np]]
+        rows = np.flatnonzero(flagged)
         self.counts["flagged"] += int(rows.size)
         kept = np.ones(len(ids_np), dtype=bool)
         if rows.size:
@@ -150,6 +161,9 @@ class CrossMixConfig(CrossValConfig, MixupConfig):
     # every two true classes' rows of the noise over all samples are this far apart (total variation); else the
     # flags dropped, plain loss
     forward_separation: float = 0.3
+    # auto, where it drops the flags (and they are not the GMM's): a flag whose given and predicted classes' rows are
+    # closer than forward_separation keeps its label (dropping them leaves the pair's noise lopsided)
+    keep_close_pairs: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -159,6 +173,9 @@ class CrossMixConfig(CrossValConfig, MixupConfig):
         check_range("guess_threshold", self.guess_threshold, 0.0, 1.0)
         check_choice("noise_correction", self.noise_correction, CORRECTIONS)
         check_range("forward_separation", self.forward_separation, 0.0, 1.0)
+        if self.keep_close_pairs and (self.noise_correction != "auto" or self.guess != "none"):
+            raise ConfigError("keep_close_pairs reads the noise matrix of noise_correction=auto with guess=none (got "
+                              f"noise_correction={self.noise_correction}, guess={self.guess})")
         if self.noise_correction == "forward" and self.guess != "none":
             raise ConfigError(f"noise_correction={self.noise_correction} needs guess=none: the correction reads every "
                               "target as a given label, and a guess is a distribution over true classes (got "
@@ -196,6 +213,17 @@ class CrossMix(OutOfFoldMethod):
             separation = least_separated(table.noise_matrix)[0]
         return separation >= self.config.forward_separation
 
+    def close_pairs(self, table) -> np.ndarray | None:
+        """C x C: the (given, predicted) class pairs whose flags keep their labels (`keep_close_pairs`): where `auto`
+        drops confident learning's flags, those between two true classes whose rows of the noise matrix are closer
+        than forward_separation. The table cannot tell such a pair apart, and the flags it raises there fall unevenly
+        on the pair's two directions: dropping them leaves noise in one direction only, which moves the boundary."""
+        if not self.config.keep_close_pairs or table.flag_rule == "oof_gmm" or self.corrects_all(table):
+            return None
+        close = row_separation(table.noise_matrix) < self.config.forward_separation
+        np.fill_diagonal(close, False)
+        return close
+
     def selection_note(self, table) -> str:
         if self.noise_matrix_over() is None or table.noise_matrix is None:
             return ""
@@ -211,11 +239,17 @@ class CrossMix(OutOfFoldMethod):
                            f"and corrected, the {int(table.uncertain.sum())} flags reported, not dropped")
         why = ("the flags are the GMM's" if table.flag_rule == "oof_gmm" else
                f"below forward_separation {self.config.forward_separation:g}")
-        return note + f"; auto: off ({why}): the flags dropped, plain loss"
+        close = self.close_pairs(table)
+        if close is None:
+            return note + f"; auto: off ({why}): the flags dropped, plain loss"
+        kept = int((table.uncertain & close[table.given, table.predicted]).sum())
+        return note + (f"; auto: off ({why}): {kept} flags between classes closer than that keep their labels "
+                       f"(keep_close_pairs), the other {int(table.uncertain.sum()) - kept} dropped, plain loss")
 
     def batch_rule(self, context: BatchContext) -> BatchRule:
         """H2-H3 on the table: with `forward` the kept labels go through their noise matrix; with `auto` every label
-        does where `corrects_all` says so (nothing dropped), else the flags are dropped with a plain loss."""
+        does where `corrects_all` says so (nothing dropped), else the flags are dropped with a plain loss (but for
+        those of `close_pairs`)."""
         c, table = self.config, context.table
         if self.noise_matrix_over() is not None and table.noise_matrix is None:
             raise ValueError(f"noise_correction={c.noise_correction}, but the mixing table carries no noise transition")
@@ -225,4 +259,4 @@ class CrossMix(OutOfFoldMethod):
         return CrossMixTargets(context.num_classes, uncertain=uncertain, probs=table.probs, guess=c.guess,
                                temperature=c.sharpen_t, flagged_weight=c.flagged_weight,
                                threshold=c.guess_threshold, alpha=c.alpha, predict=context.predict,
-                               transition=transition)
+                               transition=transition, predicted=table.predicted, close_pairs=self.close_pairs(table))

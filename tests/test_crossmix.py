@@ -246,3 +246,35 @@ def test_auto_correction_keeps_and_corrects_every_label_only_where_the_matrix_te
     assert forward.batch_rule(BatchContext(C, table=table)).transition is noise, "forward applies whatever T says"
     with pytest.raises(ConfigError, match="forward_separation"):
         build_config(overrides={"method": "crossmix", "noise_correction": "auto", "forward_separation": 1.5})
+
+
+def test_keep_close_pairs_keeps_the_labels_of_flags_between_classes_the_matrix_cannot_tell_apart():
+    """make_table flags ids 0 mod 4, predicted one class further: given 0 -> 1 (a close pair under SWAPPED), 1 -> 2
+    and 2 -> 0 (far apart). Those given 0 keep their labels; the others are dropped, as without the knob."""
+    table, given = make_table()
+    table.noise_matrix, table.flag_rule = SWAPPED, "confident"
+    method = build_config(overrides={"method": "crossmix", "keep_close_pairs": True}).method
+    rule = method.batch_rule(BatchContext(C, table=table))
+    assert rule.transition is None
+    ids = np.arange(24)
+    _, targets = unmixed(rule, ids, given)
+    flagged = ids % 4 == 0
+    close = flagged & (given[ids] == 0)
+    assert close.sum() == 2 and (flagged & ~close).sum() == 4
+    assert torch.equal(targets[close], torch.eye(C)[0].expand(2, C)), "a close pair's flag keeps its label"
+    assert (targets[flagged & ~close] == 0).all(), "the other flags are dropped"
+    assert rule.counts["flagged"] == 4
+    note = method.selection_note(table)
+    assert "auto: off (below forward_separation 0.3): 4 flags between classes closer than that keep their labels" \
+           " (keep_close_pairs), the other 6 dropped" in note, note
+    table.flag_rule = "oof_gmm"
+    assert method.batch_rule(BatchContext(C, table=table)).close_pairs is None, "the GMM's flags are all dropped"
+    table.noise_matrix, table.flag_rule = CYCLE, "confident"
+    assert method.batch_rule(BatchContext(C, table=table)).close_pairs is None, "correcting every label: none drop"
+
+
+@pytest.mark.parametrize("overrides", [{"noise_correction": "none"}, {"noise_correction": "forward"},
+                                       {"guess": "mean"}])
+def test_keep_close_pairs_needs_the_auto_matrix(overrides):
+    with pytest.raises(ConfigError, match="keep_close_pairs reads the noise matrix of noise_correction=auto"):
+        build_config(overrides={"method": "crossmix", "keep_close_pairs": True, **overrides})
