@@ -17,6 +17,11 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # Ray Train starts a preemption watcher (an actor polling for cloud nodes being drained) with every worker group:
 # ~3 CPU-s per group on these 2 cores, ~50 groups per slow tier, and no local test drains a node.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# A shell starts a background job with SIGINT ignored, and a child inherits that through exec: the runs that the tests
+# interrupt with SIGINT would not stop (a run interrupted during its folds finished instead). A handler of our own
+# is reset to the default at exec, so every child starts with Python's Ctrl-C, however pytest itself was started.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import pytest  # noqa: E402
 
