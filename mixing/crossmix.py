@@ -162,7 +162,7 @@ class CrossMixConfig(CrossValConfig, MixupConfig):
     # flags dropped, plain loss
     forward_separation: float = 0.3
     # auto, where it drops the flags (and they are not the GMM's): a flag whose given and predicted classes' rows are
-    # closer than forward_separation keeps its label (dropping them leaves the pair's noise lopsided)
+    # closer than forward_separation keeps its label (measured, not adopted: docs/crossmix.md)
     keep_close_pairs: bool = False
 
     def validate(self) -> None:
@@ -214,11 +214,12 @@ class CrossMix(OutOfFoldMethod):
         return separation >= self.config.forward_separation
 
     def close_pairs(self, table) -> np.ndarray | None:
-        """C x C: the (given, predicted) class pairs whose flags keep their labels (`keep_close_pairs`): where `auto`
-        drops confident learning's flags, those between two true classes whose rows of the noise matrix are closer
-        than forward_separation. The table cannot tell such a pair apart, and the flags it raises there fall unevenly
-        on the pair's two directions: dropping them leaves noise in one direction only, which moves the boundary."""
-        if not self.config.keep_close_pairs or table.flag_rule == "oof_gmm" or self.corrects_all(table):
+        """C x C: the (given, predicted) class pairs whose flags keep their labels (`keep_close_pairs`), for a table
+        whose flags `auto` drops (callers ask only where `corrects_all` is false): those between two true classes
+        whose rows of the noise matrix are closer than forward_separation. The table cannot tell such a pair apart,
+        and its flags fall unevenly on the pair's two directions, so dropping them leaves one-sided noise (that this
+        costs accuracy was the hypothesis; it did not hold at 40% asymmetric)."""
+        if not self.config.keep_close_pairs or table.flag_rule == "oof_gmm":
             return None
         close = row_separation(table.noise_matrix) < self.config.forward_separation
         np.fill_diagonal(close, False)
@@ -259,4 +260,5 @@ class CrossMix(OutOfFoldMethod):
         return CrossMixTargets(context.num_classes, uncertain=uncertain, probs=table.probs, guess=c.guess,
                                temperature=c.sharpen_t, flagged_weight=c.flagged_weight,
                                threshold=c.guess_threshold, alpha=c.alpha, predict=context.predict,
-                               transition=transition, predicted=table.predicted, close_pairs=self.close_pairs(table))
+                               transition=transition, predicted=table.predicted,
+                               close_pairs=None if corrects_all else self.close_pairs(table))
