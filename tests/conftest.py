@@ -5,6 +5,7 @@ default `python -m pytest` leaves slow tests out; `python -m pytest -m slow` run
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import time
@@ -85,13 +86,27 @@ def ce_whole(ray_session, digits_dir, tmp_path_factory):
     return run
 
 
+# The object-store tests' S3 server (tests/test_object_storage.py) takes this loopback port when its module starts.
+# Its endpoint and dummy credentials are set before the session's Ray starts: Ray's processes keep the environment
+# they start with, as every node of a real cluster holds its store's settings, so the commands those tests start can
+# join this Ray instead of starting one of their own (~10 s and ~15 CPU-s each here).
+@functools.cache
+def s3_env() -> dict[str, str]:
+    from noisymix.distributed.runner import free_port   # here: runner imports Ray, which the fast tier never starts
+
+    return {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray for every test that needs it (starting one costs seconds)."""
+def ray_session(tmp_path_factory):
+    """One local Ray for every test that needs it (starting one costs ~10 s here), with s3_env() and a local cache
+    of remote runs' working copies in its processes' environment."""
     import ray
 
     from noisymix.distributed.runner import start_ray
 
+    os.environ.update(s3_env(), NOISYMIX_CACHE=str(tmp_path_factory.mktemp("cache")))
     start_ray()
     yield ray
     ray.shutdown()

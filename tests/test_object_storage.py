@@ -12,24 +12,21 @@ from noisymix.distributed.artifacts import RunDir
 from noisymix.launch.prepare import prepare
 from test_interrupt_resume import epochs, finish, interrupt_when, noisymix
 
-from conftest import make_config
+from conftest import make_config, s3_env
 
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    """moto's S3 server on a free loopback port, with dummy credentials in the environment (inherited by the
-    noisymix processes the tests start, and by their Ray workers)."""
+    """moto's S3 server on the loopback port of conftest.s3_env(), with its endpoint and dummy credentials in the
+    environment (inherited by the noisymix processes the tests start; the session's Ray has them from its start)."""
     boto3 = pytest.importorskip("boto3", reason="the test extra installs boto3")
     from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=int(s3_env()["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]),
+                                verbose=False)
     server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
     with pytest.MonkeyPatch.context() as env:
-        for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                           "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        for key, value in s3_env().items():
             env.setenv(key, value)
         client = boto3.client("s3")
         for bucket in ("nmx-data", "nmx-runs"):
@@ -122,12 +119,12 @@ def test_train_from_s3_into_s3_stop_and_resume_there(ray_session, s3_digits, tmp
     ce_whole = tmp_path / "whole"
     assert main(["train", f"data_dir={local}", *S3_RUN, f"run_dir={ce_whole}"]) == 0
     cut = "s3://nmx-runs/cut"
-    code, out = interrupt_when(noisymix("train", f"data_dir={url}", *S3_RUN, f"run_dir={cut}", cwd=tmp_path,
-                                        join=False), "epoch   2/4", signal.SIGINT)
+    code, out = interrupt_when(noisymix("train", f"data_dir={url}", *S3_RUN, f"run_dir={cut}", cwd=tmp_path),
+                             "epoch   2/4", signal.SIGINT)
     assert code == 130 and f"resume with: noisymix train resume={cut}" in out, out
     assert RunDir(cut).status()["state"] == "interrupted"
     assert RunDir(cut).latest_checkpoint_epoch() is not None, "Ray Train's checkpoints are in the store"
-    resumed = finish(["train", f"resume={cut}"], tmp_path, join=False)
+    resumed = finish(["train", f"resume={cut}"], tmp_path)
     assert "resuming the interrupted run" in resumed
     assert epochs(cut) == epochs(ce_whole), "every epoch as in an uninterrupted run (on the same data, kept locally)"
     names = storage.list_files(cut)
@@ -172,8 +169,7 @@ def build_data_dirs(spec, work):
     return {cell.config(work).data.data_dir for cell in spec.cells}
 
 
-@pytest.mark.slow
-def test_a_sweep_lives_in_the_store_folds_shared_and_outputs_there(s3_digits, tmp_path, monkeypatch):
+def test_a_sweep_lives_in_the_store_folds_shared_and_outputs_there(ray_session, s3_digits, tmp_path, monkeypatch):
     """sweep_dir as a URL (the nodes of a cluster share no folder): the trials' run directories, the shared fold
     stage, Ray Tune's own state and the report are objects under it; nothing is left in the working directory."""
     import csv
@@ -194,7 +190,7 @@ def test_a_sweep_lives_in_the_store_folds_shared_and_outputs_there(s3_digits, tm
         "space": {"alpha": {"grid": [0.5, 2.0]}}}))
     work = tmp_path / "work"
     work.mkdir()
-    out = finish(["tune", str(spec)], work, join=False)
+    out = finish(["tune", str(spec)], work)
     assert f"wrote {sweep}/trials.csv" in out, out
     table = list(csv.DictReader(io.StringIO(storage.read_bytes(f"{sweep}/trials.csv").decode())))
     assert [row["status"] for row in table] == ["finished"] * 2, table
