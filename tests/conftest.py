@@ -91,10 +91,14 @@ def ce_whole(ray_session, digits_dir, tmp_path_factory):
 # they start with, as every node of a real cluster holds its store's settings, so the commands those tests start can
 # join this Ray instead of starting one of their own (~10 s and ~15 CPU-s each here).
 @functools.cache
-def s3_env() -> dict[str, str]:
+def s3_port() -> int:
     from noisymix.distributed.runner import free_port   # here: runner imports Ray, which the fast tier never starts
 
-    return {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_ACCESS_KEY_ID": "testing",
+    return free_port()
+
+
+def s3_env() -> dict[str, str]:
+    return {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port()}", "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
 
 

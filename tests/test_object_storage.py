@@ -12,18 +12,17 @@ from noisymix.distributed.artifacts import RunDir
 from noisymix.launch.prepare import prepare
 from test_interrupt_resume import epochs, finish, interrupt_when, noisymix
 
-from conftest import make_config, s3_env
+from conftest import make_config, s3_env, s3_port
 
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    """moto's S3 server on the loopback port of conftest.s3_env(), with its endpoint and dummy credentials in the
+    """moto's S3 server on conftest.s3_port(), with its endpoint and dummy credentials in the
     environment (inherited by the noisymix processes the tests start; the session's Ray has them from its start)."""
     boto3 = pytest.importorskip("boto3", reason="the test extra installs boto3")
     from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=int(s3_env()["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]),
-                                verbose=False)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port(), verbose=False)
     server.start()
     with pytest.MonkeyPatch.context() as env:
         for key, value in s3_env().items():
