@@ -70,6 +70,15 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
+def whole_run(digits_dir, tmp_path_factory, name: str, args: list[str]) -> Path:
+    """`noisymix train ARGS` on the session's digits, uninterrupted, in a folder of its own; returns its run dir."""
+    from noisymix.launch.cli import main
+
+    run = tmp_path_factory.mktemp(name) / "run"
+    assert main(["train", f"data_dir={digits_dir}", *args, f"run_dir={run}"]) == 0
+    return run
+
+
 # The CE run every interrupted CE run is compared with (12 short epochs: an interrupt after epoch 2 lands while
 # the run still trains).
 CE_RUN = ["num_shards=4", "method=ce", "epochs=12"]
@@ -79,11 +88,30 @@ CE_RUN = ["num_shards=4", "method=ce", "epochs=12"]
 def ce_whole(ray_session, digits_dir, tmp_path_factory):
     """CE_RUN on the session's digits, uninterrupted. A bench cell or an object-store copy of the same data spec
     reads byte-identical shards, so their interrupted-and-resumed runs must match it epoch for epoch."""
-    from noisymix.launch.cli import main
+    return whole_run(digits_dir, tmp_path_factory, "ce-whole", CE_RUN)
 
-    run = tmp_path_factory.mktemp("ce-whole") / "run"
-    assert main(["train", f"data_dir={digits_dir}", *CE_RUN, f"run_dir={run}"]) == 0
-    return run
+
+# One run per method that both its end-to-end test and its interrupt test read, trained once per session (each
+# run costs ~20-45 s here): the end-to-end test checks its outputs, the interrupted-and-resumed run must match it.
+# SelectMix: one fold at a time on 2 CPUs (fold_cpus=2), so that a fold can be interrupted or killed while the
+# other waits. MixNN: five epochs (warm-up, Mixup, three of neighbours), so that a signal after the third lands
+# while the run still trains.
+SELECTMIX_RUN = ["num_shards=4", "method=selectmix", "num_workers=2", "epochs=4", "folds=2", "fold_epochs=2",
+                 "fold_cpus=2", "partner_source=global"]
+MIXNN_RUN = ["num_shards=4", "method=mixnn", "num_workers=2", "epochs=5", "warmup=1", "es=2", "update_every=1",
+             "knn=2", "audit_state=true", "neighbour_source=batch"]
+
+
+@pytest.fixture(scope="session")
+def selectmix_whole(ray_session, digits_dir, tmp_path_factory):
+    """SELECTMIX_RUN on the session's digits, uninterrupted."""
+    return whole_run(digits_dir, tmp_path_factory, "selectmix-whole", SELECTMIX_RUN)
+
+
+@pytest.fixture(scope="session")
+def mixnn_whole(ray_session, digits_dir, tmp_path_factory):
+    """MIXNN_RUN on the session's digits, uninterrupted."""
+    return whole_run(digits_dir, tmp_path_factory, "mixnn-whole", MIXNN_RUN)
 
 
 # The object-store tests' S3 server (tests/test_object_storage.py) takes this loopback port when its module starts.

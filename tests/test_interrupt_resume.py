@@ -13,7 +13,7 @@ import yaml
 
 from noisymix.distributed.artifacts import RunDir
 
-from conftest import CE_RUN
+from conftest import CE_RUN, MIXNN_RUN, SELECTMIX_RUN
 
 
 def noisymix(*args, cwd):
@@ -55,23 +55,8 @@ def epochs(run_dir):
     return [(r["epoch"], r["train_loss"], r["val_acc"], r["test_acc"]) for r in RunDir(run_dir).metrics()]
 
 
-# One SelectMix setting for the SelectMix faults below, trained once uninterrupted: one fold at a time on
-# 2 CPUs (fold_cpus=2), so that a fold can be interrupted or killed while the other waits.
-SELECTMIX = ["method=selectmix", "epochs=4", "folds=2", "fold_epochs=2", "fold_cpus=2", "partner_source=global"]
-
-
-@pytest.fixture(scope="module")
-def selectmix_whole(ray_session, digits_dir, tmp_path_factory):
-    """The uninterrupted SelectMix run every SelectMix fault is compared with."""
-    where = tmp_path_factory.mktemp("selectmix-whole")
-    finish(["train", f"data_dir={digits_dir}", "num_shards=4", *SELECTMIX, f"run_dir={where / 'run'}"], where)
-    return where / "run"
-
-
-def test_an_interrupted_mixnn_run_resumes_to_the_numbers_of_an_uninterrupted_one(ray_session, digits_dir, tmp_path):
-    common = [f"data_dir={digits_dir}", "num_shards=4", "method=mixnn", "epochs=5", "warmup=1", "es=2",
-              "num_workers=2"]
-    finish(["train", *common, f"run_dir={tmp_path / 'whole'}"], tmp_path)
+def test_an_interrupted_mixnn_run_resumes_to_the_numbers_of_an_uninterrupted_one(mixnn_whole, digits_dir, tmp_path):
+    common = [f"data_dir={digits_dir}", *MIXNN_RUN]
     # The interrupted run is tracked in MLflow too: two workers, one MLflow run, KILLED, then FINISHED on resume.
     from mlflow.tracking import MlflowClient
 
@@ -85,7 +70,7 @@ def test_an_interrupted_mixnn_run_resumes_to_the_numbers_of_an_uninterrupted_one
         [logged] = mlflow_runs()
         assert logged.info.status == "KILLED" and logged.data.params["num_workers"] == "2"
 
-    interrupted_then_resumed([*common, "tracking=mlflow", f"tracking_uri={uri}"], tmp_path / "whole", tmp_path,
+    interrupted_then_resumed([*common, "tracking=mlflow", f"tracking_uri={uri}"], mixnn_whole, tmp_path,
                              "epoch   3/5", signal.SIGTERM, stopped)
     [logged] = mlflow_runs()
     assert logged.info.status == "FINISHED" and logged.info.run_name == "cut"
@@ -96,7 +81,7 @@ def test_an_interrupted_mixnn_run_resumes_to_the_numbers_of_an_uninterrupted_one
 
 def test_selectmix_interrupted_in_training_resumes_its_selection_and_its_numbers(selectmix_whole, digits_dir,
                                                                                 tmp_path):
-    interrupted_then_resumed([f"data_dir={digits_dir}", "num_shards=4", *SELECTMIX], selectmix_whole, tmp_path,
+    interrupted_then_resumed([f"data_dir={digits_dir}", *SELECTMIX_RUN], selectmix_whole, tmp_path,
                              "epoch   1/4", signal.SIGINT)
 
 
@@ -134,7 +119,7 @@ def test_selectmix_folds_survive_a_killed_task_and_an_interrupt_and_end_as_the_w
     SIGKILLed (Ray retries it), then Ctrl-C once that fold is written. The finished fold is kept, the resumed run
     trains only the other, and the table, the label issues and every epoch equal the uninterrupted run's."""
     cut = tmp_path / "cut"
-    process = noisymix("train", f"data_dir={digits_dir}", "num_shards=4", *SELECTMIX, f"run_dir={cut}", cwd=tmp_path)
+    process = noisymix("train", f"data_dir={digits_dir}", *SELECTMIX_RUN, f"run_dir={cut}", cwd=tmp_path)
     deadline, pids = time.time() + 300, []
     while not pids:
         assert time.time() < deadline and process.poll() is None, "no fold task started"

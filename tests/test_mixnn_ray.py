@@ -9,6 +9,7 @@ import faiss
 import ray
 import torch
 
+from conftest import MIXNN_RUN
 from noisymix.distributed import index_actor as index_actor_module, shards
 from noisymix.distributed.index_actor import NeighbourIndex, NeighbourIndexError, drop_self, index_actor, ivf_lists
 from noisymix.distributed.sample_state import neighbour_rows, read_beliefs
@@ -125,20 +126,22 @@ def test_a_gpu_index_without_gpu_support_is_refused_by_name():
 
 
 @pytest.mark.parametrize("source, compact", [("batch", []), ("global", ["target_topk=3", "target_dtype=float16"])])
-def test_mixnn_end_to_end_on_two_workers(ray_session, digits_dir, tmp_path, capsys, source, compact):
-    run = tmp_path / "run"
-    code = main(["train", "method=mixnn", f"neighbour_source={source}", f"data_dir={digits_dir}", f"run_dir={run}",
-                 "num_workers=2", "epochs=4", "warmup=1", "es=2", "update_every=1", "num_shards=4", "knn=2",
-                 "audit_state=true", *compact])
-    assert code == 0, capsys.readouterr().err
+def test_mixnn_end_to_end_on_two_workers(request, ray_session, digits_dir, tmp_path, capsys, source, compact):
+    if source == "batch":   # MIXNN_RUN itself: the session's run that the interrupt test resumes to
+        run = request.getfixturevalue("mixnn_whole")
+    else:
+        run = tmp_path / "run"
+        code = main(["train", f"data_dir={digits_dir}", f"run_dir={run}", *MIXNN_RUN, f"neighbour_source={source}",
+                     *compact])
+        assert code == 0, capsys.readouterr().err
     # Each rank holds (and digests) only its home id range of the per-sample state: the ranges tile the ids.
     digests = json.loads((run / "state_digests.json").read_text())
     by_epoch = {}
     for d in digests:
         by_epoch.setdefault(d["epoch"], []).append((d["start"], d["stop"]))
-    assert len(digests) == 2 * 3 and all(sorted(v) == [(0, 646), (646, 1293)] for v in by_epoch.values()), by_epoch
+    assert len(digests) == 2 * 4 and all(sorted(v) == [(0, 646), (646, 1293)] for v in by_epoch.values()), by_epoch
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["phase"] for r in records] == ["warmup", "mixup", "neighbours", "neighbours"]
+    assert [r["phase"] for r in records] == ["warmup", "mixup", "neighbours", "neighbours", "neighbours"]
     assert all("corrected_label_acc" in r and "detection" in r for r in records[1:])
     if source == "global":
         assert "index_s" in records[2] and "index_s" not in records[1]

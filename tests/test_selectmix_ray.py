@@ -109,11 +109,8 @@ def test_a_failing_fold_task_is_named(ray_session, digits_dir, digits_train):
         out_of_fold_probabilities(given, 3, 0, broken, map=functools.partial(ray_map, retries=1))
 
 
-def test_selectmix_end_to_end_on_two_workers(ray_session, digits_dir, tmp_path, capsys):
-    run = tmp_path / "run"
-    code = main(["train", "method=selectmix", f"data_dir={digits_dir}", f"run_dir={run}", "num_workers=2",
-                 "epochs=2", "num_shards=4", "folds=3", "fold_epochs=2", "partner_source=global"])
-    assert code == 0, capsys.readouterr().err
+def test_selectmix_end_to_end_on_two_workers(selectmix_whole, digits_dir):
+    run = selectmix_whole   # SELECTMIX_RUN: the session's run that the interrupt tests resume to
     summary = json.loads((run / "summary.json").read_text())
     detection = summary["detection"]
     assert {"precision", "recall", "f1", "auroc", "predicted_class_acc_on_flagged"} <= set(detection)
