@@ -28,8 +28,9 @@ from noisymix.mixing.ce import PlainTargets
 from noisymix.mixing.method import BatchRule
 from noisymix.mixing.mixup import MixupTargets
 from noisymix.mixing.selectmix import CrossValConfig
-from noisymix.selection.crossval import Fold, FoldOutput, check_out_of_fold, out_of_fold_probabilities
-from noisymix.selection.flag_rules import corrected_labels
+from noisymix.selection.crossval import (Fold, FoldOutput, SelectionError, check_out_of_fold,
+                                         out_of_fold_probabilities)
+from noisymix.selection.flag_rules import corrected_labels, flag_given_labels
 from noisymix.selection.mismatch import MixingTable, build_mixing_table
 
 
@@ -48,6 +49,8 @@ class FoldTrainer:
     held-out fold's given labels, so late re-selections can inherit what it memorised.
 
     `labels` (a later fold round): every id's label to train on and to agree with, in place of the given one.
+    `trusted` (a later round of fold_round_train=kept): only these ids of the fold's training part are trained
+    on; the whole held-out part is predicted.
     """
 
     data_dir: str
@@ -57,6 +60,7 @@ class FoldTrainer:
     seed: int
     init_state: dict | None = None
     labels: np.ndarray | None = None
+    trusted: np.ndarray | None = None
 
     def __call__(self, fold: Fold) -> FoldOutput:
         started = time.perf_counter()
@@ -79,6 +83,9 @@ class FoldTrainer:
         urls = shards.shard_urls(self.data_dir, self.manifest, "train")
         in_train = np.zeros(data.counts["train"], dtype=bool)
         in_train[fold.train] = True
+        held_out = ~in_train
+        if self.trusted is not None:
+            in_train &= self.trusted
         loaders = threads - 1     # the task's other CPUs decode in loader workers
         kept, best_agreement = None, -1.0  # (epoch, held ids, probabilities) of the predicting fold epoch
         summed = None                      # ensemble: the held-out probabilities summed over epochs, in id order
@@ -91,13 +98,13 @@ class FoldTrainer:
                                           batch_size=self.train.batch_size, only=shards.IdFilter(in_train))
             stats = train_epoch(model, optimizer, shards.iterate_batches(stream, loaders), rule, train_transform,
                                 device, rng, amp=self.train.amp)
-            if stats.samples != len(fold.train):
+            if stats.samples != int(in_train.sum()):
                 raise shards.ShardError(f"fold {fold.index}, epoch {epoch}: read {stats.samples} training samples of "
-                                        f"{len(fold.train)}: a shard is short or unreadable (noisymix verify DATA_DIR)")
+                                        f"{int(in_train.sum())}: a shard is short or unreadable (noisymix verify DATA_DIR)")
             scheduler.step()
             if self.cv.fold_select != "last" or epoch == self.cv.fold_epochs - 1:
                 held = shards.sample_stream(urls, images=eval_images, batch_size=4 * self.train.batch_size,
-                                            only=shards.IdFilter(~in_train))
+                                            only=shards.IdFilter(held_out))
                 held_ids, held_labels, probs = predict(model, shards.iterate_batches(held, loaders), eval_transform,
                                                        device, self.train.amp)
                 if self.cv.fold_select == "ensemble":
@@ -214,9 +221,10 @@ def select(cv: CrossValConfig, train: TrainSection, seed: int, data_dir: str, ma
 
     Each fold task streams the train shards itself; the driver reads the given labels only. A re-selection
     warm-starts the folds from `init_state`. With `fold_rounds` > 1 each further round trains the same folds on
-    the labels the previous round's flags corrected (y' = argmax P where flagged): only the last round's P is
-    kept. A later round is out-of-fold for its own labels, not strictly for the given ones: a training sample's
-    corrected label came from a fold that saw the held-out samples' given labels. With `oof_from`, the first
+    the labels the previous round's flags corrected (y' = argmax P where flagged), or (fold_round_train=kept) on
+    the given labels of the samples the previous round did not flag: only the last round's P is kept. A later
+    round is out-of-fold for its own labels, not strictly for the given ones: the corrected labels and the flags
+    came from folds that saw the held-out samples' given labels. With `oof_from`, the first
     selection takes an earlier run's out-of-fold probabilities instead of its first round of folds. The workers get the
     table without its N x C probabilities unless they read them (`workers_read_probs`: SelectMix's soft label),
     and with the C x C noise transition of the unflagged or of all samples where asked (`noise_matrix`, CrossMix's).
@@ -233,15 +241,28 @@ def select(cv: CrossValConfig, train: TrainSection, seed: int, data_dir: str, ma
         probs, fold_of, fold_runs = out_of_fold_probabilities(given, cv.folds, seed, trainer,
                                                               map=functools.partial(runner, cache=cache))
     for later in range(1, cv.fold_rounds):
-        # The same folds, trained on the labels the previous round corrected; flags still judge the given ones.
-        relabelled = dataclasses.replace(trainer, labels=corrected_labels(cv.flag_rule, probs, given, seed))
+        # The same folds, trained on the labels the previous round corrected or on its unflagged samples only;
+        # flags still judge the given labels.
         round_cache = None if cache is None else cache.round(later)
-        probs, fold_of, runs = out_of_fold_probabilities(given, cv.folds, seed, relabelled,
+        probs, fold_of, runs = out_of_fold_probabilities(given, cv.folds, seed, next_round(trainer, cv, probs, given,
+                                                                                           seed),
                                                          map=functools.partial(runner, cache=round_cache))
         fold_runs += [{**run, "round": later + 1} for run in runs]
     table = build_mixing_table(probs, given, cv.tau_low, cv.tau_high, cv.flag_rule, seed, noise_matrix)
     return Selection(table, fold_of, fold_runs, time.perf_counter() - started,
                      ray.put(table.to_arrays(for_workers=True, probs=workers_read_probs)))
+
+
+def next_round(trainer: FoldTrainer, cv: CrossValConfig, probs: np.ndarray, given: np.ndarray,
+               seed: int) -> FoldTrainer:
+    """The fold trainer of the round after the one that gave `probs` (fold_round_train)."""
+    if cv.fold_round_train == "kept":
+        trusted = ~flag_given_labels(cv.flag_rule, probs, given, seed)
+        if not trusted.any():
+            raise SelectionError(f"fold_round_train=kept: flag_rule={cv.flag_rule} flagged every sample, so a later "
+                                 "fold round has nothing to train on")
+        return dataclasses.replace(trainer, trusted=trusted)
+    return dataclasses.replace(trainer, labels=corrected_labels(cv.flag_rule, probs, given, seed))
 
 
 def restore_selection(arrays: dict[str, np.ndarray], cv: CrossValConfig, seed: int,

@@ -77,11 +77,14 @@ def fold_settings(values: dict, config: Config) -> CrossValConfig:
 
 def fold_key(values: dict, config: Config) -> str:
     """What decides a fold stage's out-of-fold table: the data, the seed, the training knobs the fold models
-    read, and the folds' own (folds, fold_epochs, fold_select, fold_mixup, fold_rounds). Equal keys, equal tables."""
+    read, and the folds' own (folds, fold_epochs, fold_select, fold_mixup, fold_rounds; with more than one round,
+    also the flag rule and fold_round_train, which decide what a later round trains on). Equal keys, equal tables."""
     cv = fold_settings(values, config)
     train = {k: v for k, v in config.train.to_dict().items() if k not in NOT_READ_BY_FOLDS}
-    decided = {"data": config.data.to_dict(), "seed": config.run.seed, "train": train,
-               "folds": [cv.folds, cv.fold_epochs, cv.fold_select, cv.fold_mixup, cv.fold_rounds]}
+    folds = [cv.folds, cv.fold_epochs, cv.fold_select, cv.fold_mixup, cv.fold_rounds]
+    if cv.fold_rounds > 1:
+        folds += [cv.flag_rule, cv.fold_round_train]
+    decided = {"data": config.data.to_dict(), "seed": config.run.seed, "train": train, "folds": folds}
     return hashlib.sha256(json.dumps(decided, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

@@ -27,6 +27,7 @@ from noisymix.launch.prepare import prepare
 from noisymix.launch.report import Progress, summarize
 from noisymix.launch.tracking import CURVES, abandon, plot_curves, trackers
 from noisymix.mixing.method import TRUE, Method
+from noisymix.mixing.selectmix import ROUND_TRAINS_ON
 from noisymix.selection.crossval import check_out_of_fold
 from noisymix.selection.report import LabelReport
 
@@ -117,13 +118,14 @@ class SelectionRounds:
     def run_round(self, epoch: int, init_state: dict | None) -> Selection:
         cv, reused = self.cv, self.latest is None and bool(self.cv.oof_from)
         if reused:
-            then = (f", then {cv.fold_rounds - 1} round(s) of {cv.folds} folds x {cv.fold_epochs} epochs on the labels "
-                    "it corrected" if cv.fold_rounds > 1 else " (no fold training)")
+            then = (f", then {cv.fold_rounds - 1} round(s) of {cv.folds} folds x {cv.fold_epochs} epochs on "
+                    f"{ROUND_TRAINS_ON[cv.fold_round_train]}" if cv.fold_rounds > 1 else " (no fold training)")
             self.log(f"selection at epoch {epoch}: out-of-fold probabilities of {cv.oof_from}{then}")
         else:
             start = "fresh models" if init_state is None else f"the main model of epoch {epoch}"
             epochs = "epochs" if cv.fold_select == "ensemble" else "epoch"
-            rounds = f" x {cv.fold_rounds} rounds (each on the labels the last corrected)" if cv.fold_rounds > 1 else ""
+            rounds = (f" x {cv.fold_rounds} rounds (each on {ROUND_TRAINS_ON[cv.fold_round_train]})"
+                      if cv.fold_rounds > 1 else "")
             self.log(f"selection at epoch {epoch}: {cv.folds} folds x {cv.fold_epochs} epochs{rounds} from {start}, as "
                      f"Ray tasks (predictions of the {cv.fold_select} fold {epochs})")
         self.run.write_status("running", f"selection at epoch {epoch}", rounds=self.rounds)

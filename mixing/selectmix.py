@@ -24,6 +24,12 @@ PARTNER_MODES = ("class", "random", "none")
 LABEL_MODES = ("mixed", "soft", "hard")
 LAMBDA_PER = ("sample", "batch")
 FOLD_SELECT = ("best", "last", "ensemble")
+# What a fold round after the first trains on: every sample on the labels the round before corrected, or only the
+# samples it did not flag, on their given labels (Chen et al., "Understanding and Utilizing Deep Neural Networks
+# Trained with Noisy Labels", ICML 2019: iterative noisy cross-validation).
+FOLD_ROUND_TRAIN = ("corrected", "kept")
+ROUND_TRAINS_ON = {"corrected": "the labels the round before corrected",
+                   "kept": "the given labels the round before did not flag"}
 
 
 def selectmix_soft_label(given_part: torch.Tensor, predicted: torch.Tensor, lam: torch.Tensor,
@@ -195,7 +201,8 @@ class CrossValConfig(Section):
     held-out agreement with the given labels, the `last`, or the `ensemble`: the mean of every epoch's held-out
     probabilities, a temporal ensemble at the cost of `best`), trained with CE on the given labels (the paper)
     or, with `fold_mixup` > 0, with Mixup of that alpha, one Ray task of `fold_cpus`/`fold_gpus` each, in
-    `fold_rounds` rounds (each after the first trains on the labels the one before corrected), optionally
+    `fold_rounds` rounds (each after the first trains on the labels the one before corrected, or, with
+    `fold_round_train`=kept, on the given labels of only the samples the one before did not flag), optionally
     re-run every `reselect_every` epochs from the main model; `oof_from` takes an earlier run's
     oof.npz for the first selection instead of training folds; `flag_rule` decides which given labels are
     flagged from the out-of-fold table (selection.flag_rules: `mismatch` is the paper's); tau_low/tau_high are
@@ -206,6 +213,7 @@ class CrossValConfig(Section):
     fold_select: str = "best"
     fold_mixup: float = 0.0        # 0: the folds train with CE (the paper); > 0: Mixup Beta(a, a) in the folds
     fold_rounds: int = 1           # > 1: each further round retrains the folds on the labels the last one corrected
+    fold_round_train: str = "corrected"   # kept: a further round trains on the unflagged samples' given labels only
     fold_cpus: float = 1.0
     fold_gpus: float = -1.0        # -1: one GPU per fold task when the workers train on GPUs, else none
     fold_retries: int = 2
@@ -219,6 +227,7 @@ class CrossValConfig(Section):
         super().validate()
         check_choice("fold_select", self.fold_select, FOLD_SELECT)
         check_choice("flag_rule", self.flag_rule, FLAG_RULES)
+        check_choice("fold_round_train", self.fold_round_train, FOLD_ROUND_TRAIN)
         for key in ("tau_low", "tau_high"):
             check_range(key, getattr(self, key), 0.0, 1.0)
         check_range("folds", self.folds, 2)

@@ -60,6 +60,7 @@ def test_ints_are_accepted_for_floats():
     ({"method": "selectmix", "fold_epochs": 0}, "fold_epochs must be -1 .auto. or a number of epochs >= 1"),
     ({"method": "crossmix", "fold_rounds": 0}, r"fold_rounds=0 is outside \[1, inf\)"),
     ({"method": "selectmix", "fold_mixup": -0.5}, r"fold_mixup=-0.5 is outside \[0.0, inf\)"),
+    ({"method": "selectmix", "fold_round_train": "flagged"}, r"fold_round_train=.flagged. is not one of corrected, kept"),
     ({"val_fraction": 0}, "val_fraction"),
     ({"milestones": [8, 5]}, "milestones"),
     ({"noise_type": "none"}, "noise_rate=0"),

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from noisymix.distributed import shards
-from noisymix.distributed.folds import FoldTrainer, ray_map
+from noisymix.distributed.folds import FoldTrainer, next_round, ray_map
 from noisymix.launch.cli import main
 from noisymix.launch.config import build_config
-from noisymix.selection.crossval import out_of_fold_probabilities
+from noisymix.selection.crossval import SelectionError, out_of_fold_probabilities
 from noisymix.selection.flag_rules import flag_given_labels
 from noisymix.selection.mismatch import build_mixing_table
 
@@ -99,6 +99,23 @@ def test_a_later_fold_round_trains_on_the_labels_it_is_given(digits_dir, digits_
     agree = {name: (np.mean(p.argmax(axis=1) == shifted), np.mean(p.argmax(axis=1) == given))
              for name, p in (("plain", plain), ("moved", moved))}
     assert agree["moved"][0] > agree["moved"][1] and agree["moved"][0] > agree["plain"][0] + 0.05, agree
+
+
+def test_a_kept_fold_round_trains_on_the_unflagged_only_and_predicts_every_held_out_id(digits_dir, digits_train):
+    """fold_round_train=kept: the round after a table that flagged every label of class 3 never sees a 3, yet
+    predicts every held-out id (the flagged ones too); a table that flags everything leaves nothing to train."""
+    manifest, _, given = digits_train
+    fit = fold_trainer(digits_dir, manifest, fold_epochs=2, seed=1, fold_rounds=2, fold_round_train="kept")
+    cv = fit.cv
+    table = np.eye(10, dtype=np.float32)[np.where(given == 3, 4, given)]   # argmax != given exactly where given is 3
+    probs, fold_of, runs = out_of_fold_probabilities(given, 3, 1, next_round(fit, cv, table, given, seed=1))
+    assert len(runs) == 3 and np.allclose(probs.sum(axis=1), 1, atol=1e-4) and set(fold_of) == {0, 1, 2}
+    plain = out_of_fold_probabilities(given, 3, 1, fit)[0]
+    assert (plain.argmax(axis=1) == 3).sum() > 20, "folds that see the 3s predict some"   # 57 here
+    assert (probs.argmax(axis=1) == 3).sum() == 0, "no 3 was trained on"
+    assert probs[:, 3].mean() < 0.75 * plain[:, 3].mean()   # 0.055 against 0.099 here
+    with pytest.raises(SelectionError, match="flagged every sample"):
+        next_round(fit, cv, np.eye(10, dtype=np.float32)[(given + 1) % 10], given, seed=1)
 
 
 def test_a_failing_fold_task_is_named(ray_session, digits_dir, digits_train):
@@ -224,7 +241,7 @@ def test_a_second_fold_round_retrains_on_an_earlier_tables_corrections(ray_sessi
                  f"oof_from={oof}", "fold_rounds=2", "folds=3", "fold_epochs=2"])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "then 1 round(s) of 3 folds x 2 epochs on the labels it corrected" in out
+    assert "then 1 round(s) of 3 folds x 2 epochs on the labels the round before corrected" in out
     [selection] = json.loads((run / "summary.json").read_text())["selections"]
     assert [f["round"] for f in selection["folds"]] == [2, 2, 2]
     table = np.load(run / "oof.npz")
