@@ -79,6 +79,9 @@ def main() -> None:
     parser.add_argument("--clean-folds", action="store_true",
                         help="write the tables under clean_folds/ (folds trained on the true labels) instead")
     parser.add_argument("--fold-epochs", type=int, default=8, help="epochs of each clean fold (default 8)")
+    parser.add_argument("--redo", action="store_true",
+                        help="write the clean-fold tables that exist already again (by default they are kept: each costs "
+                             "a fold stage)")
     args = parser.parse_args()
     spec = load_spec(args.spec)
     work = args.work or Path("runs") / "bench" / spec.name
@@ -93,7 +96,7 @@ def main() -> None:
         config = cell.config(work)
         data_dir = prepare(config.data, config.run.seed, log=lambda line: None)
         target = Path(config.method.out_of_fold_file() or config.method.fixed_clean_file())
-        if target in written:
+        if target in written or (args.clean_folds and target.exists() and not args.redo):
             continue
         held = (write_clean_fold_table(config, data_dir, target, args.fold_epochs) if args.clean_folds
                 else write_oracle_table(data_dir, target))
