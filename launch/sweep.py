@@ -4,6 +4,8 @@ whose folds would be equal share one fold stage; a rerun of the same command res
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import math
@@ -77,14 +79,13 @@ def fold_settings(values: dict, config: Config) -> CrossValConfig:
 
 def fold_key(values: dict, config: Config) -> str:
     """What decides a fold stage's out-of-fold table: the data, the seed, the training knobs the fold models
-    read, and the folds' own (folds, fold_epochs, fold_select, fold_mixup, fold_rounds; with more than one round,
-    also the flag rule and fold_round_train, which decide what a later round trains on). Equal keys, equal tables."""
+    read, and the folds' own (folds, fold_epochs, fold_select, fold_mixup). The stage is the first fold round only:
+    a trial with fold_rounds > 1 trains its later rounds itself from the shared table, as a run does from an
+    oof_from. Equal keys, equal tables."""
     cv = fold_settings(values, config)
     train = {k: v for k, v in config.train.to_dict().items() if k not in NOT_READ_BY_FOLDS}
-    folds = [cv.folds, cv.fold_epochs, cv.fold_select, cv.fold_mixup, cv.fold_rounds]
-    if cv.fold_rounds > 1:
-        folds += [cv.flag_rule, cv.fold_round_train]
-    decided = {"data": config.data.to_dict(), "seed": config.run.seed, "train": train, "folds": folds}
+    decided = {"data": config.data.to_dict(), "seed": config.run.seed, "train": train,
+               "folds": [cv.folds, cv.fold_epochs, cv.fold_select, cv.fold_mixup]}
     return hashlib.sha256(json.dumps(decided, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -94,7 +95,7 @@ def run_fold_stage(values: dict, config: Config, folder: str, log) -> None:
     from noisymix.launch.train import write_selection
 
     started = time.perf_counter()
-    cv = fold_settings(values, config)
+    cv = dataclasses.replace(fold_settings(values, config), fold_rounds=1)   # a trial trains its later rounds
     data_dir = config.data.data_dir
     manifest = shards.load_manifest(data_dir)
     log(f"fold stage: {cv.folds} folds x {cv.fold_epochs} epochs, shared by every trial with these fold settings")

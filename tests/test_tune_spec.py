@@ -115,6 +115,8 @@ def test_the_fold_key_follows_what_the_folds_read_and_nothing_else():
     assert key(alpha=0.5) == key(alpha=4.0) == key(tau_high=0.9, epochs=30)
     assert len({key(), key(fold_epochs=3), key(folds=4), key(lr=0.1), key(seed=1), key(noise_rate=0.2)}) == 6
     assert fold_key({**BASE, "method": "mixnn", "clean_from": "x"}, build_config(overrides={**BASE})) == key()
+    # The stage is the first round: trials with more rounds share it and train their later rounds themselves
+    assert key(fold_rounds=2, flag_rule="confident") == key(fold_rounds=3, fold_round_train="kept") == key()
     # CrossMix's fold_epochs=-1 is a fifth of the run: its key follows epochs, and equals SelectMix's with those folds
     crossmix = {**BASE, "method": "crossmix", "epochs": 40}
     assert fold_key(crossmix, build_config(overrides=crossmix)) == key(fold_epochs=8, epochs=40)
