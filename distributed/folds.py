@@ -244,8 +244,8 @@ def select(cv: CrossValConfig, train: TrainSection, seed: int, data_dir: str, ma
         # The same folds, trained on the labels the previous round corrected or on its unflagged samples only;
         # flags still judge the given labels.
         round_cache = None if cache is None else cache.round(later)
-        probs, fold_of, runs = out_of_fold_probabilities(given, cv.folds, seed, next_round(trainer, cv, probs, given,
-                                                                                           seed),
+        round_trainer = next_round(trainer, cv, probs, given, seed)
+        probs, fold_of, runs = out_of_fold_probabilities(given, cv.folds, seed, round_trainer,
                                                          map=functools.partial(runner, cache=round_cache))
         fold_runs += [{**run, "round": later + 1} for run in runs]
     table = build_mixing_table(probs, given, cv.tau_low, cv.tau_high, cv.flag_rule, seed, noise_matrix)
