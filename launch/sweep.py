@@ -5,7 +5,6 @@ whose folds would be equal share one fold stage; a rerun of the same command res
 from __future__ import annotations
 
 import dataclasses
-
 import hashlib
 import json
 import math

@@ -27,9 +27,9 @@ FOLD_SELECT = ("best", "last", "ensemble")
 # What a fold round after the first trains on: every sample on the labels the round before corrected, or only the
 # samples it did not flag, on their given labels (Chen et al., "Understanding and Utilizing Deep Neural Networks
 # Trained with Noisy Labels", ICML 2019: iterative noisy cross-validation).
-FOLD_ROUND_TRAIN = ("corrected", "kept")
 ROUND_TRAINS_ON = {"corrected": "the labels the round before corrected",
                    "kept": "the given labels the round before did not flag"}
+FOLD_ROUND_TRAIN = tuple(ROUND_TRAINS_ON)
 
 
 def selectmix_soft_label(given_part: torch.Tensor, predicted: torch.Tensor, lam: torch.Tensor,
