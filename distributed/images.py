@@ -9,6 +9,7 @@ workers share the work.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 RESIZE = Image.BILINEAR
 JPEG_MAGIC = b"\xff\xd8"
+CHECK_SIDE = 32               # a JPEG decoded at this shorter side is proven to decode, for a fraction of the cost
 EVAL_RESIZE_RATIO = 0.875     # evaluation: resize the shorter side to crop / 0.875, then a centre crop (224 of 256)
 
 
@@ -28,11 +30,24 @@ class ImageDecodeError(ValueError):
 def open_rgb(data: bytes, at_least: int = 0) -> Image.Image:
     """Decode to RGB; with `at_least`, JPEG's DCT scaling decodes straight to the smallest size whose shorter
     side is still >= at_least (2-8x faster for large photos)."""
-    try:
+    with _decoding():
         image = Image.open(io.BytesIO(data))
         if at_least and image.format == "JPEG":
             image.draft("RGB", _size_for_shorter(image.size, at_least))
         return image.convert("RGB")
+
+
+def shorter_side(data: bytes) -> int:
+    """The shorter side of an encoded image, from its header alone (nothing is decoded)."""
+    with _decoding(), Image.open(io.BytesIO(data)) as header:
+        return min(header.size)
+
+
+@contextlib.contextmanager
+def _decoding():
+    """PIL's errors on bytes that are not a decodable image, as ImageDecodeError."""
+    try:
+        yield
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageDecodeError(str(exc) or type(exc).__name__) from exc
 
@@ -57,22 +72,24 @@ def encode_jpeg(image: Image.Image, quality: int) -> bytes:
     return buffer.getvalue()
 
 
-def stored_image(data: bytes, stored_size: int, quality: int) -> tuple[bytes, Image.Image, int]:
-    """(the JPEG bytes a shard stores, the RGB image for the channel statistics, the stored image's shorter side)
-    for one source file. A JPEG source is stored as its own bytes where it needs no resize (shorter side <=
-    stored_size, or stored_size 0: their statistics then come from a cheap reduced decode); others are
-    re-encoded, after a shorter-side resize to stored_size where they are larger."""
-    is_jpeg = data[:2] == JPEG_MAGIC
-    if stored_size == 0 and is_jpeg:
-        with Image.open(io.BytesIO(data)) as header:
-            shorter = min(header.size)
-        return data, open_rgb(data, at_least=64), shorter
+def stored_image(data: bytes, stored_size: int, quality: int,
+                 with_pixels: bool = True) -> tuple[bytes, Image.Image | None, int]:
+    """(the JPEG bytes a shard stores, the RGB image for the channel statistics or None without `with_pixels`,
+    the stored image's shorter side) for one source file. A JPEG that needs no resize (shorter side <=
+    stored_size, or stored_size 0) is stored as its own bytes: without `with_pixels` it is only proven to decode,
+    by a decode at CHECK_SIDE (JPEG's DCT scaling: cheaper than a full one). Others are re-encoded, after a
+    shorter-side resize to stored_size where they are larger."""
+    if data[:2] == JPEG_MAGIC:
+        shorter = shorter_side(data)
+        if stored_size == 0 or shorter <= stored_size:
+            if with_pixels:
+                return data, open_rgb(data), shorter
+            open_rgb(data, at_least=CHECK_SIDE)
+            return data, None, shorter
     image = open_rgb(data, at_least=stored_size)
-    if is_jpeg and min(image.size) <= stored_size:   # DCT scaling never goes below stored_size: no resize needed
-        return data, image, min(image.size)
     if stored_size:
         image = resize_shorter(image, stored_size)
-    return encode_jpeg(image, quality), image, min(image.size)
+    return encode_jpeg(image, quality), image if with_pixels else None, min(image.size)
 
 
 _LEVELS = np.arange(256) / 255.0

@@ -5,7 +5,8 @@ validation list, e.g. Clothing1M's clean 14k for model selection), `train_true.t
 train.txt's lines, where known: synthetic sets) and `classes.txt` (one class name per line). The lists are
 scanned once (each kept line's byte offset and label, 16 bytes per sample); then one process per output
 shard reads its lines, re-encodes each image larger than stored_size after a shorter-side resize (a JPEG
-that needs none keeps its own bytes), and writes its tar with the pixel sums for mean/std and the offsets of its images. No process holds
+that needs none keeps its own bytes), and writes its tar with the offsets of its images and, for the training
+split, the pixel sums for mean/std of a systematic sample of its images (`stats_stride`). No process holds
 more than one shard's images. A finished shard is kept in the staging folder, so a re-run after an
 interruption writes only the shards that are missing.
 """
@@ -24,12 +25,13 @@ import numpy as np
 
 from noisymix.distributed import shards
 from noisymix.distributed.engine import peak_rss_mb
-from noisymix.distributed.images import ImageDecodeError, PixelSums, open_rgb, stored_image
+from noisymix.distributed.images import CHECK_SIDE, ImageDecodeError, PixelSums, open_rgb, stored_image
 from noisymix.launch.sources import SourceError
 
 LISTS = {"train": "train.txt", "val": "val.txt", "test": "test.txt"}
 TRUE_TRAIN_LIST = "train_true.txt"
 CLASSES_FILE = "classes.txt"
+STATS_EVERY, STATS_AT_LEAST = 8, 1000
 
 
 @dataclass
@@ -130,6 +132,12 @@ def scan_image_list(directory: str | Path, class_limit: int = 0, name: str | Non
                      class_names or [str(c) for c in range(num_classes)], listed)
 
 
+def stats_stride(train_count: int) -> int:
+    """Mean/std come from every s-th training image, s = min(8, count // 1000): at least 1,000 images (or all of
+    a smaller set) decoded whole, while the others that need no resize are only proven to decode (cheaper)."""
+    return max(1, min(STATS_EVERY, train_count // STATS_AT_LEAST))
+
+
 def read_line_path(fh, offset: int) -> str:
     fh.seek(offset)
     return fh.readline().decode("utf-8", errors="replace").strip().rsplit(maxsplit=1)[0]
@@ -145,6 +153,7 @@ class ShardJob:
     ids: np.ndarray
     stored_size: int
     quality: int
+    stats_every: int = 0     # pixel sums from every stats_every-th image of the shard; 0: none (val, test)
 
     def __call__(self) -> dict:
         """Write the shard; returns its manifest entry, index rows, pixel sums and smallest stored side (the
@@ -156,15 +165,17 @@ class ShardJob:
                 for k, sample_id in enumerate(self.ids):
                     rel = read_line_path(fh, self.split.offsets[k])
                     where = f"{self.split.path}:{self.split.lines[k]}: {self.root / rel}"
+                    with_pixels = self.stats_every > 0 and k % self.stats_every == 0
                     try:
                         data, image, side = stored_image((self.root / rel).read_bytes(), self.stored_size,
-                                                          self.quality)
+                                                          self.quality, with_pixels)
                     except OSError as exc:
                         raise SourceError(f"{where}: cannot read the image: {exc.strerror or exc}") from exc
                     except ImageDecodeError as exc:
                         raise SourceError(f"{where}: not a decodable image ({exc}); set skip_bad_images=true "
                                           "to leave such files out") from exc
-                    sums.add_image(image)
+                    if with_pixels:
+                        sums.add_image(image)
                     sides.append(side)
                     true = None if self.split.true_labels is None else int(self.split.true_labels[k])
                     yield shards.encode_sample(int(sample_id), data, int(self.split.labels[k]), true)
@@ -217,7 +228,7 @@ def _readable(job: tuple[Path, Path, np.ndarray]) -> np.ndarray:
     with open(list_path, "rb") as fh:
         for k, offset in enumerate(offsets):
             try:
-                open_rgb((root / read_line_path(fh, offset)).read_bytes(), at_least=32)
+                open_rgb((root / read_line_path(fh, offset)).read_bytes(), at_least=CHECK_SIDE)
                 ok[k] = True
             except (OSError, ImageDecodeError):
                 pass

@@ -302,12 +302,14 @@ def _write_image_list(config: DataSection, seed: int, staging: Path, log) -> dic
         parts = {"train": train.take(train_idx), "val": train.take(val_idx), "test": listing.splits["test"]}
     parts["test"].true_labels = parts["test"].labels   # test labels are taken as true
     first, jobs, ranges = 0, [], {}
+    stats_every = image_lists.stats_stride(len(parts["train"]))
     for split, part in parts.items():
         ids = first + np.arange(len(part))
         chunks = np.array_split(np.arange(len(part)), max(1, min(config.num_shards, len(part))))
         ranges[split] = (len(jobs), len(jobs) + len(chunks), ids)
         jobs += [image_lists.ShardJob(staging / shards.shard_name(split, n), listing.root, part.take(chunk),
-                                      ids[chunk], config.stored_size, config.jpeg_quality)
+                                      ids[chunk], config.stored_size, config.jpeg_quality,
+                                      stats_every if split == "train" else 0)
                  for n, chunk in enumerate(chunks)]
         first += len(part)
     results = image_lists.write_image_shards(jobs, workers, log)
@@ -330,7 +332,7 @@ def _write_image_list(config: DataSection, seed: int, staging: Path, log) -> dic
         given, true, train_idx = parts["train"].labels, parts["train"].true_labels, np.arange(len(parts["train"]))
     return {"dataset": listing.name, "num_classes": listing.num_classes, "class_names": listing.class_names,
             "image_format": "jpeg", "stored_size": config.stored_size, "image_shape": None, "mean": mean, "std": std,
-            "prepare": {"workers": workers, "writer_peak_rss_mb": max(r["peak_rss_mb"] for r in results),
+            "prepare": {"workers": workers, "stats_every": stats_every, "writer_peak_rss_mb": max(r["peak_rss_mb"] for r in results),
                         "driver_peak_rss_mb": peak_rss_mb()},
             "has_true_labels": true is not None, "noise": _noise_record(config, seed, given, true, train_idx, val_idx),
             "splits": splits}

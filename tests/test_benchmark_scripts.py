@@ -178,7 +178,7 @@ def test_prepare_cost_times_every_step_of_a_prepare_on_a_few_images(tmp_path, mo
     result = prepare_cost.measure(Path(source), 6)
     assert result["images"] == 6 and set(result["ms_per_image"]) == {
         "decode_resize", "encode_jpeg", "pixel_stats_pil_histogram", "pixel_stats_numpy_histogram",
-        "pixel_stats_float_sums", "sha256", "stored_image"}
+        "pixel_stats_float_sums", "sha256", "stored_image", "stored_image_no_pixels"}
     assert all(value > 0 for value in result["ms_per_image"].values())
     assert result["stored_as_is"] == 1.0   # 40-60 px JPEGs need no resize to 256: kept as their own bytes
 

@@ -11,8 +11,10 @@ from PIL import Image
 from conftest import make_config
 from noisymix.distributed import shards
 from noisymix.distributed.engine import DataInfo
-from noisymix.distributed.images import JpegCrops, PixelSums, open_rgb, random_resized_crop_box
+from noisymix.distributed.images import (ImageDecodeError, JpegCrops, PixelSums, encode_jpeg, open_rgb,
+                                         random_resized_crop_box, stored_image)
 from noisymix.launch.config import ConfigError
+from noisymix.launch.image_lists import ShardJob, read_line_path, scan_image_list, stats_stride
 from noisymix.launch.prepare import prepare
 from noisymix.launch.sources import SourceError
 from noisymix.launch.synth import SynthSection, synthesize
@@ -239,3 +241,42 @@ def test_pixel_sums_of_uint8_images_equal_the_float_sums():
     assert exact.count == as_float.count == 5 * 17 * 23
     assert np.allclose(exact.total, as_float.total, rtol=1e-12) and np.allclose(exact.squares, as_float.squares,
                                                                                   rtol=1e-12)
+
+
+def test_mean_and_std_come_from_every_sth_training_image_and_the_other_splits_add_none(tmp_path, synth_dir):
+    assert [stats_stride(n) for n in (60, 1999, 2000, 5000, 80_000)] == [1, 1, 2, 5, 8]
+    listed = scan_image_list(synth_dir).splits["train"]
+    part = listed.take(np.arange(20))
+
+    def sums(stats_every):
+        job = ShardJob(tmp_path / f"train-{stats_every}.tar", synth_dir, part, np.arange(20), 0, 90, stats_every)
+        return PixelSums(**job()["sums"])
+
+    expected = PixelSums()
+    with open(listed.path, "rb") as fh:
+        for k in range(0, 20, 3):
+            expected.add_image(open_rgb((synth_dir / read_line_path(fh, part.offsets[k])).read_bytes()))
+    assert sums(3) == expected and expected.count > 0
+    assert sums(0).count == 0
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_truncated_jpeg_kept_as_its_own_bytes_is_refused_with_its_line_without_pixel_statistics(tmp_path, synth_dir,
+                                                                                               split):
+    source = tmp_path / "list"
+    shutil.copytree(synth_dir, source)
+    bad = source / (source / f"{split}.txt").read_text().splitlines()[1].split()[0]
+    data = bad.read_bytes()
+    bad.write_bytes(data[:len(data) // 2])
+    with pytest.raises(ImageDecodeError):
+        stored_image(bad.read_bytes(), 0, 90, with_pixels=False)
+    assert stored_image(data, 0, 90, with_pixels=False)[:2] == (data, None)
+    with pytest.raises(SourceError, match=rf"{split}.txt:2: .*not a decodable image"):
+        prepared(tmp_path, source, stored_size=0)
+
+
+def test_a_jpeg_twice_the_stored_size_is_re_encoded_at_it_not_kept_because_dct_scaling_reached_it():
+    rng = np.random.default_rng(0)
+    big = encode_jpeg(Image.fromarray(rng.integers(0, 256, (512, 768, 3), dtype=np.uint8)), 90)
+    data, image, side = stored_image(big, 256, 90)
+    assert data != big and side == 256 and open_rgb(data).size == image.size == (384, 256)
