@@ -3,8 +3,10 @@ with every process's peak memory, extrapolated to Clothing1M (1M images, 14 clas
 1000 classes).
 
 Per N (synthetic 200-500 px JPEGs, `noisymix synth`):
-  - a bare loop on one core (PIL decode + shorter-side resize to 256), the reference rate;
-  - prepare with 1 and 2 writer processes (stored_size 256): images/s per core against the bare loop, the
+  - a bare loop on one core (PIL decode + shorter-side resize to 256), the reference rate, run before, between
+    and after the two prepares;
+  - prepare with 1 and 2 writer processes (stored_size 256): images/s per core against the bare loops run just
+    before and after it, the
     writers' and the driver's peak RSS; prepare with stored_size 0: shard bytes against the source bytes;
   - the loader: decode + RandomResizedCrop(224) + flip, images/s per loader process against the bare loop;
   - SelectMix (global partners) and MixNN (global neighbours) on 2 workers at 64 px crops (a CPU budget:
@@ -64,6 +66,13 @@ def bare_loop(source: Path, count: int, passes: int = 3) -> tuple[float, float]:
         wall.append(len(paths) / (time.perf_counter() - started))
         cpu.append(len(paths) / (time.process_time() - cpu_started))
     return statistics.median(wall), statistics.median(cpu)
+
+
+def bracketing_loops(loops: list[tuple[float, float]]) -> dict:
+    """A prepare's reference rates: the mean of the bare loops run just before and just after it, so that a
+    machine that slows or speeds up over minutes moves both sides of the ratio alike."""
+    return {"bare_images_per_s": statistics.mean(wall for wall, _ in loops),
+            "bare_images_per_cpu_s": statistics.mean(cpu for _, cpu in loops)}
 
 
 def children_cpu_seconds() -> float:
@@ -136,9 +145,14 @@ def measure(n: int, work: Path, log, prepare_only: bool = False) -> dict:
         synthesize(SynthSection.from_values({"out": str(source), "train": n, "test": n // TEST_SHARE,
                                              "classes": CLASSES, "noise_rate": 0.3}), log=log)
     source_bytes = sum(p.stat().st_size for p in (source / "images").rglob("*.jpg"))
-    wall, cpu = bare_loop(source, 1000)
-    row = {"n": n, "source_bytes": source_bytes, "bare_loop_images_per_s": wall, "bare_loop_images_per_cpu_s": cpu}
-    row["prepare"] = [timed_prepare(source, work / f"data-{n}-w{w}", w, 256) for w in (1, 2)]
+    loops = [bare_loop(source, 1000)]
+    row = {"n": n, "source_bytes": source_bytes, "prepare": []}
+    for workers in (1, 2):
+        prepared = timed_prepare(source, work / f"data-{n}-w{workers}", workers, 256)
+        loops.append(bare_loop(source, 1000))
+        row["prepare"].append({**prepared, **bracketing_loops(loops[-2:])})
+    row["bare_loop_images_per_s"] = statistics.median(wall for wall, _ in loops)
+    row["bare_loop_images_per_cpu_s"] = statistics.median(cpu for _, cpu in loops)
     if prepare_only:
         return row
     row["prepare_as_is"] = timed_prepare(source, work / f"data-{n}-asis", 2, 0)
@@ -170,17 +184,21 @@ def extrapolate(rows: list[dict]) -> list[dict]:
 
 def prepare_cells(r: dict) -> str:
     """N, source MB, the bare loop, both prepares against it (per wall second and per CPU second of the prepare's
-    processes, where measured) and the 2-writer peaks, as table cells."""
-    bare = r["bare_loop_images_per_s"]
+    processes, where measured; each against the loops just before and after it where the row has them) and the
+    2-writer peaks, as table cells."""
+    bare, bare_cpu = r["bare_loop_images_per_s"], r.get("bare_loop_images_per_cpu_s")
     p1, p2 = r["prepare"]
-    bare_cpu = r.get("bare_loop_images_per_cpu_s")
-    cpu = (f"{bare_cpu:,.0f} | " + " | ".join(f"{p['images_per_cpu_s']:,.0f}, {p['images_per_cpu_s'] / bare_cpu:.2f}x"
-                                              if p.get("images_per_cpu_s") else "-" for p in (p1, p2))
-           if bare_cpu else "- | - | -")
-    return (f"| {r['n']:,} | {r['source_bytes'] / 2**20:,.0f} | {bare:,.0f} | {p1['images_per_s']:,.0f}, "
-            f"{p1['images_per_s_per_core'] / bare:.2f}x | {p2['images_per_s']:,.0f}, "
-            f"{p2['images_per_s_per_core'] / bare:.2f}x | {cpu} | {p2['writer_peak_rss_mb']:,.0f} / "
-            f"{p2['driver_peak_rss_mb']:,.0f} |")
+
+    def wall(p):
+        return f"{p['images_per_s']:,.0f}, {p['images_per_s_per_core'] / p.get('bare_images_per_s', bare):.2f}x"
+
+    def cpu(p):
+        reference = p.get("bare_images_per_cpu_s", bare_cpu)
+        return f"{p['images_per_cpu_s']:,.0f}, {p['images_per_cpu_s'] / reference:.2f}x" if p.get("images_per_cpu_s") else "-"
+
+    cpu_cells = f"{bare_cpu:,.0f} | {cpu(p1)} | {cpu(p2)}" if bare_cpu else "- | - | -"
+    return (f"| {r['n']:,} | {r['source_bytes'] / 2**20:,.0f} | {bare:,.0f} | {wall(p1)} | {wall(p2)} | {cpu_cells} | "
+            f"{p2['writer_peak_rss_mb']:,.0f} / {p2['driver_peak_rss_mb']:,.0f} |")
 
 
 PREPARE_COLUMNS = ["N", "source MB", "bare loop img/s (1 core)", "prepare 1 writer: img/s, per core vs bare",
@@ -200,7 +218,10 @@ def prepare_markdown(results: dict) -> str:
              f"JPEGs of 200-500 px, {CLASSES} classes (`noisymix synth`), test = N/{TEST_SHARE}; stored_size 256 "
              "(larger images resized and re-encoded, JPEGs that need no resize kept as they are), 16 shards per split. "
              "Bare loop: the median of 3 passes over the first 1,000 training images, after a pass that reads them "
-             "(the prepares too read from the page cache).", "", *header(PREPARE_COLUMNS)]
+             "(the prepares too read from the page cache); it runs before, between and after the two prepares, the "
+             "table shows the median of those three, and each prepare's ratio is against the mean of the loops just "
+             "before and after it (this machine's speed drifts by up to 1.4x over minutes).", "",
+             *header(PREPARE_COLUMNS)]
     lines += [prepare_cells(r) for r in results["rows"]]
     return "\n".join(lines) + "\n"
 

@@ -215,6 +215,11 @@ def test_scale_writes_the_prepare_table_alone_or_with_the_rest():
     older = {k: v for k, v in row.items() if k != "bare_loop_images_per_cpu_s"}   # rows measured before CPU time
     assert "| 400, 0.80x | - | - | - | 380 / 370 |" in scale.prepare_markdown({"command": "c", "machine": "m",
                                                                               "rows": [older]})
+    # each prepare against the loops just before and after it: the first ran while the machine was slower
+    bracketed = {**row, "prepare": [{**prepare, **scale.bracketing_loops([(200.0, 240.0), (200.0, 300.0)])},
+                                    {**prepare, **scale.bracketing_loops([(200.0, 300.0), (250.0, 300.0)])}]}
+    assert "| 250 | 400, 1.00x | 400, 0.89x | 300 | 270, 1.00x | 270, 0.90x |" in scale.prepare_markdown(
+        {"command": "c", "machine": "m", "rows": [bracketed]})
     full_row = {**row, "prepare_as_is": {"shard_bytes": 2**30}, "loader_images_per_s": {1: 500.0, 2: 800.0},
                 "end_to_end": [{"method": "selectmix", "wall_s": 1.0, "driver_peak_rss_mb": 1.0,
                                 "worker_peak_rss_mb": 1.0, "fold_task_peak_rss_mb": None,
