@@ -70,9 +70,9 @@ def main() -> None:
     costs = result["ms_per_image"]
     work = costs["decode_resize"] + costs["encode_jpeg"] + costs["pixel_stats_pil_histogram"] + costs["sha256"]
     result["prepare_vs_decode_bound"] = costs["decode_resize"] / work
-    every = STATS_EVERY   # a writer decodes 1 training image in STATS_EVERY whole, for the pixel statistics
-    writer = ((every - 1) * costs["stored_image_no_pixels"] + costs["stored_image"]
-              + costs["pixel_stats_pil_histogram"]) / every + costs["sha256"]
+    # a writer decodes 1 training image in STATS_EVERY whole, for the pixel statistics
+    writer = ((STATS_EVERY - 1) * costs["stored_image_no_pixels"] + costs["stored_image"]
+              + costs["pixel_stats_pil_histogram"]) / STATS_EVERY + costs["sha256"]
     result["writer_vs_decode_bound"] = costs["decode_resize"] / writer
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))

@@ -193,8 +193,9 @@ def prepare_cells(r: dict) -> str:
         return f"{p['images_per_s']:,.0f}, {p['images_per_s_per_core'] / p.get('bare_images_per_s', bare):.2f}x"
 
     def cpu(p):
-        reference = p.get("bare_images_per_cpu_s", bare_cpu)
-        return f"{p['images_per_cpu_s']:,.0f}, {p['images_per_cpu_s'] / reference:.2f}x" if p.get("images_per_cpu_s") else "-"
+        if not p.get("images_per_cpu_s"):
+            return "-"
+        return f"{p['images_per_cpu_s']:,.0f}, {p['images_per_cpu_s'] / p.get('bare_images_per_cpu_s', bare_cpu):.2f}x"
 
     cpu_cells = f"{bare_cpu:,.0f} | {cpu(p1)} | {cpu(p2)}" if bare_cpu else "- | - | -"
     return (f"| {r['n']:,} | {r['source_bytes'] / 2**20:,.0f} | {bare:,.0f} | {wall(p1)} | {wall(p2)} | {cpu_cells} | "

@@ -332,7 +332,8 @@ def _write_image_list(config: DataSection, seed: int, staging: Path, log) -> dic
         given, true, train_idx = parts["train"].labels, parts["train"].true_labels, np.arange(len(parts["train"]))
     return {"dataset": listing.name, "num_classes": listing.num_classes, "class_names": listing.class_names,
             "image_format": "jpeg", "stored_size": config.stored_size, "image_shape": None, "mean": mean, "std": std,
-            "prepare": {"workers": workers, "stats_every": stats_every, "writer_peak_rss_mb": max(r["peak_rss_mb"] for r in results),
+            "prepare": {"workers": workers, "stats_every": stats_every,
+                        "writer_peak_rss_mb": max(r["peak_rss_mb"] for r in results),
                         "driver_peak_rss_mb": peak_rss_mb()},
             "has_true_labels": true is not None, "noise": _noise_record(config, seed, given, true, train_idx, val_idx),
             "splits": splits}
