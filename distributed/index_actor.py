@@ -8,10 +8,11 @@ samples, once per refresh, so workers never wait on a round trip per sample or p
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import time
 
 import numpy as np
-import ray
 
 from noisymix.distributed.engine import peak_rss_mb
 from noisymix.mixing.method import NeighbourQuery
@@ -23,6 +24,30 @@ QUERY_BLOCK = 65536
 # k-means trains on at most this many embeddings per list (a random sample drawn with FAISS's fixed seed): 32 per
 # list recalled as well as 64 at 1M for less than half the training (benchmarks/results/ivf_choices.md).
 TRAIN_PER_LIST = 32
+
+
+# Before an index goes to the GPU, a child process searches 8 vectors there: a FAISS build without code for this
+# GPU aborts its process ("no kernel image is available"; PyPI's faiss-gpu-cu12 wheels hold code for compute
+# capability 7.0 and 8.0 only, so an H100/H200 aborts, benchmarks/results/gpu_check.md).
+GPU_PROBE = ("import faiss, numpy as np; x = np.eye(8, dtype='float32'); "
+             "index = faiss.GpuIndexFlatIP(faiss.StandardGpuResources(), 8); index.add(x); "
+             "assert (index.search(x, 1)[1][:, 0] == np.arange(8)).all(), 'wrong neighbours'")
+GPU_PROBE_TIMEOUT_S = 300
+
+
+def gpu_search_failure(code: str, timeout_s: float = GPU_PROBE_TIMEOUT_S) -> str | None:
+    """None where the Python `code` (a FAISS GPU search) runs here, else what went wrong, from a child process (so
+    that an abort in FAISS ends the child, not the actor)."""
+    try:
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return f"a GPU search of 8 vectors took over {timeout_s:g} s"
+    if result.returncode == 0:
+        return None
+    lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower() or "assert" in line.lower()]
+    last = (errors or lines or [f"the probe exited with status {result.returncode}"])[-1]
+    return last.split("details: ")[-1]   # a FAISS assertion: what CUDA said, without the C++ signature before it
 
 
 def ivf_lists(count: int) -> int:
@@ -69,6 +94,12 @@ class NeighbourIndex:
         if use_gpu and not (hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0):
             raise NeighbourIndexError("index_gpu=true, but FAISS here has no GPU support or sees no GPU: install "
                               "noisymix[gpu] on the GPU nodes, or set index_gpu=false")
+        failure = gpu_search_failure(GPU_PROBE) if use_gpu else None
+        if failure:
+            raise NeighbourIndexError(f"index_gpu=true, but FAISS's GPU search fails on this GPU: {failure}. A FAISS "
+                                      "build needs code for this GPU (faiss-gpu-cu12 wheels: compute capability 7.0 "
+                                      "and 8.0 only): install noisymix[gpu] (faiss-gpu >= 1.15: 7.0 to 9.0), or set "
+                                      "index_gpu=false")
         self.on_gpu = use_gpu
         self.gpu_resources = faiss.StandardGpuResources() if self.on_gpu else None
         self.index = None
@@ -220,7 +251,10 @@ def drop_self(ids: np.ndarray, k: int, own_ids: np.ndarray | None = None) -> np.
 
 def index_actor(name: str, dim: int, query: NeighbourQuery):
     """Get the named index actor, creating it if it does not exist (again, after a crash). It reserves its CPUs
-    (and a GPU) in Ray, so Ray places it where they are and no training worker shares them."""
+    (and a GPU) in Ray, so Ray places it where they are and no training worker shares them. Ray is imported
+    here, not with the module, so the index itself also runs where Ray is not installed (benchmarks/gpu_check.py)."""
+    import ray
+
     actor_class = ray.remote(num_cpus=query.cpus, num_gpus=float(query.gpu))(NeighbourIndex)
     return actor_class.options(name=name, get_if_exists=True, max_concurrency=1).remote(
         dim, query.metric, query.kind, nlist=query.nlist, nprobe=query.nprobe, threads=max(1, int(query.cpus)),

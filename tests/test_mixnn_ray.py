@@ -125,6 +125,29 @@ def test_a_gpu_index_without_gpu_support_is_refused_by_name():
         NeighbourIndex(8, use_gpu=True)
 
 
+# What FAISS printed before aborting on an H200 with a faiss-gpu-cu12 wheel (benchmarks/results/gpu_check.md)
+NO_KERNEL = ("Faiss assertion 'err__ == cudaSuccess' failed in runL2Norm at L2Norm.cu:257; details: CUDA error 209 "
+             "no kernel image is available for execution on the device")
+ABORTING_PROBE = (f"import os, sys; print('loading'); sys.stderr.write({NO_KERNEL!r} + '\\n'); sys.stderr.flush(); "
+                  "os.abort()")
+
+
+def test_the_gpu_probe_says_what_failed_in_its_child_process():
+    assert index_actor_module.gpu_search_failure("import faiss") is None
+    assert index_actor_module.gpu_search_failure(ABORTING_PROBE) == NO_KERNEL.split("details: ")[1]
+    assert index_actor_module.gpu_search_failure("raise SystemExit(3)") == "the probe exited with status 3"
+    assert "took over 0.2 s" in index_actor_module.gpu_search_failure("import time; time.sleep(30)", timeout_s=0.2)
+
+
+def test_a_gpu_index_whose_faiss_build_aborts_on_this_gpu_is_refused_and_the_process_lives(monkeypatch):
+    monkeypatch.setattr(faiss, "StandardGpuResources", object, raising=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(index_actor_module, "GPU_PROBE", ABORTING_PROBE)
+    with pytest.raises(NeighbourIndexError, match="fails on this GPU: CUDA error 209 no kernel image .* "
+                                                  "install noisymix\\[gpu\\] \\(faiss-gpu >= 1.15"):
+        NeighbourIndex(8, use_gpu=True)
+
+
 @pytest.mark.parametrize("source, compact", [("batch", []), ("global", ["target_topk=3", "target_dtype=float16"])])
 def test_mixnn_end_to_end_on_two_workers(request, ray_session, digits_dir, tmp_path, capsys, source, compact):
     if source == "batch":   # MIXNN_RUN itself: the session's run that the interrupt test resumes to
