@@ -255,3 +255,19 @@ def test_fold_loss_probe_losses_have_their_limits_and_a_tiny_probe_reports_every
     assert all(0.0 <= r["acc_true_kept"] <= 1.0 and r["kept_epoch"] in (1, 2) for r in runs)
     table = probe.markdown({"command": "probe", "runs": runs})
     assert "| asymmetric40 | ce | 0 |" in table and "| asymmetric40 | gce | 0 |" in table
+
+
+def test_loader_memory_measures_a_stream_in_a_child_and_tables_it_beside_another_run(digits_dir, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "loader_memory.py"), "--child", str(digits_dir),
+                          "8", "100"], check=True, capture_output=True, text=True).stdout
+    row = json.loads(out)
+    assert row["images"] > 0 and row["peak_rss_mb"] >= row["base_rss_mb"] > 0 and row["images_per_s"] > 0
+    loader_memory = load("loader_memory")
+    rows = [{"n": 10, "crop": 8, "shuffle_buffer": 100, **row}]
+    table = loader_memory.markdown({"command": "cmd", "label": "new", "machine": "m", "rows": rows},
+                                   {"label": "old", "rows": [{**rows[0], "peak_rss_mb": row["base_rss_mb"] + 7}]})
+    assert "| peak MB (old) | above base MB (old) |" in table and "| 7 |" in table

@@ -85,6 +85,26 @@ def test_a_changed_labels_file_is_refused_and_verify_compares_it_with_the_shards
                                   shards.load_labels(str(digits_dir), shards.load_manifest(digits_dir)))
 
 
+def test_the_shuffle_buffer_holds_samples_as_stored_and_decodes_only_what_leaves_it(digits_dir):
+    manifest = shards.load_manifest(digits_dir)
+    urls = shards.shard_urls(digits_dir, manifest, "train")
+
+    class CountingImages(shards.NpyImages):
+        decoded = 0
+
+        def __call__(self, data, sample_id=-1):
+            CountingImages.decoded += 1
+            return super().__call__(data, sample_id)
+
+    stream = iter(shards.sample_stream(urls, images=CountingImages(), shuffle_buffer=300, shuffle_seed=1))
+    first = next(stream)
+    assert CountingImages.decoded == 1   # the 300 samples waiting in the buffer are still their stored bytes
+    rest = list(stream)
+    assert CountingImages.decoded == 1 + len(rest)
+    ids = sorted([first[0], *(sample[0] for sample in rest)])
+    assert ids == sorted(read_split(digits_dir, "train")[0].tolist())
+
+
 def test_manifest_records_noise_split_and_checksums(digits_dir):
     manifest = shards.load_manifest(digits_dir)
     assert manifest["noise"]["type"] == "symmetric" and manifest["noise"]["rate"] == 0.4
