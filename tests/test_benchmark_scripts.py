@@ -151,6 +151,11 @@ def test_the_gpu_check_runs_as_a_cpu_dry_run_through_its_shell_wrapper_without_r
     assert report["device"] == "cpu" and training["images_per_s"] > 0 and training["loader_alone_images_per_s"] > 0
     assert index["torch_fp32"]["exact_agreement"] == 1.0 and index["flat"]["exact_agreement"] == 1.0
     assert index["flat"]["seconds"] > 0 and 0.5 < index["ivf_recall_at_1"] <= 1.0 and index["faiss"].endswith("build")
+    out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--part", "probe"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    probe = json.loads((tmp_path / "gpu_check_probe.json").read_text())["probe"]
+    assert out.returncode == 0 and "training" not in json.loads(out.stdout[out.stdout.index("{"):])
+    assert probe["probe_failure"] and probe["refused"].startswith("index_gpu=true, but FAISS here has no GPU support")
 
 
 def test_index_scale_measures_the_table_and_its_recall_on_a_tiny_set(monkeypatch):
