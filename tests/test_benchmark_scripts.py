@@ -276,3 +276,19 @@ def test_loader_memory_measures_a_stream_in_a_child_and_tables_it_beside_another
     table = loader_memory.markdown({"command": "cmd", "label": "new", "machine": "m", "rows": rows},
                                    {"label": "old", "rows": [{**rows[0], "peak_rss_mb": row["base_rss_mb"] + 7}]})
     assert "| peak MB (old) | above base MB (old) |" in table and "| 7 |" in table
+
+
+def test_eval_memory_measures_a_pass_in_a_child_and_tables_it(digits_dir):
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "eval_memory.py"), "--child", str(digits_dir)],
+                         check=True, capture_output=True, text=True).stdout
+    row = json.loads(out)
+    manifest = json.loads((digits_dir / "manifest.json").read_text())
+    halves = [manifest["splits"][split]["count"] / 2 for split in ("val", "test")]
+    assert all(abs(row[f"{split}_images"] - half) <= half / 2 for split, half in zip(("val", "test"), halves))
+    assert row["after_test_peak_rss_mb"] >= row["after_val_peak_rss_mb"] >= row["base_rss_mb"] > 0
+    table = load("eval_memory").markdown({"command": "cmd", "machine": "m", "rows": [{"n": 10, **row}]})
+    assert f"| {row['val_images'] + row['test_images']:,} |" in table
