@@ -292,3 +292,42 @@ def test_eval_memory_measures_a_pass_in_a_child_and_tables_it(digits_dir):
     assert row["after_test_peak_rss_mb"] >= row["after_val_peak_rss_mb"] >= row["base_rss_mb"] > 0
     table = load("eval_memory").markdown({"command": "cmd", "machine": "m", "rows": [{"n": 10, **row}]})
     assert f"| {row['val_images'] + row['test_images']:,} |" in table
+
+
+def test_merge_report_takes_the_new_finished_cells_and_keeps_every_other_committed_one():
+    merge = load("merge_report")
+    committed = {"name": "spec", "settings": {}, "methods": {"a": {}}, "curves": {}, "base": {}, "commit": "old",
+                 "command": "noisymix bench spec.yaml",
+                 "cells": {"s/a/seed0": {"status": "done", "v": 1}, "s/a/seed1": {"status": "not run"}}}
+    new = {"name": "spec", "settings": {"s": {}}, "methods": {"a": {}, "b": {}}, "curves": {}, "base": {},
+           "commit": "new", "cells": {"s/a/seed0": {"status": "not run"}, "s/a/seed1": {"status": "done", "v": 2},
+                                      "s/b/seed0": {"status": "not run"}}}
+    results, taken = merge.merged(committed, new)
+    assert taken == ["s/a/seed1"]
+    assert results["cells"] == {"s/a/seed0": {"status": "done", "v": 1}, "s/a/seed1": {"status": "done", "v": 2},
+                                "s/b/seed0": {"status": "not run"}}
+    assert results["commit"] == "new" and results["methods"] == new["methods"]
+    assert results["command"] == "noisymix bench spec.yaml"
+    with pytest.raises(SystemExit, match="different specs"):
+        merge.merged(committed, {**new, "name": "other"})
+
+
+def test_rss_breakdown_finds_a_child_in_the_tree_and_splits_its_memory():
+    import os
+    import subprocess
+    import sys
+    rss = load("rss_breakdown")
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert {os.getpid(), child.pid} <= set(rss.descendants(os.getpid()))
+        fields = rss.memory(child.pid)
+        assert set(fields) == {"Rss", "RssAnon", "RssFile", "RssShmem", "Hwm"}
+        assert fields["Rss"] == pytest.approx(fields["RssAnon"] + fields["RssFile"] + fields["RssShmem"], abs=0.1)
+        assert rss.role(child.pid) == "-c"
+    finally:
+        child.kill()
+        child.wait()
+    row = {"n": 10, "method": "selectmix", "roles": {"driver": [
+        {"Hwm": 500, "Rss": 480, "RssAnon": 300, "RssFile": 180, "RssShmem": 0, "title": "driver", "pid": 1}]}}
+    assert "| 10 | selectmix | driver | 500 | 480 | 300 | 180 | 0 |" in rss.markdown(
+        {"command": "c", "machine": "m", "rows": [row]})
