@@ -8,8 +8,9 @@ gives its processes), so that what grows with N can be told apart from pages of 
         [--out benchmarks/results/rss_breakdown]
 
 Needs scale.py's prepared folders (WORK/data-N-w2) and synthetic sets (WORK/synth-N). Each run is a fresh
-`noisymix train` process with its own Ray, as in scale.py. glibc's MALLOC_* variables in the environment
-reach every process of the run, and the report's command line shows them.
+`noisymix train` process with its own Ray, as in scale.py. The runs' processes get glibc's thresholds from
+`heap_mmap_threshold_kb` (--heap-kb; 0: glibc's MALLOC_* variables of this environment, which the report's command
+line shows, or glibc's defaults).
 """
 
 from __future__ import annotations
@@ -98,12 +99,13 @@ class Sampler(threading.Thread):
             self.done.wait(self.period)
 
 
-def measure(n: int, work: Path, method: str) -> dict:
+def measure(n: int, work: Path, method: str, heap_kb: int | None = None) -> dict:
     """One end-to-end run at N; per role (ROLES), every process of it with its peak and split."""
     source, run_dir = work / f"synth-{n}", work / f"rss-{n}-{method}"
     command = [sys.executable, "-m", "noisymix.launch.cli", "train", *list_keys(source, work / f"data-{n}-w2"),
                f"run_dir={run_dir}", "crop_size=64", "model=small_cnn", "width=8", "num_workers=2",
-               "cpus_per_worker=1", "loader_workers=0", *METHODS[method]]
+               "cpus_per_worker=1", "loader_workers=0", *METHODS[method],
+               *([] if heap_kb is None else [f"heap_mmap_threshold_kb={heap_kb}"])]
     subprocess.run(["rm", "-rf", str(run_dir)], check=True)
     started = time.perf_counter()
     process = subprocess.Popen(command)
@@ -145,12 +147,14 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 80_000])
     parser.add_argument("--work", type=Path, default=Path("runs/scale"))
     parser.add_argument("--method", choices=sorted(METHODS), default="selectmix")
+    parser.add_argument("--heap-kb", type=int, help="the runs' heap_mmap_threshold_kb (default: the config's)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "rss_breakdown")
     args = parser.parse_args()
-    rows = [measure(n, args.work, args.method) for n in args.sizes]
+    rows = [measure(n, args.work, args.method, args.heap_kb) for n in args.sizes]
     allocator = "".join(f"{k}={v} " for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_"))
+    heap = "" if args.heap_kb is None else f" --heap-kb {args.heap_kb}"
     results = {"command": f"{allocator}python benchmarks/rss_breakdown.py --sizes {' '.join(map(str, args.sizes))} "
-                          f"--method {args.method}", "machine": platform.processor() or platform.machine(),
+                          f"--method {args.method}{heap}", "machine": platform.processor() or platform.machine(),
                "rows": rows}
     text = markdown(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)

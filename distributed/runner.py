@@ -23,9 +23,10 @@ from noisymix.distributed.worker import JOB_KEY, WorkerJob, train_loop
 from noisymix.mixing.method import TaskAsk
 
 
-def start_ray(address: str | None = None, show_logs: bool = False) -> None:
+def start_ray(address: str | None = None, show_logs: bool = False, env_vars: dict[str, str] | None = None) -> None:
     """Join `address` (e.g. "auto" on a cluster; without one, Ray's RAY_ADDRESS if set) or start a local Ray; any
-    dashboard binds to localhost.
+    dashboard binds to localhost. `env_vars` reach every worker process of this driver's job, from its start
+    (ResourcesSection.heap_env: glibc reads its MALLOC_ variables once, as a process starts).
 
     Workers' and actors' own output reaches the console only with show_logs: Ray Train logs every
     report there, which buries the progress lines. Failures still surface as exceptions from fit().
@@ -42,7 +43,7 @@ def start_ray(address: str | None = None, show_logs: bool = False) -> None:
     if address is None:
         dashboard["dashboard_port"] = own_state_api()
     ray.init(address=address, dashboard_host="127.0.0.1", logging_level="WARNING", log_to_driver=show_logs,
-             **dashboard)
+             runtime_env={"env_vars": env_vars} if env_vars else None, **dashboard)
     forward_sigterm_as_sigint()   # after ray.init, whose own SIGTERM handler aborts the process
 
 

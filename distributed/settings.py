@@ -12,6 +12,8 @@ from typing import Optional
 from noisymix.mixing.config import ConfigError, Section, check_range
 
 GPU_LOADER_WORKERS = 4
+# glibc ignores an mmap threshold above 32 MB on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX)
+MAX_HEAP_THRESHOLD_KB = 32 * 1024
 
 
 @dataclass
@@ -28,6 +30,7 @@ class ResourcesSection(Section):
     ray_address: Optional[str] = None
     ray_logs: bool = False
     wait_for_resources: bool = False   # an autoscaling cluster: wait (visibly) for what it lacks, instead of stopping
+    heap_mmap_threshold_kb: int = 128  # glibc malloc in the run's Ray processes; 0: as the environment leaves it
 
     @classmethod
     def from_values(cls, values: Mapping[str, object]):
@@ -49,6 +52,18 @@ class ResourcesSection(Section):
         for key in ("cpus_per_worker", "max_failures"):
             check_range(key, getattr(self, key), 0)
         check_range("loader_workers", self.loader_workers, -1)
+        check_range("heap_mmap_threshold_kb", self.heap_mmap_threshold_kb, 0, MAX_HEAP_THRESHOLD_KB)
+
+    def heap_env(self) -> dict[str, str]:
+        """glibc's mmap and trim thresholds, fixed at heap_mmap_threshold_kb for every process of the run (Ray's
+        job environment). By default glibc raises the mmap threshold towards 32 MB each time a large block is
+        freed, and then keeps the freed heap under it: a worker's and a fold task's peak grew by 70-120 MB from
+        20k to 80k samples (benchmarks/results/rss_breakdown*.md). Fixed, a block above the threshold is
+        mapped on its own and returned when freed."""
+        if not self.heap_mmap_threshold_kb:
+            return {}
+        value = str(self.heap_mmap_threshold_kb * 1024)
+        return {"MALLOC_MMAP_THRESHOLD_": value, "MALLOC_TRIM_THRESHOLD_": value}
 
     def resolve(self) -> None:
         if self.loader_workers == -1:

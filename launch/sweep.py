@@ -319,7 +319,7 @@ def run_sweep(spec: SweepSpec, log=print) -> dict:
     try:
         data_dir = prepare(config.data, config.run.seed, log=log)
         val_count = shards.load_manifest(data_dir)["splits"]["val"]["count"]   # the report's resolution of the choice
-        start_ray(config.resources.ray_address, config.resources.ray_logs)
+        start_ray(config.resources.ray_address, config.resources.ray_logs, config.resources.heap_env())
         total = ray.cluster_resources()
         at_once, placed = plan_concurrency(spec, total.get("CPU", 0.0), total.get("GPU", 0.0), log)
         placed.update(IN_TRIAL_RETRIES, origin=str(Path.cwd()),

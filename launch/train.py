@@ -311,7 +311,7 @@ def train(config: Config, log=print, on_epoch=None) -> dict:
     started, method = time.perf_counter(), config.method
     data_dir, manifest = preflight(config, log)
     fixed_clean = fixed_clean_probability(config, data_dir, manifest, log)
-    start_ray(config.resources.ray_address, config.resources.ray_logs)
+    start_ray(config.resources.ray_address, config.resources.ray_logs, config.resources.heap_env())
     check_resources(config.resources, method.task_resources(), log)
     run, _ = open_run(config, log)
     try:

@@ -331,3 +331,17 @@ def test_rss_breakdown_finds_a_child_in_the_tree_and_splits_its_memory():
         {"Hwm": 500, "Rss": 480, "RssAnon": 300, "RssFile": 180, "RssShmem": 0, "title": "driver", "pid": 1}]}}
     assert "| 10 | selectmix | driver | 500 | 480 | 300 | 180 | 0 |" in rss.markdown(
         {"command": "c", "machine": "m", "rows": [row]})
+
+
+def test_heap_threshold_pairs_the_two_settings_and_tables_their_medians():
+    heap = load("heap_threshold")
+    assert "MALLOC_MMAP_THRESHOLD_" not in heap.allocator_env(0)
+    assert heap.allocator_env(256)["MALLOC_TRIM_THRESHOLD_"] == str(256 * 1024)
+    runs = [{"threshold_kb": t, "train_samples_per_s": rate, "eval_images_per_s": 900.0,
+             "peak_after_training_mb": peak, "peak_rss_mb": peak + 10}
+            for t, rate, peak in ((0, 1000.0, 800), (128, 950.0, 700), (0, 1100.0, 820), (128, 1100.0, 690))]
+    row = heap.summarise(20_000, runs, 128)
+    assert row["train_rate_ratios"] == pytest.approx([0.95, 1.0])
+    assert row["median"]["fixed"]["peak_rss_mb"] == 705 and row["median"]["default"]["train_samples_per_s"] == 1050
+    text = heap.markdown({"command": "c", "machine": "m", "threshold_kb": 128, "repeats": 2, "rows": [row]})
+    assert "| 20,000 | fixed at 128 KB | 1,025 | 900 | 695 | 705 | 0.97x |" in text

@@ -38,6 +38,12 @@ def test_a_worker_range_is_an_elastic_group(value):
     assert (fixed.min_workers, fixed.elastic) == (0, False)
 
 
+def test_the_allocator_setting_becomes_the_environment_of_the_runs_processes():
+    assert build_config().resources.heap_env() == {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+    assert build_config(overrides={"heap_mmap_threshold_kb": 1024}).resources.heap_env()["MALLOC_MMAP_THRESHOLD_"] == str(2**20)
+    assert build_config(overrides={"heap_mmap_threshold_kb": 0}).resources.heap_env() == {}
+
+
 def test_ints_are_accepted_for_floats():
     assert build_config(overrides={"lr": 1}).train.lr == 1.0
 
@@ -76,6 +82,8 @@ def test_ints_are_accepted_for_floats():
     ({"num_workers": [1, 2, 3]}, "num_workers must be"),
     ({"num_workers": "two"}, "num_workers must be"),
     ({"min_workers": 3, "num_workers": 2}, r"min_workers=3 is outside \[0, 2\]"),
+    ({"heap_mmap_threshold_kb": 65536}, r"heap_mmap_threshold_kb=65536 is outside \[0, 32768\]"),
+    ({"heap_mmap_threshold_kb": -1}, "heap_mmap_threshold_kb=-1 is outside"),
 ])
 def test_bad_values_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):

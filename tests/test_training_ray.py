@@ -114,3 +114,47 @@ def test_a_lost_worker_is_replaced_and_training_resumes_from_the_checkpoint(ray_
     assert summary["epochs"] == 8 and sorted({r["epoch"] for r in records}) == list(range(8))
     assert any(r["resumed_from_epoch"] for r in records), "the worker group restarted from a checkpoint"
     assert signal.getsignal(signal.SIGINT) is before, "Ray Train's Ctrl-C handler left installed after the run"
+
+
+# glibc's default behaviour, probed: after an 8 MB block is freed, a 1 MB block comes from the heap (the mmap threshold
+# rose to 8 MB) instead of a mapping of its own, which would be returned when freed. Source, so that a Ray task and
+# a fresh interpreter can both run it.
+FREED_HEAP_IS_KEPT = """
+import ctypes
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes, libc.mallinfo2.restype = [ctypes.c_void_p], MallInfo2
+libc.free(libc.malloc(8 << 20))
+mapped = libc.mallinfo2().hblkhd
+block = libc.malloc(1 << 20)
+kept = libc.mallinfo2().hblkhd - mapped < 1 << 20
+libc.free(block)
+"""
+
+
+def test_the_runs_ray_processes_start_with_glibcs_thresholds_fixed(ray_session):
+    """start_ray puts the config's heap_env in the job's environment: Ray processes keep no freed heap, a fresh
+    process without it does (the probe can tell the two apart)."""
+    import os
+    import subprocess
+    import sys
+
+    from noisymix.distributed.settings import ResourcesSection
+
+    @ray_session.remote
+    def probe(source):
+        import os
+        scope = {}
+        exec(source, scope)
+        return scope["kept"], {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+
+    kept, env = ray_session.get(probe.remote(FREED_HEAP_IS_KEPT))
+    assert env == ResourcesSection().heap_env() and not kept
+    default = subprocess.run([sys.executable, "-c", FREED_HEAP_IS_KEPT + "print(kept)"], capture_output=True, text=True,
+                             check=True, env={k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")})
+    assert default.stdout.strip() == "True"
