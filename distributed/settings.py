@@ -30,7 +30,7 @@ class ResourcesSection(Section):
     ray_address: Optional[str] = None
     ray_logs: bool = False
     wait_for_resources: bool = False   # an autoscaling cluster: wait (visibly) for what it lacks, instead of stopping
-    heap_mmap_threshold_kb: int = 128  # glibc malloc in the run's Ray processes; 0: as the environment leaves it
+    heap_mmap_threshold_kb: int = 0    # glibc malloc in the run's Ray processes; 0: as the environment leaves it
 
     @classmethod
     def from_values(cls, values: Mapping[str, object]):
@@ -56,10 +56,11 @@ class ResourcesSection(Section):
 
     def heap_env(self) -> dict[str, str]:
         """glibc's mmap and trim thresholds, fixed at heap_mmap_threshold_kb for every process of the run (Ray's
-        job environment). By default glibc raises the mmap threshold towards 32 MB each time a large block is
-        freed, and then keeps the freed heap under it: a worker's and a fold task's peak grew by 70-120 MB from
-        20k to 80k samples (benchmarks/results/rss_breakdown*.md). Fixed, a block above the threshold is
-        mapped on its own and returned when freed."""
+        job environment, read as each process starts; a Ray this process already joined keeps its own). By default
+        glibc raises the mmap threshold towards 32 MB each time a large block is freed, and then keeps the freed heap
+        under it: a SelectMix worker's and fold task's peak grew by 70-120 MB from 20k to 80k samples; fixed at 128
+        KB they stay flat, but every large block is then mapped afresh, and CPU training steps ran at 0.75x
+        (benchmarks/results/rss_breakdown*.md, heap_threshold.md). So it stays off unless memory is what binds."""
         if not self.heap_mmap_threshold_kb:
             return {}
         value = str(self.heap_mmap_threshold_kb * 1024)

@@ -132,14 +132,13 @@ def s3_env() -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def ray_session(tmp_path_factory):
-    """One local Ray for every test that needs it (starting one costs ~10 s here), with s3_env(), a local cache
-    of remote runs' working copies and the default config's allocator settings in its processes' environment."""
+    """One local Ray for every test that needs it (starting one costs ~10 s here), with s3_env() and a local cache
+    of remote runs' working copies in its processes' environment."""
     import ray
 
     from noisymix.distributed.runner import start_ray
-    from noisymix.distributed.settings import ResourcesSection
 
     os.environ.update(s3_env(), NOISYMIX_CACHE=str(tmp_path_factory.mktemp("cache")))
-    start_ray(env_vars=ResourcesSection().heap_env())   # as a run with the default config starts it
+    start_ray()
     yield ray
     ray.shutdown()

@@ -39,9 +39,42 @@ def test_a_worker_range_is_an_elastic_group(value):
 
 
 def test_the_allocator_setting_becomes_the_environment_of_the_runs_processes():
-    assert build_config().resources.heap_env() == {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-    assert build_config(overrides={"heap_mmap_threshold_kb": 1024}).resources.heap_env()["MALLOC_MMAP_THRESHOLD_"] == str(2**20)
-    assert build_config(overrides={"heap_mmap_threshold_kb": 0}).resources.heap_env() == {}
+    assert build_config().resources.heap_env() == {}
+    fixed = build_config(overrides={"heap_mmap_threshold_kb": 128}).resources.heap_env()
+    assert fixed == {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
+# glibc's default behaviour, probed: after an 8 MB block is freed, a 1 MB block comes from the heap (the mmap threshold
+# rose to 8 MB) instead of a mapping of its own, which would be returned when freed.
+FREED_HEAP_IS_KEPT = """
+import ctypes
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes, libc.mallinfo2.restype = [ctypes.c_void_p], MallInfo2
+libc.free(libc.malloc(8 << 20))
+mapped = libc.mallinfo2().hblkhd
+block = libc.malloc(1 << 20)
+print(libc.mallinfo2().hblkhd - mapped < 1 << 20)
+libc.free(block)
+"""
+
+
+@pytest.mark.parametrize("threshold_kb, kept", [(0, "True"), (128, "False")])
+def test_a_process_started_with_the_allocator_environment_keeps_no_freed_heap(threshold_kb, kept):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.update(build_config(overrides={"heap_mmap_threshold_kb": threshold_kb}).resources.heap_env())
+    probe = subprocess.run([sys.executable, "-c", FREED_HEAP_IS_KEPT], capture_output=True, text=True, check=True,
+                           env=env)
+    assert probe.stdout.strip() == kept
 
 
 def test_ints_are_accepted_for_floats():

@@ -230,6 +230,17 @@ def test_ray_address_unset_joins_rays_own_ray_address_else_starts_a_local_ray(mo
     [kwargs] = calls
     assert kwargs["address"] == joined and kwargs["dashboard_host"] == "127.0.0.1"
     assert ("dashboard_port" in kwargs) == (joined is None), "only a Ray of its own gets a dashboard port"
+    assert kwargs["runtime_env"] is None
+
+
+def test_start_ray_gives_its_env_vars_to_every_process_of_the_job(monkeypatch):
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(runner, "forward_sigterm_as_sigint", lambda: None)
+    monkeypatch.setattr(runner, "own_state_api", lambda: 8265)
+    runner.start_ray(None, False, {"MALLOC_MMAP_THRESHOLD_": "131072"})
+    assert calls[0]["runtime_env"] == {"env_vars": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
 
 
 @pytest.mark.parametrize("sigint", ["ignored", "handled"])
