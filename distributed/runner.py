@@ -19,6 +19,7 @@ from ray.util.queue import Empty, Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from noisymix.distributed.settings import ResourcesSection
+from noisymix.mixing.config import ConfigError
 from noisymix.distributed.worker import JOB_KEY, WorkerJob, train_loop
 from noisymix.mixing.method import TaskAsk
 
@@ -32,6 +33,11 @@ def start_ray(address: str | None = None, show_logs: bool = False, env_vars: dic
     report there, which buries the progress lines. Failures still surface as exceptions from fit().
     """
     if ray.is_initialized():
+        joined = ray.get_runtime_context().runtime_env.get("env_vars") or {}
+        differing = sorted(k for k, v in (env_vars or {}).items() if joined.get(k) != v)
+        if differing:
+            raise ConfigError(f"{', '.join(differing)} cannot change for a Ray this process already joined (its "
+                              "processes read them as they start): run with these settings in a process of its own")
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     # Ray Train's controller polls its workers every 2 s by default, and each step of a run (the group started, a

@@ -243,6 +243,20 @@ def test_start_ray_gives_its_env_vars_to_every_process_of_the_job(monkeypatch):
     assert calls[0]["runtime_env"] == {"env_vars": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
 
 
+def test_a_ray_already_joined_with_other_env_vars_is_refused_by_name(monkeypatch):
+    """A bench or sweep joins Ray once per process; a later run asking for other allocator settings would silently
+    run without them."""
+    class Joined:
+        runtime_env = {"env_vars": {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}}
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: Joined())
+    runner.start_ray(None, False, Joined.runtime_env["env_vars"])
+    runner.start_ray(None, False, None)
+    with pytest.raises(ConfigError, match="MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ cannot change for a Ray"):
+        runner.start_ray(None, False, {"MALLOC_MMAP_THRESHOLD_": "1048576", "MALLOC_TRIM_THRESHOLD_": "1048576"})
+
+
 @pytest.mark.parametrize("sigint", ["ignored", "handled"])
 def test_sigterm_stops_a_run_like_ctrl_c_even_where_sigint_is_ignored(sigint):
     """A shell starts background jobs (`nohup noisymix ... &`) with SIGINT ignored: SIGTERM must still interrupt."""
