@@ -27,15 +27,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale import list_keys  # noqa: E402  (the same run as scale.py's end_to_end)
+from scale import END_TO_END_KEYS, END_TO_END_METHODS, list_keys  # noqa: E402  (scale.py's end_to_end run)
 
 ROOT = Path(__file__).resolve().parents[1]
 ROLES = {"driver": "driver", "ray::RayTrainWorker": "training worker", "ray::_run": "fold task",
          "ray::NeighbourIndex": "index actor", "ray::TrainController": "train controller", "raylet": "raylet",
          "ray::IDLE": "idle Ray worker"}
 FIELDS = {"VmRSS": "Rss", "RssAnon": "RssAnon", "RssFile": "RssFile", "RssShmem": "RssShmem", "VmHWM": "Hwm"}
-METHODS = {"selectmix": ["method=selectmix", "partner_source=global", "fold_epochs=1", "epochs=1"],
-           "mixnn": ["method=mixnn", "epochs=3", "warmup=1", "es=2"]}
 
 
 def descendants(root: int) -> list[int]:
@@ -63,7 +61,7 @@ def role(pid: int) -> str:
         return words[0]
     if "noisymix.launch.cli" in words:
         return "driver"
-    return Path(words[0]).name if not words[0].endswith("python") else Path(words[1]).name
+    return Path(words[1] if words[0].endswith("python") and len(words) > 1 else words[0]).name
 
 
 def memory(pid: int) -> dict[str, float]:
@@ -103,8 +101,7 @@ def measure(n: int, work: Path, method: str, heap_kb: int | None = None) -> dict
     """One end-to-end run at N; per role (ROLES), every process of it with its peak and split."""
     source, run_dir = work / f"synth-{n}", work / f"rss-{n}-{method}"
     command = [sys.executable, "-m", "noisymix.launch.cli", "train", *list_keys(source, work / f"data-{n}-w2"),
-               f"run_dir={run_dir}", "crop_size=64", "model=small_cnn", "width=8", "num_workers=2",
-               "cpus_per_worker=1", "loader_workers=0", *METHODS[method],
+               f"run_dir={run_dir}", *END_TO_END_KEYS, *END_TO_END_METHODS[method],
                *([] if heap_kb is None else [f"heap_mmap_threshold_kb={heap_kb}"])]
     subprocess.run(["rm", "-rf", str(run_dir)], check=True)
     started = time.perf_counter()
@@ -146,7 +143,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 80_000])
     parser.add_argument("--work", type=Path, default=Path("runs/scale"))
-    parser.add_argument("--method", choices=sorted(METHODS), default="selectmix")
+    parser.add_argument("--method", choices=sorted(END_TO_END_METHODS), default="selectmix")
     parser.add_argument("--heap-kb", type=int, help="the runs' heap_mmap_threshold_kb (default: the config's)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "rss_breakdown")
     args = parser.parse_args()

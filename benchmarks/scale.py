@@ -45,6 +45,10 @@ from noisymix.launch.synth import SynthSection, synthesize
 ROOT = Path(__file__).resolve().parents[1]
 TEST_SHARE, CLASSES = 10, 14
 TARGETS = {"clothing1m": (1_000_000, 14), "webvision": (2_400_000, 1000)}
+# The end-to-end runs: a CPU budget (memory, not accuracy, is measured), and each method's keys
+END_TO_END_KEYS = ["crop_size=64", "model=small_cnn", "width=8", "num_workers=2", "cpus_per_worker=1", "loader_workers=0"]
+END_TO_END_METHODS = {"selectmix": ["method=selectmix", "partner_source=global", "fold_epochs=1", "epochs=1"],
+                      "mixnn": ["method=mixnn", "epochs=3", "warmup=1", "es=2"]}
 
 
 def bare_loop(source: Path, count: int, passes: int = 3) -> tuple[float, float]:
@@ -128,8 +132,7 @@ def end_to_end(data_dir: Path, source: Path, run_dir: Path, method: list[str]) -
     """A run (or the finished one in run_dir): its wall time as summary.json records it, and the peaks."""
     if not (run_dir / "summary.json").is_file():
         shutil.rmtree(run_dir, ignore_errors=True)
-        noisymix("train", *list_keys(source, data_dir), f"run_dir={run_dir}", "crop_size=64", "model=small_cnn",
-                 "width=8", "num_workers=2", "cpus_per_worker=1", "loader_workers=0", *method)
+        noisymix("train", *list_keys(source, data_dir), f"run_dir={run_dir}", *END_TO_END_KEYS, *method)
     summary, records = RunDir(run_dir).summary(), RunDir(run_dir).metrics()
     folds = [f for s in summary.get("selections", []) for f in s["folds"]]
     return {"method": summary["method"], "wall_s": summary["wall_time_s"],
@@ -158,9 +161,7 @@ def measure(n: int, work: Path, log, prepare_only: bool = False) -> dict:
     row["prepare_as_is"] = timed_prepare(source, work / f"data-{n}-asis", 2, 0)
     row["loader_images_per_s"] = {w: loader_rate(work / f"data-{n}-w2", w, 3000) for w in (1, 2)}
     row["end_to_end"] = [end_to_end(work / f"data-{n}-w2", source, work / f"run-{n}-{name}", method)
-                         for name, method in (("selectmix", ["method=selectmix", "partner_source=global",
-                                                             "fold_epochs=1", "epochs=1"]),
-                                              ("mixnn", ["method=mixnn", "epochs=3", "warmup=1", "es=2"]))]
+                         for name, method in END_TO_END_METHODS.items()]
     return row
 
 
