@@ -1,6 +1,7 @@
 """GPU check, for a session that is lent a GPU: the training step of ResNet-50 at 224 px with bf16 autocast
-on synthetic JPEG shards read through the real loader (images/s), beside the same step on one batch already on
-the device (bf16 and fp32: the model's own ceiling, so the loader's share shows), and the FAISS index of the
+on synthetic JPEG shards read through the real loader (images/s; the loader's hand-over before and after batches
+became pinned shared-memory tensors, and the loader alone at several worker counts), beside the same step on one
+batch already on the device (bf16 and fp32: the model's own ceiling, so the loader's share shows), and the FAISS index of the
 neighbour actor on 1M x 2048 random vectors (build and query seconds, the flat index checked against exact
 search on the CPU, recall@1 of the IVF index against the flat one). Runs in-process (no Ray: its wheel does
 not travel to the GPU machine), in under 8 minutes on an H100/H200. Each part that fails is reported as its
@@ -17,6 +18,7 @@ import argparse
 import itertools
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -24,9 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import webdataset as wds
 
 from noisymix.distributed import shards
-from noisymix.distributed.engine import DataInfo, InputTransform, build_optimizer, image_stages, train_step
+from noisymix.distributed.engine import (DataInfo, InputTransform, build_optimizer, image_stages, peak_rss_mb,
+                                         train_step)
 from noisymix.distributed.models import create_model
 from noisymix.launch.config import build_config
 from noisymix.launch.prepare import prepare
@@ -36,8 +40,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from index_scale import exact_first_neighbours  # noqa: E402
 
 FULL = {"images": 4096, "crop": 224, "batch": 256, "steps": 60, "model_steps": 20, "loader_workers": 12,
-        "vectors": 1_000_000, "dim": 2048, "queries": 2000, "exact_queries": 200}
-DRY = {"images": 48, "crop": 32, "batch": 8, "steps": 3, "model_steps": 3, "loader_workers": 0, "vectors": 3000,
+        "worker_counts": [4, 8, 15], "vectors": 1_000_000, "dim": 2048, "queries": 2000, "exact_queries": 200}
+DRY = {"images": 48, "crop": 32, "batch": 8, "steps": 3, "model_steps": 3, "loader_workers": 2, "worker_counts": [1],
+       "vectors": 3000,
        "dim": 16, "queries": 200, "exact_queries": 50}
 # The first steps pay cuDNN's algorithm choice and the loaders' start; they are not timed.
 UNTIMED_STEPS = 2
@@ -69,30 +74,45 @@ def timed_steps(batches, steps: int, step, device: torch.device) -> tuple[float,
     return time.perf_counter() - started, seen
 
 
-def training_rate(size: dict, work: Path, device: torch.device) -> dict:
-    """Images/s of ResNet-50 training steps (bf16 autocast on CUDA) fed by the JPEG loader, and of the same step
-    on one resident batch in bf16 and fp32."""
-    source = synthesize(SynthSection.from_values({"out": str(work / "synth"), "train": size["images"],
-                                                  "test": 8, "classes": 14, "min_size": 256, "max_size": 400}),
-                        log=lambda *_: None)
+def _pickled(batch):
+    """The loader's hand-over before shared-memory tensors: numpy arrays, pickled through a pipe."""
+    return batch
+
+
+def synthetic_shards(size: dict, work: Path):
+    """(config, data dir, manifest, DataInfo) of synthetic JPEG shards in `work`, made once and reused."""
+    source = work / "synth"
+    if not (source / "train.txt").exists():
+        synthesize(SynthSection.from_values({"out": str(source), "train": size["images"], "test": 8, "classes": 14,
+                                             "min_size": 256, "max_size": 400}), log=lambda *_: None)
     config = build_config(overrides={"source": "image_list", "source_path": str(source), "noise_type": "none",
                                      "noise_rate": 0.0, "num_shards": 16, "data_dir": str(work / "data"),
                                      "crop_size": size["crop"], "model": "resnet50"})
     data_dir = prepare(config.data, config.run.seed, log=lambda *_: None)
     manifest = shards.load_manifest(data_dir)
-    data = DataInfo.from_manifest(manifest, size["crop"])
+    return config, data_dir, manifest, DataInfo.from_manifest(manifest, size["crop"])
+
+
+def training_rate(size: dict, work: Path, device: torch.device, log, only_after: bool = False) -> dict:
+    """Images/s of ResNet-50 training steps (bf16 autocast on CUDA) fed by the JPEG loader, in the hand-overs and
+    cuDNN settings before and after shared-memory, pinned batches and cuDNN's algorithm search, beside the loader
+    alone at several worker counts and the step on one resident batch (the model's own rate, bf16 and fp32).
+    only_after: the loader alone and the fed steps as the trainer now runs them (a second process's setting)."""
+    config, data_dir, manifest, data = synthetic_shards(size, work)
     model = create_model("resnet50", 3, data.num_classes, size["crop"]).to(device)
     optimizer = build_optimizer(model, 0.01, 0.9, 1e-4)
     transform = InputTransform(data.mean, data.std)
     amp = device.type == "cuda"
 
-    def loader_batches():
+    def loader_batches(transfer: str, workers: int):
         """One loader pass over the shards listed LOADER_REPEATS times: the timed steps pay no worker restart
         (a real epoch of 1M images pays one per epoch)."""
         urls = shards.shard_urls(data_dir, manifest, "train") * LOADER_REPEATS
         stream = shards.sample_stream(urls, batch_size=size["batch"], shuffle_buffer=0,
                                       images=image_stages(config.train, data, seed=0)[0])
-        return shards.iterate_batches(stream, size["loader_workers"])
+        if transfer == "pickled":
+            return iter(wds.WebLoader(stream, batch_size=None, num_workers=workers, collate_fn=_pickled))
+        return shards.iterate_batches(stream, workers, pin_memory=transfer == "pinned" and amp)
 
     def loader_step(batch) -> int:
         _, images, labels = batch
@@ -100,22 +120,55 @@ def training_rate(size: dict, work: Path, device: torch.device) -> dict:
         train_step(model, optimizer, transform(images, device), targets, amp=amp)
         return len(labels)
 
-    seconds, seen = timed_steps(loader_batches(), size["steps"], lambda batch: len(batch[2]), device)
+    def rate(batches, step, steps=size["steps"]) -> float:
+        seconds, seen = timed_steps(batches, steps, step, device)
+        return seen / seconds
+
+    def count(batch) -> int:
+        return len(batch[2])
+
+    workers = size["loader_workers"]
     out = {"model": "resnet50", "crop": size["crop"], "batch": size["batch"], "amp_bf16": amp,
-           "loader_workers": size["loader_workers"], "loader_alone_images_per_s": seen / seconds}
-    seconds, seen = timed_steps(loader_batches(), size["steps"], loader_step, device)
-    out.update({"images_per_s": seen / seconds, "steps_timed": size["steps"],
-                "max_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if amp else None})
+           "loader_workers": workers, "steps_timed": size["steps"],
+           "heap_env": {key: os.environ.get(key) for key in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}}
+    transfers = ("shared",) if only_after else ("pickled", "shared")
+    out["loader_alone_images_per_s"] = {t: rate(loader_batches(t, workers), count) for t in transfers}
+    if not only_after:
+        out["loader_alone_shared_by_workers"] = {n: rate(loader_batches("shared", n), count)
+                                                 for n in size["worker_counts"]}
+    # (name, hand-over, cuDNN search): "before" is how the trainer ran until this commit, "after" how it runs now
+    variants = [("before", "pickled", False), ("cudnn_search", "pickled", True), ("shared_memory", "shared", True),
+                ("after", "pinned", True)]
+    fed = {}
+    for name, transfer, search in variants[-1:] if only_after else variants:
+        log(f"training: fed, {name}")
+        torch.backends.cudnn.benchmark = search
+        fed[name] = rate(loader_batches(transfer, workers), loader_step)
+        if not only_after and name == "before":
+            out["resident_batch_images_per_s"] = resident_rates(model, optimizer, size, data.num_classes, device)
+    out["fed_images_per_s"] = fed
+    out["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30 if amp else None
+    out["peak_rss_mb"] = {"training_process": peak_rss_mb(),
+                          "largest_loader_process": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+    return out
+
+
+def resident_rates(model, optimizer, size: dict, classes: int, device: torch.device) -> dict:
+    """Images/s of the training step on one batch already on the device: bf16 and fp32 (on CUDA), each with
+    cuDNN's heuristic choice of algorithms and with its timed search."""
     resident = torch.randn(size["batch"], 3, size["crop"], size["crop"], device=device)
     resident = resident.contiguous(memory_format=torch.channels_last)
-    targets = torch.nn.functional.one_hot(torch.arange(size["batch"], device=device) % data.num_classes,
-                                          data.num_classes).float()
-    for precision, use_amp in (("bf16", True), ("fp32", False)) if amp else (("fp32", False),):
-        def resident_step(_, use_amp=use_amp) -> int:
-            train_step(model, optimizer, resident, targets, amp=use_amp)
-            return size["batch"]
-        seconds, seen = timed_steps(itertools.repeat(None), size["model_steps"], resident_step, device)
-        out[f"resident_batch_{precision}_images_per_s"] = seen / seconds
+    targets = torch.nn.functional.one_hot(torch.arange(size["batch"], device=device) % classes, classes).float()
+    out = {}
+    precisions = (("bf16", True), ("fp32", False)) if device.type == "cuda" else (("fp32", False),)
+    for search in (False, True):
+        torch.backends.cudnn.benchmark = search
+        for precision, use_amp in precisions:
+            def resident_step(_, use_amp=use_amp) -> int:
+                train_step(model, optimizer, resident, targets, amp=use_amp)
+                return size["batch"]
+            seconds, seen = timed_steps(itertools.repeat(None), size["model_steps"], resident_step, device)
+            out[f"{precision}{'_cudnn_search' if search else ''}"] = seen / seconds
     return out
 
 
@@ -213,6 +266,11 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU")
     parser.add_argument("--part", choices=("all", "training", "index", "probe"), default="all",
                         help="run one part only (probe: only by name, the index actor's GPU probe)")
+    parser.add_argument("--work", type=Path, help="keep the synthetic shards here, for a second process to reuse "
+                                                  "(default: a temporary folder)")
+    parser.add_argument("--only-after", action="store_true",
+                        help="training: only the loader and steps as the trainer runs them now (report "
+                             "gpu_check_<part>_after.json), e.g. under other MALLOC_ variables")
     args = parser.parse_args()
     size = DRY if args.dry_run else FULL
     device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
@@ -224,13 +282,14 @@ def main() -> None:
 
     def save() -> None:
         if os.environ.get("OUT"):
-            Path(os.environ["OUT"], f"gpu_check_{args.part}.json").write_text(json.dumps(report, indent=1))
+            name = f"gpu_check_{args.part}{'_after' if args.only_after else ''}.json"
+            Path(os.environ["OUT"], name).write_text(json.dumps(report, indent=1))
 
     if args.part in ("all", "training"):
         log("training")
-        with tempfile.TemporaryDirectory() as work:
+        with tempfile.TemporaryDirectory() as temporary:
             try:
-                report["training"] = training_rate(size, Path(work), device)
+                report["training"] = training_rate(size, args.work or Path(temporary), device, log, args.only_after)
             except Exception as exc:   # the index part still runs and reports
                 report["training"] = {"error": f"{type(exc).__name__}: {exc}"}
         save()

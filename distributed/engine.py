@@ -23,7 +23,8 @@ from noisymix.distributed.shards import NpyImages
 from noisymix.mixing.config import ConfigError, Section, check_choice, check_range
 from noisymix.mixing.losses import soft_target_cross_entropy
 
-Batch = tuple[np.ndarray, np.ndarray, np.ndarray]  # ids, uint8 images (N, H, W, C), labels
+# ids, uint8 images (N, H, W, C; a tensor when they come from loader processes), labels
+Batch = tuple[np.ndarray, np.ndarray | torch.Tensor, np.ndarray]
 
 
 SCHEDULES = ("cosine", "multistep")
@@ -147,8 +148,10 @@ class InputTransform:
     padding: int = 0
     hflip: bool = False
 
-    def __call__(self, images: np.ndarray, device: torch.device, rng: np.random.Generator | None = None) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(device, non_blocking=True)
+    def __call__(self, images: np.ndarray | torch.Tensor, device: torch.device,
+                 rng: np.random.Generator | None = None) -> torch.Tensor:
+        x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
+        x = x.to(device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
         mean = torch.tensor(self.mean, device=device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=device).view(1, -1, 1, 1)
@@ -193,6 +196,15 @@ def lr_factor(schedule: str, epochs: int, milestones: list[int], gamma: float) -
     if schedule == "multistep":
         return lambda epoch: gamma ** sum(epoch >= m for m in milestones)
     raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def tune_convolutions(device: torch.device) -> None:
+    """On CUDA, let cuDNN time its convolution algorithms once per input shape and keep the fastest, as timm's
+    trainer does: a run's crop and batch sizes are fixed, so the search is paid in the first steps. For ResNet-50
+    in bf16 on an H200 it found nothing faster than the heuristics (benchmarks/results/gpu_check.md). GPU steps
+    were not bit-reproducible before either (atomic adds in the backward pass)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
 
 
 def autocast(device: torch.device, enabled: bool):

@@ -23,7 +23,8 @@ import torch
 from noisymix.distributed import shards
 from noisymix.distributed.artifacts import read_out_of_fold, write_atomic
 from noisymix.distributed.engine import (DataInfo, TrainSection, build_model, build_optimizer, build_schedule,
-                                         epoch_rng, image_stages, peak_rss_mb, predict, train_epoch, transforms)
+                                         epoch_rng, image_stages, peak_rss_mb, predict, train_epoch, transforms,
+                                         tune_convolutions)
 from noisymix.mixing.ce import PlainTargets
 from noisymix.mixing.method import BatchRule
 from noisymix.mixing.mixup import MixupTargets
@@ -67,6 +68,7 @@ class FoldTrainer:
         threads = max(1, int(self.cv.fold_cpus))
         torch.set_num_threads(threads)
         device = torch.device("cuda" if self.cv.fold_gpus > 0 and torch.cuda.is_available() else "cpu")
+        tune_convolutions(device)
         data = DataInfo.from_manifest(self.manifest, self.train.crop_size)
         torch.manual_seed(self.seed * 1000 + fold.index)
         model = build_model(self.train, data)
@@ -87,6 +89,7 @@ class FoldTrainer:
         if self.trusted is not None:
             in_train &= self.trusted
         loaders = threads - 1     # the task's other CPUs decode in loader workers
+        pin = device.type == "cuda"
         kept, best_agreement = None, -1.0  # (epoch, held ids, probabilities) of the predicting fold epoch
         summed = None                      # ensemble: the held-out probabilities summed over epochs, in id order
         for epoch in range(self.cv.fold_epochs):
@@ -96,7 +99,7 @@ class FoldTrainer:
             stream = shards.sample_stream(urls, images=train_images, shard_seed=shard_seed,
                                           shuffle_buffer=self.train.shuffle_buffer, shuffle_seed=shuffle_seed,
                                           batch_size=self.train.batch_size, only=shards.IdFilter(in_train))
-            stats = train_epoch(model, optimizer, shards.iterate_batches(stream, loaders), rule, train_transform,
+            stats = train_epoch(model, optimizer, shards.iterate_batches(stream, loaders, pin), rule, train_transform,
                                 device, rng, amp=self.train.amp)
             if stats.samples != int(in_train.sum()):
                 raise shards.ShardError(f"fold {fold.index}, epoch {epoch}: read {stats.samples} training samples of "
@@ -105,7 +108,7 @@ class FoldTrainer:
             if self.cv.fold_select != "last" or epoch == self.cv.fold_epochs - 1:
                 held = shards.sample_stream(urls, images=eval_images, batch_size=4 * self.train.batch_size,
                                             only=shards.IdFilter(held_out))
-                held_ids, held_labels, probs = predict(model, shards.iterate_batches(held, loaders), eval_transform,
+                held_ids, held_labels, probs = predict(model, shards.iterate_batches(held, loaders, pin), eval_transform,
                                                        device, self.train.amp)
                 if self.cv.fold_select == "ensemble":
                     order = np.argsort(held_ids)

@@ -25,7 +25,7 @@ class ResourcesSection(Section):
     resize_check_s: float = 60.0   # elastic: how often a healthy group looks for more resources to grow into
     use_gpu: bool = False
     cpus_per_worker: float = 0.0   # 0: share the cluster's CPUs evenly
-    loader_workers: int = -1       # decoding processes per worker; -1: 4 with a GPU, none on CPU
+    loader_workers: int = -1       # decoding processes per worker; -1: on a GPU the worker's CPUs less one (at least 4)
     max_failures: int = 1
     ray_address: Optional[str] = None
     ray_logs: bool = False
@@ -66,9 +66,14 @@ class ResourcesSection(Section):
         value = str(self.heap_mmap_threshold_kb * 1024)
         return {"MALLOC_MMAP_THRESHOLD_": value, "MALLOC_TRIM_THRESHOLD_": value}
 
-    def resolve(self) -> None:
+    def resolve(self, num_shards: int) -> None:
+        """loader_workers=-1: none on CPU (the worker's threads decode); on a GPU the CPUs the worker reserves less
+        the training process's one, at least GPU_LOADER_WORKERS, and no more than each worker's share of the
+        shards (a loader process reads whole shards). One H200 took 4,700 ResNet-50 images/s at 224 px, and each
+        loader process fed about 400-550 (benchmarks/results/gpu_check.md)."""
         if self.loader_workers == -1:
-            self.loader_workers = GPU_LOADER_WORKERS if self.use_gpu else 0
+            wanted = max(GPU_LOADER_WORKERS, int(self.cpus_per_worker) - 1)
+            self.loader_workers = min(wanted, max(1, num_shards // self.num_workers)) if self.use_gpu else 0
 
 
 def worker_range(value) -> tuple[int, int]:

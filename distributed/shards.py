@@ -21,6 +21,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import torch
 import webdataset as wds
 
 from noisymix.distributed import storage
@@ -394,16 +395,22 @@ def sample_stream(urls: Sequence[str], *, images=None, label_key: str = GIVEN_LA
     return dataset
 
 
-def _as_is(batch):
-    return batch
+def _shareable(batch: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
+    """A loader process's batch with its images as a tensor: torch hands tensors to the consuming process through
+    shared memory (and can pin them there), where a numpy array would be pickled through a pipe."""
+    ids, images, labels = batch
+    return ids, torch.from_numpy(images), labels
 
 
-def iterate_batches(dataset, loader_workers: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Run a batched stream in-process, or through a WebLoader with loader_workers processes (batches come
-    back as the stream made them: numpy arrays, not torch's default conversion to tensors)."""
+def iterate_batches(dataset, loader_workers: int, pin_memory: bool = False
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray | torch.Tensor, np.ndarray]]:
+    """Run a batched stream in-process (images as numpy arrays), or through a WebLoader with loader_workers
+    processes (images as uint8 tensors in shared memory, copied to page-locked memory when pin_memory, so that
+    their copy to a GPU runs beside the previous step). Ids and labels stay numpy arrays either way."""
     if loader_workers <= 0:
         return iter(dataset)
-    return iter(wds.WebLoader(dataset, batch_size=None, num_workers=loader_workers, collate_fn=_as_is))
+    return iter(wds.WebLoader(dataset, batch_size=None, num_workers=loader_workers, collate_fn=_shareable,
+                              pin_memory=pin_memory))
 
 
 def load_split(data_dir: str, manifest: dict, split: str = "train",

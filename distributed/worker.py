@@ -24,7 +24,7 @@ from noisymix.distributed import shards
 from noisymix.distributed.artifacts import CHECKPOINT_FILE, load_checkpoint, save_checkpoint, unwrap
 from noisymix.distributed.engine import (BatchPredictions, DataInfo, InputTransform, TrainSection, accuracy_counts,
                                          build_model, build_optimizer, build_schedule, epoch_rng, image_stages,
-                                         peak_rss_mb, train_epoch, transforms)
+                                         peak_rss_mb, train_epoch, transforms, tune_convolutions)
 from noisymix.distributed.exchange import distributed
 from noisymix.distributed.messages import EpochRecord, StateDigest, StateSnapshot, TrainedIds
 from noisymix.distributed.sample_state import SampleState, refresh_state
@@ -63,6 +63,7 @@ def train_loop(config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()  # Ray
     torch.set_num_threads(job.threads)
+    tune_convolutions(device)
     data, train = DataInfo.from_manifest(job.manifest, job.train.crop_size), job.train
     torch.manual_seed(job.seed)
     model = ray.train.torch.prepare_model(build_model(train, data))  # Ray
@@ -75,7 +76,7 @@ def train_loop(config: dict) -> None:
     train_transform, eval_transform = transforms(train, data)
     context = batch_context(job, data, state, train_transform, device, unwrap(model))
     rule = job.method.batch_rule(context)
-    streams = Streams(job, data, rank, world)
+    streams = Streams(job, data, rank, world, pin_memory=device.type == "cuda")
     for epoch in range(resumed_from or 0, job.stop_epoch):
         started, plan = time.perf_counter(), job.method.plan(epoch)
         rule.phase = plan.phase
@@ -184,6 +185,7 @@ class Streams:
     data: DataInfo
     rank: int
     world: int
+    pin_memory: bool = False   # batches from loader processes go to page-locked memory (a CUDA device)
 
     def __post_init__(self):
         self.urls = {split: shards.shard_urls(self.job.data_dir, self.job.manifest, split)
@@ -200,7 +202,7 @@ class Streams:
             self.urls["train"], images=images, label_key=shards.LABEL_KEYS[job.method.label_key], rank=self.rank,
             world_size=self.world, shard_seed=self.shard_seed(epoch), shuffle_buffer=job.train.shuffle_buffer,
             shuffle_seed=int(epoch_rng(job.seed, epoch, self.rank).integers(2**31)), batch_size=job.train.batch_size)
-        return shards.iterate_batches(stream, job.loader_workers)
+        return shards.iterate_batches(stream, job.loader_workers, self.pin_memory)
 
     def dealt_count(self, split: str, epoch: int | None = None) -> int:
         """How many samples `exact(split, epoch)` yields on this rank."""
@@ -214,7 +216,7 @@ class Streams:
         stream = shards.sample_stream(self.urls[split], images=images, rank=self.rank, world_size=self.world,
                                       shard_seed=None if epoch is None else self.shard_seed(epoch),
                                       batch_size=4 * self.job.train.batch_size)
-        return shards.iterate_batches(stream, self.job.loader_workers)
+        return shards.iterate_batches(stream, self.job.loader_workers, self.pin_memory)
 
 
 def run_epoch(model, optimizer, batches, rule, transform, device, rng, amp: bool, audit_ids: bool, epoch: int):

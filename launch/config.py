@@ -92,7 +92,7 @@ class Config:
         """Fill the `auto` values: data_dir from the data spec, loader workers and the method's shares of the
         run and of the devices, run_dir from method, data and time; then check what spans sections."""
         self.data.resolve(self.run.seed)
-        self.resources.resolve()
+        self.resources.resolve(self.data.num_shards)
         self.method.resolve(self.train.epochs, self.resources.use_gpu)
         readers = self.resources.num_workers * max(1, self.resources.loader_workers)
         if self.data.num_shards < readers:

@@ -148,7 +148,11 @@ def test_the_gpu_check_runs_as_a_cpu_dry_run_through_its_shell_wrapper_without_r
     report = json.loads(out.stdout[out.stdout.index("{"):])
     assert report == json.loads((tmp_path / "gpu_check_all.json").read_text())
     training, index = report["training"], report["index"]
-    assert report["device"] == "cpu" and training["images_per_s"] > 0 and training["loader_alone_images_per_s"] > 0
+    assert report["device"] == "cpu" and training["loader_workers"] == 2
+    assert set(training["loader_alone_images_per_s"]) == {"pickled", "shared"}
+    assert set(training["fed_images_per_s"]) == {"before", "cudnn_search", "shared_memory", "after"}
+    assert min([*training["loader_alone_images_per_s"].values(), *training["fed_images_per_s"].values(),
+                *training["resident_batch_images_per_s"].values()]) > 0
     assert index["torch_fp32"]["exact_agreement"] == 1.0 and index["flat"]["exact_agreement"] == 1.0
     assert index["flat"]["seconds"] > 0 and 0.5 < index["ivf_recall_at_1"] <= 1.0 and index["faiss"].endswith("build")
     out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--part", "probe"],

@@ -38,6 +38,22 @@ def test_a_worker_range_is_an_elastic_group(value):
     assert (fixed.min_workers, fixed.elastic) == (0, False)
 
 
+@pytest.mark.parametrize("overrides, loaders", [
+    ({}, 0),                                                                   # CPU: the worker's threads decode
+    ({"use_gpu": True}, 4),                                                    # one reserved CPU: the floor
+    ({"use_gpu": True, "cpus_per_worker": 12, "num_shards": 64}, 11),         # the worker's CPUs less one
+    ({"use_gpu": True, "cpus_per_worker": 12, "num_shards": 64, "num_workers": 8}, 8),   # its share of the shards
+    ({"use_gpu": True, "cpus_per_worker": 12, "loader_workers": 2}, 2),       # as asked
+])
+def test_loader_workers_follow_the_workers_cpus_on_a_gpu_within_its_share_of_shards(overrides, loaders):
+    assert build_config(overrides=overrides).resources.loader_workers == loaders
+
+
+def test_asked_loader_workers_that_the_shards_cannot_feed_are_refused():
+    with pytest.raises(ConfigError, match="num_shards=16 cannot feed num_workers x loader_workers = 24 readers"):
+        build_config(overrides={"use_gpu": True, "num_workers": 2, "loader_workers": 12, "num_shards": 16})
+
+
 def test_the_allocator_setting_becomes_the_environment_of_the_runs_processes():
     assert build_config().resources.heap_env() == {}
     fixed = build_config(overrides={"heap_mmap_threshold_kb": 128}).resources.heap_env()

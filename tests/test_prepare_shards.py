@@ -3,6 +3,7 @@ import tarfile
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import make_config
 from noisymix.distributed import shards, storage
@@ -103,6 +104,29 @@ def test_the_shuffle_buffer_holds_samples_as_stored_and_decodes_only_what_leaves
     assert CountingImages.decoded == 1 + len(rest)
     ids = sorted([first[0], *(sample[0] for sample in rest)])
     assert ids == sorted(read_split(digits_dir, "train")[0].tolist())
+
+
+def test_loader_processes_hand_over_the_same_samples_with_images_in_shared_memory(digits_dir):
+    manifest = shards.load_manifest(digits_dir)
+    urls = shards.shard_urls(digits_dir, manifest, "train")
+
+    def samples(loader_workers):
+        """(ids, images, labels) of every batch concatenated in id order, and the batches' image types."""
+        batches = list(shards.iterate_batches(shards.sample_stream(urls, batch_size=64), loader_workers))
+        ids = np.concatenate([b[0] for b in batches])
+        order = np.argsort(ids)
+        images = np.concatenate([np.asarray(b[1]) for b in batches])[order]
+        return ids[order], images, np.concatenate([b[2] for b in batches])[order], batches
+
+    *in_process, plain = samples(0)
+    *loaded, batches = samples(2)
+    for expected, got in zip(in_process, loaded):
+        assert np.array_equal(expected, got)
+    assert all(isinstance(b[1], np.ndarray) for b in plain)
+    for ids, images, labels in batches:
+        assert isinstance(ids, np.ndarray) and isinstance(labels, np.ndarray)
+        # a tensor crosses from the loader process through shared memory; a numpy array would be pickled
+        assert isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.is_shared()
 
 
 def test_manifest_records_noise_split_and_checksums(digits_dir):
