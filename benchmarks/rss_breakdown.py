@@ -10,7 +10,8 @@ gives its processes), so that what grows with N can be told apart from pages of 
 Needs scale.py's prepared folders (WORK/data-N-w2) and synthetic sets (WORK/synth-N). Each run is a fresh
 `noisymix train` process with its own Ray, as in scale.py. The runs' processes get glibc's thresholds from
 `heap_mmap_threshold_kb` (--heap-kb; 0: glibc's MALLOC_* variables of this environment, which the report's command
-line shows, or glibc's defaults).
+line shows, or glibc's defaults). An allocator preloaded in this environment (LD_PRELOAD=.../libjemalloc.so.2)
+reaches every process of the run; the report names each process's allocator.
 """
 
 from __future__ import annotations
@@ -75,6 +76,12 @@ def memory(pid: int) -> dict[str, float]:
     return out
 
 
+def allocator(pid: int) -> str:
+    """jemalloc or tcmalloc where the process maps one (LD_PRELOAD), else glibc's malloc."""
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return next((name for name in ("jemalloc", "tcmalloc") if f"lib{name}" in maps), "glibc")
+
+
 class Sampler(threading.Thread):
     """Every `period` seconds, each process of root's tree: its largest Rss seen, the split at that moment, and its last high-water mark."""
 
@@ -87,12 +94,12 @@ class Sampler(threading.Thread):
             for pid in descendants(self.root):
                 try:
                     title, fields = role(pid), memory(pid)
+                    if fields.get("Rss", -1) > self.peaks.get(pid, {}).get("Rss", -1):
+                        self.peaks[pid] = {**fields, "title": title, "allocator": allocator(pid)}
                 except (OSError, ValueError):
                     continue
                 if "Rss" not in fields:
                     continue
-                if fields["Rss"] > self.peaks.get(pid, {}).get("Rss", -1):
-                    self.peaks[pid] = {**fields, "title": title}
                 self.peaks[pid]["Hwm"] = fields["Hwm"]
             self.done.wait(self.period)
 
@@ -130,12 +137,13 @@ def markdown(results: dict) -> str:
              "file-backed (libraries and files it maps), shared memory (Ray's object store pages it maps). "
              "ru_maxrss counts all three.", "",
              "| N | method | role | high-water MB | sampled peak RSS MB | anonymous MB | file MB | shared (object "
-             "store) MB |", "|---|---|---|---|---|---|---|---|"]
+             "store) MB | allocator |", "|---|---|---|---|---|---|---|---|---|"]
     for row in results["rows"]:
         for name in ROLES.values():
             for f in sorted(row["roles"].get(name, []), key=lambda f: -f["Hwm"]):
                 lines.append(f"| {row['n']:,} | {row['method']} | {name} | {f['Hwm']:.0f} | {f['Rss']:.0f} | "
-                             f"{f['RssAnon']:.0f} | {f['RssFile']:.0f} | {f['RssShmem']:.0f} |")
+                             f"{f['RssAnon']:.0f} | {f['RssFile']:.0f} | {f['RssShmem']:.0f} | "
+                             f"{f.get('allocator', 'glibc')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -148,7 +156,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "rss_breakdown")
     args = parser.parse_args()
     rows = [measure(n, args.work, args.method, args.heap_kb) for n in args.sizes]
-    allocator = "".join(f"{k}={v} " for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_"))
+    allocator = "".join(f"{k}={v} " for k, v in sorted(os.environ.items())
+                        if k.startswith("MALLOC_") or k == "LD_PRELOAD")
     heap = "" if args.heap_kb is None else f" --heap-kb {args.heap_kb}"
     results = {"command": f"{allocator}python benchmarks/rss_breakdown.py --sizes {' '.join(map(str, args.sizes))} "
                           f"--method {args.method}{heap}", "machine": platform.processor() or platform.machine(),

@@ -316,7 +316,7 @@ def test_merge_report_takes_the_new_finished_cells_and_keeps_every_other_committ
         merge.merged(committed, {**new, "name": "other"})
 
 
-def test_rss_breakdown_finds_a_child_in_the_tree_and_splits_its_memory():
+def test_rss_breakdown_finds_a_child_in_the_tree_and_splits_its_memory(monkeypatch):
     import os
     import subprocess
     import sys
@@ -327,25 +327,46 @@ def test_rss_breakdown_finds_a_child_in_the_tree_and_splits_its_memory():
         fields = rss.memory(child.pid)
         assert set(fields) == {"Rss", "RssAnon", "RssFile", "RssShmem", "Hwm"}
         assert fields["Rss"] == pytest.approx(fields["RssAnon"] + fields["RssFile"] + fields["RssShmem"], abs=0.1)
-        assert rss.role(child.pid) == "-c"
+        assert rss.role(child.pid) == "-c" and rss.allocator(child.pid) == "glibc"
     finally:
         child.kill()
         child.wait()
+    maps = "7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2\n"
+    monkeypatch.setattr(rss, "Path", lambda _: type("Maps", (), {"read_text": lambda self: maps})())
+    assert rss.allocator(1) == "jemalloc"
     row = {"n": 10, "method": "selectmix", "roles": {"driver": [
         {"Hwm": 500, "Rss": 480, "RssAnon": 300, "RssFile": 180, "RssShmem": 0, "title": "driver", "pid": 1}]}}
-    assert "| 10 | selectmix | driver | 500 | 480 | 300 | 180 | 0 |" in rss.markdown(
+    assert "| 10 | selectmix | driver | 500 | 480 | 300 | 180 | 0 | glibc |" in rss.markdown(
         {"command": "c", "machine": "m", "rows": [row]})
 
 
-def test_heap_threshold_pairs_the_two_settings_and_tables_their_medians():
+def test_heap_threshold_pairs_each_setting_with_the_default_and_tables_their_medians(monkeypatch):
     heap = load("heap_threshold")
-    assert "MALLOC_MMAP_THRESHOLD_" not in heap.allocator_env(0)
-    assert heap.allocator_env(256)["MALLOC_TRIM_THRESHOLD_"] == str(256 * 1024)
-    runs = [{"threshold_kb": t, "train_samples_per_s": rate, "eval_images_per_s": 900.0,
+    chosen = heap.settings(256, "/lib/libjemalloc.so.2", 20)
+    assert chosen["default"] == ({}, 0) and chosen["fixed"][0]["MALLOC_TRIM_THRESHOLD_"] == str(256 * 1024)
+    assert chosen["preload"] == ({"LD_PRELOAD": "/lib/libjemalloc.so.2"}, 0) and chosen["trim"] == ({}, 20)
+    assert set(heap.settings(128, None)) == {"default", "fixed"}
+    seen = []
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "1")
+    monkeypatch.setattr(heap.subprocess, "run", lambda args, env, **k: seen.append((args, env)) or
+                        type("Done", (), {"stdout": '{"train_samples_per_s": 1.0}'}))
+    assert heap.run_child(Path("d"), "preload", *chosen["preload"]) == {"setting": "preload", "train_samples_per_s": 1.0}
+    assert seen[0][1]["LD_PRELOAD"] == "/lib/libjemalloc.so.2" and "MALLOC_ARENA_MAX" not in seen[0][1]
+    heap.run_child(Path("d"), "trim", *chosen["trim"])
+    assert seen[1][0][-2:] == ["d", "20"] and "LD_PRELOAD" not in seen[1][1]
+    trims = []
+    monkeypatch.setattr(heap.ctypes, "CDLL", lambda _: type("Libc", (), {"malloc_trim": trims.append})())
+    assert list(heap.trimmed(range(7), 3)) == list(range(7)) and trims == [0, 0]
+    assert list(heap.trimmed(range(7), 0)) == list(range(7)) and len(trims) == 2
+    runs = [{"setting": name, "train_samples_per_s": rate, "eval_images_per_s": 900.0,
              "peak_after_training_mb": peak, "peak_rss_mb": peak + 10}
-            for t, rate, peak in ((0, 1000.0, 800), (128, 950.0, 700), (0, 1100.0, 820), (128, 1100.0, 690))]
-    row = heap.summarise(20_000, runs, 128)
-    assert row["train_rate_ratios"] == pytest.approx([0.95, 1.0])
+            for name, rate, peak in (("default", 1000.0, 800), ("fixed", 950.0, 700), ("preload", 1200.0, 600),
+                                     ("default", 1100.0, 820), ("fixed", 1100.0, 690), ("preload", 1100.0, 610))]
+    row = heap.summarise(20_000, runs)
+    assert row["train_rate_ratios"]["fixed"] == pytest.approx([0.95, 1.0])
+    assert row["train_rate_ratio"]["preload"] == pytest.approx(1.1)
     assert row["median"]["fixed"]["peak_rss_mb"] == 705 and row["median"]["default"]["train_samples_per_s"] == 1050
-    text = heap.markdown({"command": "c", "machine": "m", "threshold_kb": 128, "repeats": 2, "rows": [row]})
+    text = heap.markdown({"command": "c", "machine": "m", "threshold_kb": 128, "preload": "/lib/libjemalloc.so.2",
+                          "repeats": 2, "rows": [row]})
     assert "| 20,000 | fixed at 128 KB | 1,025 | 900 | 695 | 705 | 0.97x |" in text
+    assert "| 20,000 | LD_PRELOAD=/lib/libjemalloc.so.2 | 1,150 | 900 | 605 | 615 | 1.10x |" in text
