@@ -25,8 +25,9 @@ from noisymix.mixing.method import TaskAsk
 
 
 def start_ray(address: str | None = None, show_logs: bool = False, env_vars: dict[str, str] | None = None) -> None:
-    """Join `address` (e.g. "auto" on a cluster; without one, Ray's RAY_ADDRESS if set) or start a local Ray; any
-    dashboard binds to localhost. `env_vars` reach every worker process of this driver's job, from its start
+    """Join `address` (e.g. "auto" on a cluster; without one, Ray's RAY_ADDRESS if set), else start a local Ray of
+    this run's own, also where `ray start` left a cluster running on this machine (ray.init would join that one,
+    while the State API address below would name this run's); any dashboard binds to localhost. `env_vars` reach every worker process of this driver's job, from its start
     (ResourcesSection.heap_env: glibc reads its MALLOC_ variables once, as a process starts).
 
     Workers' and actors' own output reaches the console only with show_logs: Ray Train logs every
@@ -39,14 +40,14 @@ def start_ray(address: str | None = None, show_logs: bool = False, env_vars: dic
             raise ConfigError(f"{', '.join(differing)} cannot change for a Ray this process already joined (its "
                               "processes read them as they start): run with these settings in a process of its own")
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
     # Ray Train's controller polls its workers every 2 s by default, and each step of a run (the group started, a
     # report taken, the group finished) waits for a poll: that paces every epoch shorter than 2 s and adds seconds
     # to every run's start and end (a 2-epoch digits run on a running cluster: 31 s at 2 s, 22 s at 0.5 s). Ray Train
     # passes the variable from the driver to its controller, on a cluster it joins too.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     dashboard = {}
-    if address is None:
+    if address == "local":
         dashboard["dashboard_port"] = own_state_api()
     ray.init(address=address, dashboard_host="127.0.0.1", logging_level="WARNING", log_to_driver=show_logs,
              runtime_env={"env_vars": env_vars} if env_vars else None, **dashboard)

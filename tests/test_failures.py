@@ -215,7 +215,7 @@ def test_a_failed_write_of_a_run_file_names_it_and_leaves_no_partial_file(tmp_pa
 
 
 @pytest.mark.parametrize("configured, env, joined", [(None, "10.0.0.1:6379", "10.0.0.1:6379"), ("auto", "x:1", "auto"),
-                                                     (None, None, None)])
+                                                     (None, None, "local"), ("local", None, "local")])
 def test_ray_address_unset_joins_rays_own_ray_address_else_starts_a_local_ray(monkeypatch, configured, env, joined):
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
@@ -229,7 +229,8 @@ def test_ray_address_unset_joins_rays_own_ray_address_else_starts_a_local_ray(mo
     runner.start_ray(configured)
     [kwargs] = calls
     assert kwargs["address"] == joined and kwargs["dashboard_host"] == "127.0.0.1"
-    assert ("dashboard_port" in kwargs) == (joined is None), "only a Ray of its own gets a dashboard port"
+    # "local": a new Ray even where `ray start` left one running on this machine (ray.init(address=None) joins it)
+    assert ("dashboard_port" in kwargs) == (joined == "local"), "only a Ray of its own gets a dashboard port"
     assert kwargs["runtime_env"] is None
 
 
