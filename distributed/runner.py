@@ -27,8 +27,9 @@ from noisymix.mixing.method import TaskAsk
 def start_ray(address: str | None = None, show_logs: bool = False, env_vars: dict[str, str] | None = None) -> None:
     """Join `address` (e.g. "auto" on a cluster; without one, Ray's RAY_ADDRESS if set), else start a local Ray of
     this run's own, also where `ray start` left a cluster running on this machine (ray.init would join that one,
-    while the State API address below would name this run's); any dashboard binds to localhost. `env_vars` reach every worker process of this driver's job, from its start
-    (ResourcesSection.heap_env: glibc reads its MALLOC_ variables once, as a process starts).
+    while the State API address below would name this run's); any dashboard binds to localhost. `env_vars` reach
+    every worker process of this driver's job, from its start (ResourcesSection.heap_env: glibc reads its MALLOC_
+    variables once, as a process starts).
 
     Workers' and actors' own output reaches the console only with show_logs: Ray Train logs every
     report there, which buries the progress lines. Failures still surface as exceptions from fit().
