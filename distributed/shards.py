@@ -14,6 +14,7 @@ import importlib
 import io
 import json
 import random
+import shutil
 import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,16 @@ LABEL_KEYS = {"given": GIVEN_LABEL, "true": TRUE_LABEL}
 
 class ShardError(ValueError):
     """A shard or manifest that is missing, truncated, corrupt or inconsistent."""
+
+
+class SharedMemoryError(RuntimeError):
+    """Loader processes could not hand a batch over through shared memory (/dev/shm full, or a container's small
+    default)."""
+
+
+# What torch's DataLoader says when a worker cannot place a batch in shared memory (its tensor's file, or a bus
+# error on writing into it), inside the error it re-raises in the consuming process.
+SHARED_MEMORY_FAILURES = ("unable to write to file </torch_", "out of shared memory", "insufficient shared memory")
 
 
 def encode_sample(sample_id: int, image: np.ndarray | bytes, label: int, true_label: int | None) -> dict:
@@ -409,8 +420,22 @@ def iterate_batches(dataset, loader_workers: int, pin_memory: bool = False
     their copy to a GPU runs beside the previous step). Ids and labels stay numpy arrays either way."""
     if loader_workers <= 0:
         return iter(dataset)
-    return iter(wds.WebLoader(dataset, batch_size=None, num_workers=loader_workers, collate_fn=_shareable,
-                              pin_memory=pin_memory))
+    return _naming_shared_memory(wds.WebLoader(dataset, batch_size=None, num_workers=loader_workers,
+                                               collate_fn=_shareable, pin_memory=pin_memory))
+
+
+def _naming_shared_memory(loader) -> Iterator:
+    """The loader's batches; its failure to use shared memory becomes a SharedMemoryError that says what to do."""
+    try:
+        yield from loader
+    except RuntimeError as exc:
+        if not any(failure in str(exc) for failure in SHARED_MEMORY_FAILURES):
+            raise
+        free = f"{shutil.disk_usage('/dev/shm').free / 2**20:,.0f} MB free" if Path("/dev/shm").is_dir() else "absent"
+        said = [line.strip() for line in str(exc).strip().splitlines() if line.strip()][-1]
+        raise SharedMemoryError(
+            f"loader processes could not hand a batch over through shared memory (/dev/shm: {free}): give it room "
+            f"(a container: docker --shm-size), or lower loader_workers or batch_size; torch said: {said}") from exc
 
 
 def load_split(data_dir: str, manifest: dict, split: str = "train",

@@ -9,7 +9,7 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from noisymix.distributed.index_actor import NeighbourIndexError
     from noisymix.distributed.models import PretrainedError
     from noisymix.distributed.runner import ResourceError
-    from noisymix.distributed.shards import ShardError
+    from noisymix.distributed.shards import SharedMemoryError, ShardError
     from noisymix.launch.bench_spec import SpecError
     from noisymix.launch.noise import NoiseError
     from noisymix.launch.sources import SourceError
@@ -18,7 +18,7 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from noisymix.selection.crossval import SelectionError
 
     return (ConfigError, NoiseError, SourceError, ShardError, SelectionError, SpecError, PretrainedError, ResourceError,
-            NeighbourIndexError, SweepSpecError)
+            NeighbourIndexError, SweepSpecError, SharedMemoryError)
 
 
 def root_cause(exc: BaseException) -> BaseException:

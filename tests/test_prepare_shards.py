@@ -129,6 +129,30 @@ def test_loader_processes_hand_over_the_same_samples_with_images_in_shared_memor
         assert isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.is_shared()
 
 
+class FailingInLoader(torch.utils.data.IterableDataset):
+    """Fails in the loader process with `message`, as torch does when /dev/shm has no room for a batch's tensor."""
+
+    def __init__(self, message):
+        self.message = message
+
+    def __iter__(self):
+        raise RuntimeError(self.message)
+
+
+def test_a_loader_without_shared_memory_stops_with_what_to_do_and_other_errors_pass_unchanged():
+    from noisymix.launch.errors import one_line
+
+    full = "unable to write to file </torch_4242_1337_0>: No space left on device (28)"
+    with pytest.raises(shards.SharedMemoryError) as raised:
+        list(shards.iterate_batches(FailingInLoader(full), loader_workers=1))
+    line = one_line(raised.value)
+    assert line.startswith("loader processes could not hand a batch over through shared memory (/dev/shm: ")
+    assert "docker --shm-size" in line and line.endswith(f"torch said: RuntimeError: {full}")
+    with pytest.raises(RuntimeError, match="a bug of its own") as raised:
+        list(shards.iterate_batches(FailingInLoader("a bug of its own"), loader_workers=1))
+    assert not isinstance(raised.value, shards.SharedMemoryError)
+
+
 def test_manifest_records_noise_split_and_checksums(digits_dir):
     manifest = shards.load_manifest(digits_dir)
     assert manifest["noise"]["type"] == "symmetric" and manifest["noise"]["rate"] == 0.4
