@@ -3,8 +3,9 @@ worker's loop: rank 0 of 2's training epoch (JPEG shards at 64 px crops, the shu
 CNN of scale.py) and its evaluation pass, in a fresh process per run, with glibc's default (the threshold grows as
 large blocks are freed, and the heap keeps what is freed under it), with MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_
 fixed as noisymix's Ray processes get them, and (--preload LIB) with an allocator loaded through LD_PRELOAD, such as
-jemalloc, and (--trim-every K) with glibc's default and malloc_trim(0) every K batches. The settings alternate, so the machine's load falls on all alike; the report gives medians and the per-pair
-ratio of each setting's training rate to the default's.
+jemalloc, and (--trim-every K) with glibc's default and malloc_trim(0) every K batches. The settings alternate, so
+the machine's load falls on all alike; the report gives medians and the per-pair ratio of each setting's training
+rate to the default's.
 
     python benchmarks/heap_threshold.py [--sizes 20000 80000] [--repeats 3] [--threshold-kb 128] [--work /work/scale]
         [--preload /usr/lib/x86_64-linux-gnu/libjemalloc.so.2] [--trim-every 20] [--out benchmarks/results/heap_threshold]
@@ -150,11 +151,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.preload and not Path(args.preload).is_file():
         raise SystemExit(f"--preload {args.preload}: no such library (jemalloc: apt install libjemalloc2)")
+    chosen = settings(args.threshold_kb, args.preload, args.trim_every)
     rows = []
     for n in args.sizes:
         runs = []
         for _ in range(args.repeats):
-            for setting, (additions, trim_every) in settings(args.threshold_kb, args.preload, args.trim_every).items():
+            for setting, (additions, trim_every) in chosen.items():
                 runs.append(run_child(args.work / f"data-{n}-w2", setting, additions, trim_every))
                 print(json.dumps({"n": n, **runs[-1]}), flush=True)
         rows.append(summarise(n, runs))

@@ -88,14 +88,17 @@ class Sampler(threading.Thread):
     def __init__(self, root: int, period: float = 0.2):
         super().__init__(daemon=True)
         self.root, self.period, self.peaks, self.done = root, period, {}, threading.Event()
+        self.allocators: dict[int, str] = {}   # read once per process: preloaded as it starts
 
     def run(self) -> None:
         while not self.done.is_set():
             for pid in descendants(self.root):
                 try:
                     title, fields = role(pid), memory(pid)
+                    if pid not in self.allocators:
+                        self.allocators[pid] = allocator(pid)
                     if fields.get("Rss", -1) > self.peaks.get(pid, {}).get("Rss", -1):
-                        self.peaks[pid] = {**fields, "title": title, "allocator": allocator(pid)}
+                        self.peaks[pid] = {**fields, "title": title, "allocator": self.allocators[pid]}
                 except (OSError, ValueError):
                     continue
                 if "Rss" not in fields:
