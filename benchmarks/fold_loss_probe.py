@@ -72,10 +72,10 @@ def fold_data(setting: str, seed: int, source: Path, subset: int = SUBSET):
     return images, torch.from_numpy(given[train]).long(), torch.from_numpy(data.train_labels[train]).long(), fit, held
 
 
-def probe(setting: str, loss: str, seed: int, epochs: int, data: tuple) -> dict:
-    """Train fold 0 of `data` (fold_data's, read once per seed) with `loss`; the held-out accuracy on true
-    labels at the kept epoch and the last."""
-    images, given, true, fit, held = data
+def train_fold(data: tuple, loss: str, seed: int, epochs: int, score) -> list[dict]:
+    """Train fold 0 of `data` (fold_data's) with `loss` as the fold stage does; after every epoch, in eval mode
+    and without gradient, score(model, standardised images) gives that epoch's entry of the returned list."""
+    images, given, _, fit, _ = data
     mean, std = images[fit].mean(), images[fit].std()
     images = (images - mean) / std
     torch.manual_seed(seed)
@@ -83,7 +83,7 @@ def probe(setting: str, loss: str, seed: int, epochs: int, data: tuple) -> dict:
     optimizer = build_optimizer(model, LR, TrainSection.momentum, TrainSection.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
     order_rng = np.random.default_rng(seed)
-    started, per_epoch = time.perf_counter(), []
+    per_epoch = []
     for _ in range(epochs):
         model.train()
         order = order_rng.permutation(fit)
@@ -96,13 +96,33 @@ def probe(setting: str, loss: str, seed: int, epochs: int, data: tuple) -> dict:
         scheduler.step()
         model.eval()
         with torch.no_grad():
-            predicted = model(images[held]).argmax(dim=1)
-        per_epoch.append({"agree_given": float((predicted == given[held]).float().mean()),
-                          "acc_true": float((predicted == true[held]).float().mean())})
+            per_epoch.append(score(model, images))
+    return per_epoch
+
+
+def scored_fold(data: tuple, loss: str, seed: int, epochs: int, score) -> dict:
+    """train_fold's scores per epoch, the kept epoch (1-based) by the fold stage's `fold_select=best` (the epoch
+    whose held-out predictions agree most with the given labels; the later one on a tie) and the seconds taken."""
+    started = time.perf_counter()
+    per_epoch = train_fold(data, loss, seed, epochs, score)
     kept = max(range(epochs), key=lambda e: (per_epoch[e]["agree_given"], e))
-    return {"setting": setting, "loss": loss, "seed": seed, "epochs": epochs, "kept_epoch": kept + 1,
-            "acc_true_kept": per_epoch[kept]["acc_true"], "acc_true_last": per_epoch[-1]["acc_true"],
-            "per_epoch": per_epoch, "seconds": time.perf_counter() - started}
+    return {"epochs": epochs, "kept_epoch": kept + 1, "per_epoch": per_epoch, "seconds": time.perf_counter() - started}
+
+
+def probe(setting: str, loss: str, seed: int, epochs: int, data: tuple) -> dict:
+    """Train fold 0 of `data` (fold_data's, read once per seed) with `loss`; the held-out accuracy on true
+    labels at the kept epoch and the last."""
+    _, given, true, _, held = data
+
+    def score(model, images):
+        predicted = model(images[held]).argmax(dim=1)
+        return {"agree_given": float((predicted == given[held]).float().mean()),
+                "acc_true": float((predicted == true[held]).float().mean())}
+
+    run = scored_fold(data, loss, seed, epochs, score)
+    return {"setting": setting, "loss": loss, "seed": seed, **run,
+            "acc_true_kept": run["per_epoch"][run["kept_epoch"] - 1]["acc_true"],
+            "acc_true_last": run["per_epoch"][-1]["acc_true"]}
 
 
 def markdown(result: dict) -> str:
@@ -124,17 +144,31 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--setting", choices=sorted(SETTINGS), default="asymmetric40")
+def fold_arguments(parser: argparse.ArgumentParser, out: str) -> argparse.Namespace:
+    """The arguments every fold probe takes (seeds, epochs, source, threads, out); sets torch's threads."""
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--losses", nargs="+", choices=sorted(LOSSES), default=list(LOSSES))
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--source", type=Path, default=Path("../shared/data/fashion-mnist"))
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/fold_loss_probe"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results") / out)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    return args
+
+
+def write_report(out: Path, result: dict, markdown) -> None:
+    """The probe's runs as out.json and its table as out.md (printed too)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="asymmetric40")
+    parser.add_argument("--losses", nargs="+", choices=sorted(LOSSES), default=list(LOSSES))
+    args = fold_arguments(parser, "fold_loss_probe")
     command = (f"python benchmarks/fold_loss_probe.py --setting {args.setting} --seeds {' '.join(map(str, args.seeds))} "
                f"--losses {' '.join(args.losses)} --epochs {args.epochs}")
     runs = []
@@ -144,11 +178,7 @@ def main() -> None:
             runs.append(probe(args.setting, loss, seed, args.epochs, data))
             print(f"{args.setting} {loss} seed {seed}: kept epoch {runs[-1]['kept_epoch']}, "
                   f"acc on true {runs[-1]['acc_true_kept']:.3f} (last {runs[-1]['acc_true_last']:.3f})", flush=True)
-    result = {"command": command, "runs": runs}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_report(args.out, {"command": command, "runs": runs}, markdown)
 
 
 if __name__ == "__main__":

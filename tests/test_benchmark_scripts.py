@@ -266,6 +266,26 @@ def test_fold_loss_probe_losses_have_their_limits_and_a_tiny_probe_reports_every
     assert "| asymmetric40 | ce | 0 |" in table and "| asymmetric40 | gce | 0 |" in table
 
 
+def test_fold_knn_probe_votes_the_neighbours_given_labels_and_a_tiny_probe_reports_every_predictor():
+    probe = load("fold_knn_probe")
+    fit = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.8, 0.2], [0.0, 1.0], [0.1, 0.9]])
+    shares = probe.neighbour_shares(torch.tensor([[1.0, 0.05], [0.05, 1.0]]), fit, torch.tensor([0, 0, 1, 2, 2]),
+                                    k=3, num_classes=3)
+    assert torch.allclose(shares, torch.tensor([[2 / 3, 1 / 3, 0.0], [0.0, 1 / 3, 2 / 3]]))
+    given, true = np.array([0, 1, 1, 2]), np.array([0, 0, 1, 1])
+    assert probe.flag_f1(np.array([0, 0, 1, 1]), given, true) == 1.0
+    assert probe.flag_f1(np.array([1, 1, 2, 2]), given, true) == 0.0
+    assert probe.flag_f1(given, given, given) == 0.0
+    source = ROOT.parent / "shared" / "data" / "fashion-mnist"
+    run = probe.probe("symmetric40", 0, 2, load("fold_loss_probe").fold_data("symmetric40", 0, source, subset=600))
+    assert len(run["per_epoch"]) == 2 and run["kept_epoch"] in (1, 2)
+    assert set(run["kept"]) == {"agree_given", "softmax", "knn 10", "knn 50", "knn 200", "blend 50"}
+    assert all(0.0 <= v["acc_true"] <= 1.0 and 0.0 <= v["flag_f1"] <= 1.0
+               for name, v in run["kept"].items() if name != "agree_given")
+    table = probe.markdown({"command": "probe", "runs": [run]})
+    assert "| symmetric40 | 0 |" in table and "| knn 200 |" in table and "+0.000 / +0.000 |" in table
+
+
 def test_loader_memory_measures_a_stream_in_a_child_and_tables_it_beside_another_run(digits_dir, tmp_path):
     import json
     import subprocess

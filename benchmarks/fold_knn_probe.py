@@ -1,0 +1,120 @@
+"""Would a vote of feature-space neighbours make the folds better detectors than their own softmax? One fold of
+the memorising regime's fold stage (issue 21), scored on the TRUE labels of its held-out samples.
+
+A probe outside the trainer, in one process: fold 0 of fold_loss_probe.py (the data, noise, split, folds, width-32
+small CNN and schedule of fashion_mnist_memorise.yaml's folds), trained with cross-entropy. After every epoch each
+held-out sample gets three predictions:
+- `softmax`: the fold model's argmax (what the fold stage writes to the out-of-fold table);
+- `knn k`: the most common GIVEN label among its k nearest training samples of the fold, by cosine similarity
+  of the model's penultimate features (deep k-NN, Bahri, Jiang & Gupta, ICML 2020): a neighbourhood of many
+  labels outvotes the random wrong ones that the network memorised one by one;
+- `blend k`: the argmax of (softmax + the k neighbours' label shares) / 2.
+Flag F1: the mismatch rule (flagged = the prediction differs from the given label) against the truly wrong labels.
+Kept epoch: the fold stage's `fold_select=best`, from the softmax's agreement with the given labels. True labels
+are read here to score, never to train or to choose.
+
+    python benchmarks/fold_knn_probe.py --settings symmetric40 asymmetric40 --seeds 0 1 [--epochs 8] \
+        [--out benchmarks/results/fold_knn_probe]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fold_loss_probe import SETTINGS, fold_arguments, fold_data, scored_fold, write_report  # noqa: E402  (the same fold)
+
+NEIGHBOURS = (10, 50, 200)
+BLEND_K = 50
+
+
+def neighbour_shares(held_features: torch.Tensor, fit_features: torch.Tensor, fit_labels: torch.Tensor,
+                     k: int, num_classes: int) -> torch.Tensor:
+    """Per held-out row, the share of each given label among its k most cosine-similar training rows."""
+    similar = F.normalize(held_features, dim=1) @ F.normalize(fit_features, dim=1).T
+    labels = fit_labels[similar.topk(k, dim=1).indices]
+    return F.one_hot(labels, num_classes).float().mean(dim=1)
+
+
+def flag_f1(predicted: np.ndarray, given: np.ndarray, true: np.ndarray) -> float:
+    """F1 of the mismatch flag (predicted != given) against the wrong labels (given != true)."""
+    flagged, wrong = predicted != given, given != true
+    hits = int((flagged & wrong).sum())
+    return 2 * hits / max(int(flagged.sum()) + int(wrong.sum()), 1)
+
+
+def predictors(model, images: torch.Tensor, fit: np.ndarray, held: np.ndarray, given: torch.Tensor,
+               num_classes: int) -> dict[str, np.ndarray]:
+    """Every prediction of the module docstring for the held-out rows."""
+    held_features, fit_features = model.features(images[held]), model.features(images[fit])
+    probs = model.head(held_features).softmax(dim=1)
+    shares = {k: neighbour_shares(held_features, fit_features, given[fit], k, num_classes) for k in NEIGHBOURS}
+    out = {"softmax": probs.argmax(dim=1)}
+    out.update({f"knn {k}": shares[k].argmax(dim=1) for k in NEIGHBOURS})
+    out[f"blend {BLEND_K}"] = ((probs + shares[BLEND_K]) / 2).argmax(dim=1)
+    return {name: predicted.numpy() for name, predicted in out.items()}
+
+
+def probe(setting: str, seed: int, epochs: int, data: tuple) -> dict:
+    """Fold 0 of `data` with cross-entropy; every predictor's accuracy on the true labels and flag F1, per epoch."""
+    _, given, true, fit, held = data
+    given_held, true_held = given[held].numpy(), true[held].numpy()
+
+    def score(model, images):
+        predicted = predictors(model, images, fit, held, given, int(given.max()) + 1)
+        return {"agree_given": float(np.mean(predicted["softmax"] == given_held)),
+                **{name: {"acc_true": float(np.mean(p == true_held)), "flag_f1": flag_f1(p, given_held, true_held)}
+                   for name, p in predicted.items()}}
+
+    run = scored_fold(data, "ce", seed, epochs, score)
+    return {"setting": setting, "seed": seed, **run, "kept": run["per_epoch"][run["kept_epoch"] - 1]}
+
+
+def markdown(result: dict) -> str:
+    """Per setting and predictor, the kept epoch's accuracy on the true labels and flag F1, mean over seeds."""
+    lines = ["# Neighbours' vote or the fold's softmax? One fold, held-out, on the true labels", "",
+             f"Command: `{result['command']}`. {__doc__.split(chr(10) + chr(10))[1].strip()}", "",
+             "| setting | seeds | kept epochs | predictor | acc on true labels | flag F1 | vs softmax (acc / F1) |",
+             "|---|---|---|---|---|---|---|"]
+    groups: dict[str, list[dict]] = {}
+    for row in result["runs"]:
+        groups.setdefault(row["setting"], []).append(row)
+    for setting, rows in groups.items():
+        names = [key for key in rows[0]["kept"] if key != "agree_given"]
+        mean = {name: {metric: statistics.mean(r["kept"][name][metric] for r in rows)
+                       for metric in ("acc_true", "flag_f1")} for name in names}
+        for name in names:
+            acc, f1 = mean[name]["acc_true"], mean[name]["flag_f1"]
+            lines.append(f"| {setting} | {','.join(str(r['seed']) for r in rows)} | "
+                         f"{','.join(str(r['kept_epoch']) for r in rows)} | {name} | {acc:.3f} | {f1:.3f} | "
+                         f"{acc - mean['softmax']['acc_true']:+.3f} / {f1 - mean['softmax']['flag_f1']:+.3f} |")
+    seconds = statistics.median(r["seconds"] for r in result["runs"])
+    return "\n".join(lines) + f"\n\nMedian seconds per fold run, every predictor scored every epoch: {seconds:.0f}.\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=sorted(SETTINGS))
+    args = fold_arguments(parser, "fold_knn_probe")
+    command = (f"python benchmarks/fold_knn_probe.py --settings {' '.join(args.settings)} "
+               f"--seeds {' '.join(map(str, args.seeds))} --epochs {args.epochs}")
+    runs = []
+    for setting in args.settings:
+        for seed in args.seeds:
+            runs.append(probe(setting, seed, args.epochs, fold_data(setting, seed, args.source)))
+            kept = runs[-1]["kept"]
+            print(f"{setting} seed {seed}: kept epoch {runs[-1]['kept_epoch']}, " + ", ".join(
+                f"{name} {v['acc_true']:.3f}/{v['flag_f1']:.3f}" for name, v in kept.items() if name != "agree_given"),
+                flush=True)
+    write_report(args.out, {"command": command, "runs": runs}, markdown)
+
+
+if __name__ == "__main__":
+    main()
