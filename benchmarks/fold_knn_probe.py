@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import f1_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fold_loss_probe import SETTINGS, fold_arguments, fold_data, scored_fold, write_report  # noqa: E402  (the same fold)
@@ -41,13 +42,6 @@ def neighbour_shares(held_features: torch.Tensor, fit_features: torch.Tensor, fi
     similar = F.normalize(held_features, dim=1) @ F.normalize(fit_features, dim=1).T
     labels = fit_labels[similar.topk(k, dim=1).indices]
     return F.one_hot(labels, num_classes).float().mean(dim=1)
-
-
-def flag_f1(predicted: np.ndarray, given: np.ndarray, true: np.ndarray) -> float:
-    """F1 of the mismatch flag (predicted != given) against the wrong labels (given != true)."""
-    flagged, wrong = predicted != given, given != true
-    hits = int((flagged & wrong).sum())
-    return 2 * hits / max(int(flagged.sum()) + int(wrong.sum()), 1)
 
 
 def predictors(model, images: torch.Tensor, fit: np.ndarray, held: np.ndarray, given: torch.Tensor,
@@ -70,7 +64,8 @@ def probe(setting: str, seed: int, epochs: int, data: tuple) -> dict:
     def score(model, images):
         predicted = predictors(model, images, fit, held, given, int(given.max()) + 1)
         return {"agree_given": float(np.mean(predicted["softmax"] == given_held)),
-                **{name: {"acc_true": float(np.mean(p == true_held)), "flag_f1": flag_f1(p, given_held, true_held)}
+                **{name: {"acc_true": float(np.mean(p == true_held)),
+                          "flag_f1": float(f1_score(given_held != true_held, p != given_held, zero_division=0))}
                    for name, p in predicted.items()}}
 
     run = scored_fold(data, "ce", seed, epochs, score)
