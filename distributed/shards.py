@@ -120,13 +120,19 @@ def index_file(split: str) -> str:
 
 def write_index(directory: Path, split: str, shards: list[dict], rows: list[np.ndarray]) -> None:
     """`<split>.index.npy`: per id (row = id - the split's first id), the shard number, data offset and size
-    of its image member: 24 bytes per sample."""
-    table = np.concatenate([np.column_stack([np.full(len(r), n), r[:, 1:]]) for n, r in enumerate(rows)])
-    ids = np.concatenate([r[:, 0] for r in rows])
-    order = np.argsort(ids)
-    if len(ids) and not np.array_equal(ids[order], np.arange(ids.min(), ids.min() + len(ids))):
+    of its image member: 24 bytes per sample, filled in place shard by shard (no sorted copies of it)."""
+    count = sum(len(r) for r in rows)
+    first = min((int(r[:, 0].min()) for r in rows if len(r)), default=0)
+    table, seen = np.empty((count, 3), dtype=np.int64), np.zeros(count, dtype=bool)
+    for number, shard_rows in enumerate(rows):
+        at = shard_rows[:, 0] - first
+        if len(at) and int(at.max()) >= count:
+            raise ShardError(f"the ids of split {split!r} are not consecutive")
+        table[at, 0], table[at, 1:] = number, shard_rows[:, 1:]
+        seen[at] = True
+    if not seen.all():   # as many rows as ids, so a repeated id leaves another unseen
         raise ShardError(f"the ids of split {split!r} are not consecutive")
-    np.save(Path(directory) / index_file(split), table[order].astype(np.int64), allow_pickle=False)
+    np.save(Path(directory) / index_file(split), table, allow_pickle=False)
 
 
 def labels_file(split: str) -> str:

@@ -3,7 +3,7 @@
 A folder holds `train.txt` and `test.txt` of `relative/path.jpg label` lines, optionally `val.txt` (a
 validation list, e.g. Clothing1M's clean 14k for model selection), `train_true.txt` (the true labels of
 train.txt's lines, where known: synthetic sets) and `classes.txt` (one class name per line). The lists are
-scanned once (each kept line's byte offset and label, 16 bytes per sample); then one process per output
+scanned once (each kept line's byte offset, line number and label, 20 bytes per sample); then one process per output
 shard reads its lines, re-encodes each image larger than stored_size after a shorter-side resize (a JPEG
 that needs none keeps its own bytes), and writes its tar with the offsets of its images and, for the training
 split, the pixel sums for mean/std of a systematic sample of its images (`stats_stride`). No process holds
@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import os
 import time
+from array import array
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -81,8 +82,9 @@ def parse_line(raw: bytes, path: Path, lineno: int) -> tuple[str, int] | None:
 
 def scan_list(path: Path, class_limit: int = 0) -> ListedSplit:
     """Scan a list file once (every line checked); with class_limit, keep only lines whose label is below it.
-    The paths are not kept: the shard writers re-read their lines at the recorded offsets."""
-    offsets, lines, labels = [], [], []
+    The paths are not kept: the shard writers re-read their lines at the recorded offsets. The columns grow as
+    typed arrays (20 bytes per line; Python lists of ints took about 110)."""
+    offsets, lines, labels = array("q"), array("i"), array("q")
     with open(path, "rb") as fh:
         offset, lineno = 0, 0
         for raw in fh:
@@ -95,8 +97,8 @@ def scan_list(path: Path, class_limit: int = 0) -> ListedSplit:
             offset += len(raw)
     if not labels:
         raise SourceError(f"{path} lists no images" + (f" of the first {class_limit} classes" if class_limit else ""))
-    return ListedSplit(path, np.asarray(offsets, np.int64), np.asarray(lines, np.int32),
-                       np.asarray(labels, np.int64))
+    return ListedSplit(path, np.frombuffer(offsets, np.int64), np.frombuffer(lines, np.int32),
+                       np.frombuffer(labels, np.int64))
 
 
 def scan_image_list(directory: str | Path, class_limit: int = 0, name: str | None = None) -> ImageList:

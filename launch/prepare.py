@@ -11,7 +11,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -325,7 +325,7 @@ def _write_image_list(config: DataSection, seed: int, staging: Path, log) -> dic
     for r in results[ranges["train"][0]:ranges["train"][1]]:
         sums = sums.merge(PixelSums(**r["sums"]))
     mean, std = sums.mean_std()
-    refs = {split: [f"{part.path.name}:{line}" for line in part.lines] for split, part in parts.items()}
+    refs = {split: _line_refs(part) for split, part in parts.items()}
     _write_sample_refs(staging / "samples.csv", {split: r[2] for split, r in ranges.items()}, refs)
     given, true = train.labels, train.true_labels
     if "val" in listing.splits:
@@ -352,8 +352,15 @@ def _subset_rows(labels: np.ndarray, size: int, name: str, seed: int) -> np.ndar
     return np.sort(keep)
 
 
-def _write_sample_refs(path: Path, ids: dict[str, np.ndarray], refs: dict[str, list[str]]) -> None:
-    """samples.csv: id -> split and where the sample came from (a source index, or list file and line)."""
+def _line_refs(part: image_lists.ListedSplit) -> Iterator[str]:
+    """'list.txt:LINE' of each of the split's lines, made one at a time as samples.csv is written."""
+    name = part.path.name
+    return (f"{name}:{line}" for line in part.lines)
+
+
+def _write_sample_refs(path: Path, ids: dict[str, np.ndarray], refs: dict[str, Iterable[str]]) -> None:
+    """samples.csv: id -> split and where the sample came from (a source index, or list file and line); refs
+    may be generators, so that an image list's N references are never held at once."""
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["id", "split", "source_ref"])

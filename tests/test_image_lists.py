@@ -1,6 +1,7 @@
 """Image-list sources: scanned without decoding, written as JPEG shards by parallel streaming writers (with
 an index, pixel statistics and resume), read back by id and cropped in the loader."""
 
+import csv
 import json
 import shutil
 
@@ -58,6 +59,16 @@ def test_an_image_list_becomes_jpeg_shards_with_an_index_and_true_labels(tmp_pat
             assert np.array_equal(shards.load_labels(str(target), manifest, split, key),
                                   shards.scan_labels(str(target), manifest, split, key))
     shards.check_shards(target, manifest, full=True)
+    with open(target / "samples.csv") as fh:   # each id names the list line whose label it carries
+        refs = list(csv.DictReader(fh))
+    assert [int(r["id"]) for r in refs] == list(range(sum(counts.values())))
+    assert [r["split"] for r in refs] == ["train"] * 54 + ["val"] * 6 + ["test"] * 20
+    lines = {name: (synth_dir / name).read_text().splitlines() for name in ("train.txt", "test.txt")}
+    for split in ("train", "test"):
+        labels = shards.load_labels(str(target), manifest, split)
+        for r, label in zip((r for r in refs if r["split"] == split), labels):
+            name, line = r["source_ref"].split(":")
+            assert int(lines[name][int(line) - 1].rsplit(maxsplit=1)[1]) == label
 
 
 def test_shards_store_a_jpeg_sources_own_bytes_at_stored_size_0(tmp_path, synth_dir):
