@@ -16,7 +16,8 @@ Every prepare and training run is its own `noisymix` process with its own Ray, s
     python benchmarks/scale.py [--sizes 20000 80000] [--work runs/scale] [--out benchmarks/results/scale]
     python benchmarks/scale.py --prepare-only --sizes 20000 --out benchmarks/results/scale_prepare
 
-With --prepare-only, the bare loop and the two re-encoding prepares only (a few minutes, for a change to prepare).
+With --prepare-only, the bare loop and the two re-encoding prepares only (a few minutes, for a change to prepare);
+with --render, OUT.md rewritten from OUT.json (a change to the report or the extrapolation).
 
 Writes OUT.json and OUT.md; data under WORK is reused by a re-run.
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -166,19 +168,23 @@ def measure(n: int, work: Path, log, prepare_only: bool = False) -> dict:
 
 
 def extrapolate(rows: list[dict]) -> list[dict]:
-    """Per-process peak RSS at a target size, from the measured fixed part and per-sample slope (two sizes),
-    and prepare hours on 16 cores at the measured per-core rate."""
+    """Per-process peak RSS at a target size from the smallest and largest measured N, two ways: through log N
+    (growth per doubling fixed) and linear in N (growth per sample fixed); and prepare hours on 16 cores at the
+    measured per-core rate. Two sizes fit both exactly: which holds beyond them needs more sizes
+    (rss_breakdown.py's runs at 5k-320k: the workers' growth slowed, the fold tasks' did not; findings.md)."""
     small, large = rows[0], rows[-1]
     out = []
     for name, (n, _) in TARGETS.items():
-        entry = {"dataset": name, "n": n}
+        entry = {"dataset": name, "n": n, "memory_mb": {}}
         rate = statistics.median(p["images_per_s_per_core"] for p in large["prepare"])
         entry["prepare_hours_16_cores"] = n / (rate * 16) / 3600
-        for k, (a, b) in enumerate(zip(small["end_to_end"], large["end_to_end"])):
+        for a, b in zip(small["end_to_end"], large["end_to_end"]):
             for key in ("driver_peak_rss_mb", "worker_peak_rss_mb", "fold_task_peak_rss_mb", "index_actor_peak_rss_mb"):
                 if a.get(key) and b.get(key):
-                    slope = (b[key] - a[key]) / (large["n"] - small["n"])
-                    entry[f"{a['method']}.{key}"] = b[key] + slope * (n - large["n"])
+                    rise = b[key] - a[key]
+                    entry["memory_mb"][f"{a['method']}.{key}"] = {
+                        "log_n": b[key] + rise * math.log(n / large["n"]) / math.log(large["n"] / small["n"]),
+                        "linear": b[key] + rise * (n - large["n"]) / (large["n"] - small["n"])}
         out.append(entry)
     return out
 
@@ -252,13 +258,15 @@ def markdown(results: dict) -> str:
             lines.append(f"| {r['n']:,} | {e['method']} | {e['wall_s']:,.0f} | {fmt(e['driver_peak_rss_mb'])} | "
                          f"{fmt(e['worker_peak_rss_mb'])} | {fmt(e['fold_task_peak_rss_mb'])} | "
                          f"{fmt(e['index_actor_peak_rss_mb'])} |")
-    lines += ["", "## Extrapolated (linear in N from the two sizes)", "",
-              "| dataset | N | prepare h on 16 cores | " + " | ".join(k for k in results["extrapolated"][0]
-                                                              if "." in k) + " |",
-              "|---|---|---|" + "---|" * sum("." in k for k in results["extrapolated"][0])]
+    keys = list(results["extrapolated"][0]["memory_mb"])
+    lines += ["", "## Extrapolated: peak RSS MB through log N - linear in N, from the smallest and largest N", "",
+              "Two sizes fit both; rss_breakdown.py's four sizes (5k-320k) found the training workers' growth "
+              "slowing towards log N and the fold tasks' staying linear (findings.md, \"Memory and the allocator\").",
+              "", "| dataset | N | prepare h on 16 cores | " + " | ".join(keys) + " |", "|---|---|---|" + "---|" * len(keys)]
     for e in results["extrapolated"]:
+        memory = e["memory_mb"]
         lines.append(f"| {e['dataset']} | {e['n']:,} | {e['prepare_hours_16_cores']:.2f} | "
-                     + " | ".join(f"{v:,.0f}" for k, v in e.items() if "." in k) + " |")
+                     + " | ".join(f"{memory[k]['log_n']:,.0f} - {memory[k]['linear']:,.0f}" for k in keys) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -268,7 +276,17 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/scale"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale")
     parser.add_argument("--prepare-only", action="store_true", help="the bare loop and the two prepares only")
+    parser.add_argument("--render", action="store_true", help="rewrite OUT.md (and OUT.json's extrapolation) from "
+                                                              "OUT.json's measurements; nothing is run")
     args = parser.parse_args()
+    if args.render:
+        results = json.loads(args.out.with_suffix(".json").read_text())
+        for row in results["rows"]:   # JSON made the loader's process counts strings
+            row["loader_images_per_s"] = {int(k): v for k, v in row["loader_images_per_s"].items()}
+        results["extrapolated"] = extrapolate(results["rows"])
+        args.out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
+        args.out.with_suffix(".md").write_text(markdown(results))
+        return
     log = lambda line: print(line, flush=True)
     rows = [measure(n, args.work, log, args.prepare_only) for n in args.sizes]
     flag = " --prepare-only" if args.prepare_only else ""

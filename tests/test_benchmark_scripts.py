@@ -241,10 +241,17 @@ def test_scale_writes_the_prepare_table_alone_or_with_the_rest():
                 "end_to_end": [{"method": "selectmix", "wall_s": 1.0, "driver_peak_rss_mb": 1.0,
                                 "worker_peak_rss_mb": 1.0, "fold_task_peak_rss_mb": None,
                                 "index_actor_peak_rss_mb": None}]}
-    full = scale.markdown({"command": "c", "machine": "m", "rows": [full_row],
-                           "extrapolated": [{"dataset": "clothing1m", "n": 10**6, "prepare_hours_16_cores": 0.1}]})
+    larger = {**full_row, "n": 80000, "end_to_end": [{**full_row["end_to_end"][0], "worker_peak_rss_mb": 2.0}]}
+    extrapolated = scale.extrapolate([full_row, larger])
+    assert [e["dataset"] for e in extrapolated] == ["clothing1m", "webvision"]
+    worker = extrapolated[0]["memory_mb"]["selectmix.worker_peak_rss_mb"]   # 1 MB at 20k, 2 MB at 80k
+    assert worker["log_n"] == pytest.approx(2 + np.log(1e6 / 8e4) / np.log(4))
+    assert worker["linear"] == pytest.approx(2 + (1e6 - 8e4) / 6e4)
+    assert "selectmix.fold_task_peak_rss_mb" not in extrapolated[0]["memory_mb"]   # not measured: not extrapolated
+    full = scale.markdown({"command": "c", "machine": "m", "rows": [full_row, larger], "extrapolated": extrapolated})
     assert ("| 20,000 | 1,024 | 250 | 400, 0.80x | 400, 0.80x | 300 | 270, 0.90x | - | 380 / 370 | 1.000 | "
             "500 / 400, 2.00x / 1.60x |") in full
+    assert "| clothing1m | 1,000,000 | 0.09 | 1 - 1 | 4 - 17 |" in full   # driver flat, worker log - linear
 
 
 def test_fold_loss_probe_losses_have_their_limits_and_a_tiny_probe_reports_every_loss(tmp_path):
