@@ -221,7 +221,7 @@ def test_memorise_table_scores_each_row_against_the_ce_and_clean_of_its_own_seed
     assert "| symmetric40 | b / x | 0,1 | 0.8000 |" in table.markdown(list(rows.values()), "cmd", "title")
 
 
-def test_scale_writes_the_prepare_table_alone_or_with_the_rest():
+def test_scale_writes_the_prepare_table_alone_or_with_the_rest(tmp_path, monkeypatch):
     scale = load("scale")
     prepare = {"images_per_s": 400.0, "images_per_s_per_core": 200.0, "writer_peak_rss_mb": 380.0,
                "driver_peak_rss_mb": 370.0, "shard_bytes": 1000, "images_per_cpu_s": 270.0}
@@ -252,6 +252,12 @@ def test_scale_writes_the_prepare_table_alone_or_with_the_rest():
     assert ("| 20,000 | 1,024 | 250 | 400, 0.80x | 400, 0.80x | 300 | 270, 0.90x | - | 380 / 370 | 1.000 | "
             "500 / 400, 2.00x / 1.60x |") in full
     assert "| clothing1m | 1,000,000 | 0.09 | 1 - 1 | 4 - 17 |" in full   # driver flat, worker log - linear
+    out = tmp_path / "scale"   # --render: the report again from the JSON alone, nothing run
+    out.with_suffix(".json").write_text(json.dumps({"command": "c", "machine": "m", "rows": [full_row, larger]}))
+    monkeypatch.setattr("sys.argv", ["scale.py", "--render", "--out", str(out)])
+    scale.main()
+    assert out.with_suffix(".md").read_text() == full
+    assert json.loads(out.with_suffix(".json").read_text())["extrapolated"] == extrapolated
 
 
 def test_fold_loss_probe_losses_have_their_limits_and_a_tiny_probe_reports_every_loss(tmp_path):
