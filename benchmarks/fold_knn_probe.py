@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fold_loss_probe import SETTINGS, fold_arguments, fold_data, scored_fold, write_report  # noqa: E402  (the same fold)
+from fold_loss_probe import (SETTINGS, fold_arguments, fold_data, grouped, report_head, scored_fold,  # noqa: E402
+                             write_report)
 
 NEIGHBOURS = (10, 50, 200)
 BLEND_K = 50
@@ -60,9 +61,10 @@ def probe(setting: str, seed: int, epochs: int, data: tuple) -> dict:
     """Fold 0 of `data` with cross-entropy; every predictor's accuracy on the true labels and flag F1, per epoch."""
     _, given, true, fit, held = data
     given_held, true_held = given[held].numpy(), true[held].numpy()
+    num_classes = int(given.max()) + 1
 
     def score(model, images):
-        predicted = predictors(model, images, fit, held, given, int(given.max()) + 1)
+        predicted = predictors(model, images, fit, held, given, num_classes)
         return {"agree_given": float(np.mean(predicted["softmax"] == given_held)),
                 **{name: {"acc_true": float(np.mean(p == true_held)),
                           "flag_f1": float(f1_score(given_held != true_held, p != given_held, zero_division=0))}
@@ -74,14 +76,10 @@ def probe(setting: str, seed: int, epochs: int, data: tuple) -> dict:
 
 def markdown(result: dict) -> str:
     """Per setting and predictor, the kept epoch's accuracy on the true labels and flag F1, mean over seeds."""
-    lines = ["# Neighbours' vote or the fold's softmax? One fold, held-out, on the true labels", "",
-             f"Command: `{result['command']}`. {__doc__.split(chr(10) + chr(10))[1].strip()}", "",
-             "| setting | seeds | kept epochs | predictor | acc on true labels | flag F1 | vs softmax (acc / F1) |",
-             "|---|---|---|---|---|---|---|"]
-    groups: dict[str, list[dict]] = {}
-    for row in result["runs"]:
-        groups.setdefault(row["setting"], []).append(row)
-    for setting, rows in groups.items():
+    lines = report_head("Neighbours' vote or the fold's softmax? One fold, held-out, on the true labels",
+                        result["command"], __doc__, ["setting", "seeds", "kept epochs", "predictor",
+                                                     "acc on true labels", "flag F1", "vs softmax (acc / F1)"])
+    for setting, rows in grouped(result["runs"], lambda r: r["setting"]).items():
         names = [key for key in rows[0]["kept"] if key != "agree_given"]
         mean = {name: {metric: statistics.mean(r["kept"][name][metric] for r in rows)
                        for metric in ("acc_true", "flag_f1")} for name in names}

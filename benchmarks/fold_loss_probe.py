@@ -125,15 +125,26 @@ def probe(setting: str, loss: str, seed: int, epochs: int, data: tuple) -> dict:
             "acc_true_last": run["per_epoch"][-1]["acc_true"]}
 
 
+def report_head(title: str, command: str, doc: str, columns: list[str]) -> list[str]:
+    """A probe report's first lines: its title, its command with the description of its docstring (`doc`'s second
+    paragraph), and the header of its table."""
+    return [f"# {title}", "", f"Command: `{command}`. {doc.split(chr(10) + chr(10))[1].strip()}", "",
+            "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
+def grouped(runs: list[dict], key) -> dict:
+    """The runs by key(run), in the order each key first appears."""
+    groups: dict = {}
+    for run in runs:
+        groups.setdefault(key(run), []).append(run)
+    return groups
+
+
 def markdown(result: dict) -> str:
-    lines = ["# A noise-robust loss in the folds? One fold, held-out accuracy on the true labels", "",
-             f"Command: `{result['command']}`. {__doc__.split(chr(10) + chr(10))[1].strip()}", "",
-             "| setting | loss | seeds | kept epochs | acc on true labels, kept epoch | last epoch | s per run |",
-             "|---|---|---|---|---|---|---|"]
-    groups: dict[tuple, list[dict]] = {}
-    for row in result["runs"]:
-        groups.setdefault((row["setting"], row["loss"]), []).append(row)
-    for (setting, loss), rows in groups.items():
+    lines = report_head("A noise-robust loss in the folds? One fold, held-out accuracy on the true labels",
+                        result["command"], __doc__, ["setting", "loss", "seeds", "kept epochs",
+                                                     "acc on true labels, kept epoch", "last epoch", "s per run"])
+    for (setting, loss), rows in grouped(result["runs"], lambda r: (r["setting"], r["loss"])).items():
         kept = [r["acc_true_kept"] for r in rows]
         last = [r["acc_true_last"] for r in rows]
         spread = (lambda v: f" ± {statistics.stdev(v):.3f}" if len(v) > 1 else "")
