@@ -110,7 +110,7 @@ def write_split(directory: Path, split: str, ids: np.ndarray, images: np.ndarray
         info, rows = write_shard(directory / shard_name(split, number), samples, NPY_MEMBER)
         shards.append(info)
         index.append(rows)
-    write_index(directory, split, shards, index)
+    write_index(directory, split, index)
     return shards
 
 
@@ -118,7 +118,7 @@ def index_file(split: str) -> str:
     return f"{split}.index.npy"
 
 
-def write_index(directory: Path, split: str, shards: list[dict], rows: list[np.ndarray]) -> None:
+def write_index(directory: Path, split: str, rows: list[np.ndarray]) -> None:
     """`<split>.index.npy`: per id (row = id - the split's first id), the shard number, data offset and size
     of its image member: 24 bytes per sample, filled in place shard by shard (no sorted copies of it)."""
     count = sum(len(r) for r in rows)

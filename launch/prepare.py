@@ -317,7 +317,7 @@ def _write_image_list(config: DataSection, seed: int, staging: Path, log) -> dic
     splits = {}
     for split, (a, b, ids) in ranges.items():
         infos = [r["info"] for r in results[a:b]]
-        shards.write_index(staging, split, infos, [r["rows"] for r in results[a:b]])
+        shards.write_index(staging, split, [r["rows"] for r in results[a:b]])
         splits[split] = {"count": int(len(ids)), "shards": infos,
                          "min_side": int(min(r["min_side"] for r in results[a:b])),
                          "labels": shards.write_labels(staging, split, parts[split].labels, parts[split].true_labels)}

@@ -300,11 +300,11 @@ def test_sample_missing_a_member_names_the_shard(tmp_path):
 
 def test_the_index_puts_each_id_at_its_row_and_refuses_ids_that_are_not_consecutive(tmp_path):
     rows = [np.array([[12, 100, 5], [10, 200, 6]]), np.array([[11, 50, 7]])]   # (id, offset, size) per shard
-    shards.write_index(tmp_path, "train", [], rows)
+    shards.write_index(tmp_path, "train", rows)
     assert np.load(tmp_path / shards.index_file("train")).tolist() == [[0, 200, 6], [1, 50, 7], [0, 100, 5]]
     for bad in ([np.array([[10, 1, 1], [10, 2, 2]])], [np.array([[10, 1, 1]]), np.array([[12, 2, 2]])]):
         with pytest.raises(shards.ShardError, match="not consecutive"):
-            shards.write_index(tmp_path, "val", [], bad)
+            shards.write_index(tmp_path, "val", bad)
 
 
 def test_manifest_errors(tmp_path):
