@@ -3,12 +3,14 @@ the memorising regime's fold stage (issue 21), scored on the TRUE labels of its 
 
 A probe outside the trainer, in one process: fold 0 of fold_loss_probe.py (the data, noise, split, folds, width-32
 small CNN and schedule of fashion_mnist_memorise.yaml's folds), trained with cross-entropy. After every epoch each
-held-out sample gets three predictions:
+held-out sample gets these predictions:
 - `softmax`: the fold model's argmax (what the fold stage writes to the out-of-fold table);
 - `knn k`: the most common GIVEN label among its k nearest training samples of the fold, by cosine similarity
   of the model's penultimate features (deep k-NN, Bahri, Jiang & Gupta, ICML 2020): a neighbourhood of many
   labels outvotes the random wrong ones that the network memorised one by one;
-- `blend k`: the argmax of (softmax + the k neighbours' label shares) / 2.
+- `blend k`: the argmax of (softmax + the k neighbours' label shares) / 2;
+- `pixels knn k`, `pixels blend k`: the same with neighbours by cosine on the pixels (centred on the fold's training
+  mean), features that no label shaped;
 Flag F1: the mismatch rule (flagged = the prediction differs from the given label) against the truly wrong labels.
 Kept epoch: the fold stage's `fold_select=best`, from the softmax's agreement with the given labels. True labels
 are read here to score, never to train or to choose.
@@ -50,10 +52,13 @@ def predictors(model, images: torch.Tensor, fit: np.ndarray, held: np.ndarray, g
     """Every prediction of the module docstring for the held-out rows."""
     held_features, fit_features = model.features(images[held]), model.features(images[fit])
     probs = model.head(held_features).softmax(dim=1)
-    shares = {k: neighbour_shares(held_features, fit_features, given[fit], k, num_classes) for k in NEIGHBOURS}
+    pixels = images.flatten(1) - images[fit].flatten(1).mean(dim=0)
     out = {"softmax": probs.argmax(dim=1)}
-    out.update({f"knn {k}": shares[k].argmax(dim=1) for k in NEIGHBOURS})
-    out[f"blend {BLEND_K}"] = ((probs + shares[BLEND_K]) / 2).argmax(dim=1)
+    spaces = {"": (held_features, fit_features), "pixels ": (pixels[held], pixels[fit])}
+    for prefix, (held_rows, fit_rows) in spaces.items():
+        shares = {k: neighbour_shares(held_rows, fit_rows, given[fit], k, num_classes) for k in NEIGHBOURS}
+        out.update({f"{prefix}knn {k}": shares[k].argmax(dim=1) for k in NEIGHBOURS})
+        out[f"{prefix}blend {BLEND_K}"] = ((probs + shares[BLEND_K]) / 2).argmax(dim=1)
     return {name: predicted.numpy() for name, predicted in out.items()}
 
 

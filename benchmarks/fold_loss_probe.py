@@ -7,18 +7,22 @@ training samples, the same noise, the same 90/10 train/val split by seed), fold 
 folds, the width-32 small CNN, SGD at lr 0.05 with cosine decay over `--epochs`, batch 128, no augmentation
 (the regime's base), kept epoch = the one whose held-out predictions agree most with the GIVEN labels (the
 fold stage's `fold_select=best`). Images are standardised by the fold's training images' mean and std.
+`--subsets` draws other numbers of training samples (60,000: the whole source) and `--labels true` trains the fold
+on the true labels of the same samples instead (the clean-fold ceiling; its kept epoch agrees most with them).
 - `ce`: cross-entropy (what the folds use);
 - `gce`: generalised cross-entropy (1 - p_y^q) / q, q = 0.7 (Zhang & Sabuncu, NeurIPS 2018);
 - `sce`: symmetric cross-entropy 0.1 CE + 1.0 RCE, log 0 clipped at -4 (Wang et al., ICCV 2019).
 True labels are read here to score, never to train.
 
-    python benchmarks/fold_loss_probe.py --setting asymmetric40 --seeds 0 1 2 [--epochs 8] \
-        [--out benchmarks/results/fold_loss_probe]
+    python benchmarks/fold_loss_probe.py --settings asymmetric40 --seeds 0 1 2 [--epochs 8] [--losses ce] \
+        [--subsets 10000 60000] [--labels given true] [--out benchmarks/results/fold_loss_probe]
+    python benchmarks/fold_loss_probe.py --merge A.json B.json --out OUT   # one report of earlier runs
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -58,18 +62,23 @@ def symmetric_ce(logits: torch.Tensor, labels: torch.Tensor, alpha: float = SCE_
 LOSSES = {"ce": F.cross_entropy, "gce": generalised_ce, "sce": symmetric_ce}
 
 
-def fold_data(setting: str, seed: int, source: Path, subset: int = SUBSET):
-    """(images as float tensors, given labels, true labels, fold-0 train positions, held positions) of the
-    regime's training split, prepared as `noisymix prepare` does."""
+def fold_data(setting: str, seed: int, source: Path, subset: int = SUBSET, labels: str = "given"):
+    """(images as float tensors, labels to train on, true labels, fold-0 train positions, held positions) of the
+    regime's training split, prepared as `noisymix prepare` does (`subset` of the source's training samples, all
+    of them when it is their number). The folds train on the given labels, or (labels="true") on the true ones:
+    the clean-fold ceiling, an evaluation-only reading."""
     noise_type, rate = SETTINGS[setting]
-    data = _subsample(read_idx(source), subset, seed)
+    data = read_idx(source)
+    if subset != len(data.train_labels):
+        data = _subsample(data, subset, seed)
     given = noise.apply_noise(data.train_labels, data.num_classes, noise_type, rate, seed,
                               images=data.train_images, dataset=data.name)
     train, _ = _split_val(given, 0.1, seed)
     images = torch.from_numpy(data.train_images[train].astype(np.float32) / 255.0)
     images = images.reshape(len(train), -1, *data.train_images.shape[1:3])
     fit, held = stratified_folds(given[train], FOLDS, seed)[0]
-    return images, torch.from_numpy(given[train]).long(), torch.from_numpy(data.train_labels[train]).long(), fit, held
+    true = torch.from_numpy(data.train_labels[train]).long()
+    return images, true if labels == "true" else torch.from_numpy(given[train]).long(), true, fit, held
 
 
 def train_fold(data: tuple, loss: str, seed: int, epochs: int, score) -> list[dict]:
@@ -120,7 +129,7 @@ def probe(setting: str, loss: str, seed: int, epochs: int, data: tuple) -> dict:
                 "acc_true": float((predicted == true[held]).float().mean())}
 
     run = scored_fold(data, loss, seed, epochs, score)
-    return {"setting": setting, "loss": loss, "seed": seed, **run,
+    return {"setting": setting, "loss": loss, "seed": seed, "fold_train": len(data[3]), **run,
             "acc_true_kept": run["per_epoch"][run["kept_epoch"] - 1]["acc_true"],
             "acc_true_last": run["per_epoch"][-1]["acc_true"]}
 
@@ -141,14 +150,15 @@ def grouped(runs: list[dict], key) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = report_head("A noise-robust loss in the folds? One fold, held-out accuracy on the true labels",
-                        result["command"], __doc__, ["setting", "loss", "seeds", "kept epochs",
-                                                     "acc on true labels, kept epoch", "last epoch", "s per run"])
-    for (setting, loss), rows in grouped(result["runs"], lambda r: (r["setting"], r["loss"])).items():
+    title = "One fold of the fold stage by loss, training samples and labels: held-out accuracy on the true labels"
+    lines = report_head(title, result["command"], __doc__, ["setting", "loss", "fold trains on", "seeds", "kept epochs",
+                                                           "acc on true labels, kept epoch", "last epoch", "s per run"])
+    for (setting, loss, size, labels), rows in grouped(
+            result["runs"], lambda r: (r["setting"], r["loss"], r["fold_train"], r["labels"])).items():
         kept = [r["acc_true_kept"] for r in rows]
         last = [r["acc_true_last"] for r in rows]
         spread = (lambda v: f" ± {statistics.stdev(v):.3f}" if len(v) > 1 else "")
-        lines.append(f"| {setting} | {loss} | {','.join(str(r['seed']) for r in rows)} | "
+        lines.append(f"| {setting} | {loss} | {size:,} {labels} labels | {','.join(str(r['seed']) for r in rows)} | "
                      f"{','.join(str(r['kept_epoch']) for r in rows)} | {statistics.mean(kept):.3f}{spread(kept)} "
                      f"({', '.join(f'{v:.3f}' for v in kept)}) | {statistics.mean(last):.3f}{spread(last)} | "
                      f"{statistics.median(r['seconds'] for r in rows):.0f} |")
@@ -177,17 +187,32 @@ def write_report(out: Path, result: dict, markdown) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--setting", choices=sorted(SETTINGS), default="asymmetric40")
+    parser.add_argument("--settings", choices=sorted(SETTINGS), nargs="+", default=["asymmetric40"])
     parser.add_argument("--losses", nargs="+", choices=sorted(LOSSES), default=list(LOSSES))
+    parser.add_argument("--subsets", type=int, nargs="+", default=[SUBSET],
+                        help="training samples drawn from the source before the val split (60000: all of it)")
+    parser.add_argument("--labels", choices=["given", "true"], nargs="+", default=["given"],
+                        help="what the fold trains on: true = the clean-fold ceiling (evaluation only)")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                        help="train nothing: OUT is the runs of these earlier reports (e.g. run side by side), in order")
     args = fold_arguments(parser, "fold_loss_probe")
-    command = (f"python benchmarks/fold_loss_probe.py --setting {args.setting} --seeds {' '.join(map(str, args.seeds))} "
-               f"--losses {' '.join(args.losses)} --epochs {args.epochs}")
+    if args.merge:
+        parts = [json.loads(path.read_text()) for path in args.merge]
+        write_report(args.out, {"command": " && ".join(part["command"] for part in parts),
+                                "runs": [run for part in parts for run in part["runs"]]}, markdown)
+        return
+    listed = (lambda values: " ".join(map(str, values)))
+    command = (f"python benchmarks/fold_loss_probe.py --settings {listed(args.settings)} --seeds {listed(args.seeds)} "
+               f"--losses {listed(args.losses)} --epochs {args.epochs}"
+               + (f" --subsets {listed(args.subsets)}" if args.subsets != [SUBSET] else "")
+               + (f" --labels {listed(args.labels)}" if args.labels != ["given"] else "")
+               + (f" --threads {args.threads}" if args.threads != 1 else "") + f" --out {args.out}")
     runs = []
-    for seed in args.seeds:
-        data = fold_data(args.setting, seed, args.source)
+    for setting, subset, labels, seed in itertools.product(args.settings, args.subsets, args.labels, args.seeds):
+        data = fold_data(setting, seed, args.source, subset, labels)
         for loss in args.losses:
-            runs.append(probe(args.setting, loss, seed, args.epochs, data))
-            print(f"{args.setting} {loss} seed {seed}: kept epoch {runs[-1]['kept_epoch']}, "
+            runs.append({**probe(setting, loss, seed, args.epochs, data), "labels": labels})
+            print(f"{setting} {loss} {subset} {labels} seed {seed}: kept epoch {runs[-1]['kept_epoch']}, "
                   f"acc on true {runs[-1]['acc_true_kept']:.3f} (last {runs[-1]['acc_true_last']:.3f})", flush=True)
     write_report(args.out, {"command": command, "runs": runs}, markdown)
 

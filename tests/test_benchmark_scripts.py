@@ -272,11 +272,35 @@ def test_fold_loss_probe_losses_have_their_limits_and_a_tiny_probe_reports_every
     assert torch.isclose(probe.symmetric_ce(logits, labels, alpha=0.0, beta=1.0), 4.0 * (1 - p_y).mean())
     source = ROOT.parent / "shared" / "data" / "fashion-mnist"
     data = probe.fold_data("asymmetric40", 0, source, subset=500)
-    runs = [probe.probe("asymmetric40", loss, 0, 2, data) for loss in ("ce", "gce")]
+    runs = [{**probe.probe("asymmetric40", loss, 0, 2, data), "labels": "given"} for loss in ("ce", "gce")]
     assert [r["loss"] for r in runs] == ["ce", "gce"] and all(len(r["per_epoch"]) == 2 for r in runs)
     assert all(0.0 <= r["acc_true_kept"] <= 1.0 and r["kept_epoch"] in (1, 2) for r in runs)
+    assert all(r["fold_train"] == len(data[3]) == 360 for r in runs)   # 500 -> 450 after val -> 4/5 of it
+    # the clean-fold ceiling trains on the true labels of the same samples and the same folds
+    clean = probe.fold_data("asymmetric40", 0, source, subset=500, labels="true")
+    assert torch.equal(clean[1], data[2]) and not torch.equal(data[1], data[2]) and np.array_equal(clean[3], data[3])
+    runs.append({**probe.probe("asymmetric40", "ce", 0, 2, clean), "labels": "true"})
     table = probe.markdown({"command": "probe", "runs": runs})
-    assert "| asymmetric40 | ce | 0 |" in table and "| asymmetric40 | gce | 0 |" in table
+    assert "| asymmetric40 | ce | 360 given labels | 0 |" in table
+    assert "| asymmetric40 | gce | 360 given labels | 0 |" in table
+    assert "| asymmetric40 | ce | 360 true labels | 0 |" in table
+
+
+def test_fold_loss_probe_merges_earlier_reports_into_one_without_training(tmp_path, monkeypatch):
+    probe = load("fold_loss_probe")
+    run = {"setting": "asymmetric40", "loss": "ce", "seed": 0, "fold_train": 7200, "labels": "given", "epochs": 8,
+           "kept_epoch": 8, "per_epoch": [], "seconds": 40.0, "acc_true_kept": 0.758, "acc_true_last": 0.758}
+    parts = [tmp_path / "a.json", tmp_path / "b.json"]
+    parts[0].write_text(json.dumps({"command": "probe a", "runs": [run]}))
+    parts[1].write_text(json.dumps({"command": "probe b", "runs": [{**run, "labels": "true", "acc_true_kept": 0.846}]}))
+    monkeypatch.setattr(probe, "fold_data", lambda *a, **k: pytest.fail("--merge trained"))
+    monkeypatch.setattr("sys.argv", ["fold_loss_probe.py", "--merge", *map(str, parts), "--out", str(tmp_path / "m")])
+    probe.main()
+    merged = json.loads((tmp_path / "m.json").read_text())
+    assert merged["command"] == "probe a && probe b" and [r["labels"] for r in merged["runs"]] == ["given", "true"]
+    table = (tmp_path / "m.md").read_text()
+    assert "Command: `probe a && probe b`" in table
+    assert table.index("| 7,200 given labels | 0 | 8 | 0.758") < table.index("| 7,200 true labels | 0 | 8 | 0.846")
 
 
 def test_fold_knn_probe_votes_the_neighbours_given_labels_and_a_tiny_probe_reports_every_predictor():
@@ -288,7 +312,8 @@ def test_fold_knn_probe_votes_the_neighbours_given_labels_and_a_tiny_probe_repor
     source = ROOT.parent / "shared" / "data" / "fashion-mnist"
     run = probe.probe("symmetric40", 0, 2, load("fold_loss_probe").fold_data("symmetric40", 0, source, subset=600))
     assert len(run["per_epoch"]) == 2 and run["kept_epoch"] in (1, 2)
-    assert set(run["kept"]) == {"agree_given", "softmax", "knn 10", "knn 50", "knn 200", "blend 50"}
+    assert set(run["kept"]) == {"agree_given", "softmax", "knn 10", "knn 50", "knn 200", "blend 50", "pixels knn 10",
+                                "pixels knn 50", "pixels knn 200", "pixels blend 50"}
     assert all(0.0 <= v["acc_true"] <= 1.0 and 0.0 <= v["flag_f1"] <= 1.0
                for name, v in run["kept"].items() if name != "agree_given")
     table = probe.markdown({"command": "probe", "runs": [run]})
