@@ -198,7 +198,8 @@ def main() -> None:
     args = fold_arguments(parser, "fold_loss_probe")
     if args.merge:
         parts = [json.loads(path.read_text()) for path in args.merge]
-        write_report(args.out, {"command": " && ".join(part["command"] for part in parts),
+        merge = f"python benchmarks/fold_loss_probe.py --merge {' '.join(map(str, args.merge))} --out {args.out}"
+        write_report(args.out, {"command": " && ".join([*(part["command"] for part in parts), merge]),
                                 "runs": [run for part in parts for run in part["runs"]]}, markdown)
         return
     listed = (lambda values: " ".join(map(str, values)))

@@ -297,9 +297,11 @@ def test_fold_loss_probe_merges_earlier_reports_into_one_without_training(tmp_pa
     monkeypatch.setattr("sys.argv", ["fold_loss_probe.py", "--merge", *map(str, parts), "--out", str(tmp_path / "m")])
     probe.main()
     merged = json.loads((tmp_path / "m.json").read_text())
-    assert merged["command"] == "probe a && probe b" and [r["labels"] for r in merged["runs"]] == ["given", "true"]
+    merge = f"python benchmarks/fold_loss_probe.py --merge {parts[0]} {parts[1]} --out {tmp_path / 'm'}"
+    assert merged["command"] == f"probe a && probe b && {merge}"
+    assert [r["labels"] for r in merged["runs"]] == ["given", "true"]
     table = (tmp_path / "m.md").read_text()
-    assert "Command: `probe a && probe b`" in table
+    assert f"Command: `probe a && probe b && {merge}`" in table
     assert table.index("| 7,200 given labels | 0 | 8 | 0.758") < table.index("| 7,200 true labels | 0 | 8 | 0.846")
 
 
