@@ -45,6 +45,7 @@ class TrainSection(Section):
     pretrained: Optional[str] = None   # a state_dict file (torchvision's ResNet-50 layout); the classifier is new
     epochs: int = 30
     batch_size: int = 128
+    eval_batch_size: int = 0       # passes without gradient (evaluation, held-out folds, loss passes); 0 = batch_size
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -67,13 +68,20 @@ class TrainSection(Section):
         check_range("lr", self.lr, 0.0, None, lo_open=True)
         for key in ("epochs", "batch_size"):
             check_range(key, getattr(self, key), 1)
-        for key in ("width", "shuffle_buffer", "weight_decay", "crop_size"):
+        for key in ("width", "shuffle_buffer", "weight_decay", "crop_size", "eval_batch_size"):
             check_range(key, getattr(self, key), 0)
         check_range("crop_scale", self.crop_scale, 0.0, 1.0, lo_open=True)
         if self.crop_padding < -1:
             raise ConfigError(f"crop_padding must be -1 (auto) or >= 0, got {self.crop_padding}")
         if not all(isinstance(m, int) and m > 0 for m in self.milestones) or self.milestones != sorted(self.milestones):
             raise ConfigError(f"milestones must be increasing positive epochs, got {self.milestones!r}")
+
+    @property
+    def eval_batch(self) -> int:
+        """Samples per batch of a pass without gradient: a training step's unless set, so that the pass reuses the
+        blocks a step frees instead of growing the heap (a fold task's 4x batches peaked 130-180 MB higher and grew
+        with N: benchmarks/results/findings.md, Memory and the allocator)."""
+        return self.eval_batch_size or self.batch_size
 
 
 DEFAULT_CROP = 224

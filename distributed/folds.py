@@ -106,7 +106,7 @@ class FoldTrainer:
                                         f"{int(in_train.sum())}: a shard is short or unreadable (noisymix verify DATA_DIR)")
             scheduler.step()
             if self.cv.fold_select != "last" or epoch == self.cv.fold_epochs - 1:
-                held = shards.sample_stream(urls, images=eval_images, batch_size=4 * self.train.batch_size,
+                held = shards.sample_stream(urls, images=eval_images, batch_size=self.train.eval_batch,
                                             only=shards.IdFilter(held_out))
                 held_ids, held_labels, probs = predict(model, shards.iterate_batches(held, loaders, pin), eval_transform,
                                                        device, self.train.amp)

@@ -215,7 +215,7 @@ class Streams:
         images = image_stages(self.job.train, self.data, self.job.seed)[1]
         stream = shards.sample_stream(self.urls[split], images=images, rank=self.rank, world_size=self.world,
                                       shard_seed=None if epoch is None else self.shard_seed(epoch),
-                                      batch_size=4 * self.job.train.batch_size)
+                                      batch_size=self.job.train.eval_batch)
         return shards.iterate_batches(stream, self.job.loader_workers, self.pin_memory)
 
 

@@ -93,6 +93,11 @@ def test_a_process_started_with_the_allocator_environment_keeps_no_freed_heap(th
     assert probe.stdout.strip() == kept
 
 
+def test_passes_without_gradient_batch_as_training_does_unless_told():
+    assert build_config(overrides={"batch_size": 64}).train.eval_batch == 64
+    assert build_config(overrides={"batch_size": 64, "eval_batch_size": 512}).train.eval_batch == 512
+
+
 def test_ints_are_accepted_for_floats():
     assert build_config(overrides={"lr": 1}).train.lr == 1.0
 
@@ -110,6 +115,7 @@ def test_ints_are_accepted_for_floats():
     ({"epochs": "ten"}, "epochs must be int"),
     ({"hflip": "maybe"}, "hflip must be bool"),
     ({"batch_size": True}, "batch_size must be int"),
+    ({"eval_batch_size": -1}, r"eval_batch_size=-1 is outside \[0, inf\)"),
     ({"lr": 0}, "lr=0.0 is outside"),
     ({"alpha": -1}, "alpha"),
     ({"method": "selectmix", "fold_epochs": 0}, "fold_epochs must be -1 .auto. or a number of epochs >= 1"),

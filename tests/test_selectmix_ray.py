@@ -58,6 +58,22 @@ def test_best_fold_epoch_agrees_with_the_given_labels_at_least_as_well_as_the_la
             np.testing.assert_allclose(best[held], last[held], rtol=1e-5, atol=1e-6)
 
 
+def test_a_fold_predicts_its_held_out_part_in_eval_batches_and_the_same_probabilities(digits_dir, digits_train,
+                                                                                       monkeypatch):
+    manifest, _, given = digits_train
+    from noisymix.distributed import folds
+    batches = []
+    original = folds.shards.sample_stream
+    monkeypatch.setattr(folds.shards, "sample_stream",
+                        lambda *a, **k: batches.append(k["batch_size"]) or original(*a, **k))
+    runs = {size: out_of_fold_probabilities(given, 3, 1, fold_trainer(digits_dir, manifest, fold_epochs=1, seed=1,
+                                                                     batch_size=32, eval_batch_size=size))
+            for size in (0, 7)}
+    assert batches == [32, 32] * 3 + [32, 7] * 3, "train at batch_size; predict at eval_batch_size (0: batch_size)"
+    np.testing.assert_allclose(runs[7][0], runs[0][0], rtol=1e-5, atol=1e-6)
+    assert np.array_equal(runs[7][1], runs[0][1])
+
+
 def test_an_ensemble_fold_predicts_the_mean_of_its_epochs(digits_dir, digits_train):
     manifest, _, given = digits_train
     one = {select: out_of_fold_probabilities(given, 3, 1, fold_trainer(digits_dir, manifest, fold_epochs=1, seed=1,
