@@ -79,8 +79,8 @@ class TrainSection(Section):
     @property
     def eval_batch(self) -> int:
         """Samples per batch of a pass without gradient: a training step's unless set, so that the pass reuses the
-        blocks a step frees instead of growing the heap (a fold task's 4x batches peaked 130-180 MB higher and grew
-        with N: benchmarks/results/findings.md, Memory and the allocator)."""
+        blocks a step frees instead of growing the heap (with 4x batches a fold task peaked 110-210 MB higher at 20k-80k
+        images: benchmarks/results/findings.md, Memory and the allocator)."""
         return self.eval_batch_size or self.batch_size
 
 
