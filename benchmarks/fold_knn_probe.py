@@ -40,23 +40,29 @@ BLEND_K = 50
 
 
 def neighbour_shares(held_features: torch.Tensor, fit_features: torch.Tensor, fit_labels: torch.Tensor,
-                     k: int, num_classes: int) -> torch.Tensor:
-    """Per held-out row, the share of each given label among its k most cosine-similar training rows."""
+                     ks: tuple[int, ...], num_classes: int) -> dict[int, torch.Tensor]:
+    """Per k, per held-out row, the share of each given label among its k most cosine-similar training rows (the
+    similarities computed once for every k)."""
     similar = F.normalize(held_features, dim=1) @ F.normalize(fit_features, dim=1).T
-    labels = fit_labels[similar.topk(k, dim=1).indices]
-    return F.one_hot(labels, num_classes).float().mean(dim=1)
+    return {k: F.one_hot(fit_labels[similar.topk(k, dim=1).indices], num_classes).float().mean(dim=1) for k in ks}
+
+
+def pixel_shares(images: torch.Tensor, fit: np.ndarray, held: np.ndarray, given: torch.Tensor,
+                 num_classes: int) -> dict[int, torch.Tensor]:
+    """neighbour_shares by cosine on the pixels centred on the fold's training mean: the same every epoch."""
+    pixels = images.flatten(1) - images[fit].flatten(1).mean(dim=0)
+    return neighbour_shares(pixels[held], pixels[fit], given[fit], NEIGHBOURS, num_classes)
 
 
 def predictors(model, images: torch.Tensor, fit: np.ndarray, held: np.ndarray, given: torch.Tensor,
-               num_classes: int) -> dict[str, np.ndarray]:
-    """Every prediction of the module docstring for the held-out rows."""
+               num_classes: int, pixels: dict[int, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Every prediction of the module docstring for the held-out rows (`pixels`: pixel_shares')."""
     held_features, fit_features = model.features(images[held]), model.features(images[fit])
     probs = model.head(held_features).softmax(dim=1)
-    pixels = images.flatten(1) - images[fit].flatten(1).mean(dim=0)
     out = {"softmax": probs.argmax(dim=1)}
-    spaces = {"": (held_features, fit_features), "pixels ": (pixels[held], pixels[fit])}
-    for prefix, (held_rows, fit_rows) in spaces.items():
-        shares = {k: neighbour_shares(held_rows, fit_rows, given[fit], k, num_classes) for k in NEIGHBOURS}
+    spaces = {"": neighbour_shares(held_features, fit_features, given[fit], NEIGHBOURS, num_classes),
+              "pixels ": pixels}
+    for prefix, shares in spaces.items():
         out.update({f"{prefix}knn {k}": shares[k].argmax(dim=1) for k in NEIGHBOURS})
         out[f"{prefix}blend {BLEND_K}"] = ((probs + shares[BLEND_K]) / 2).argmax(dim=1)
     return {name: predicted.numpy() for name, predicted in out.items()}
@@ -67,9 +73,12 @@ def probe(setting: str, seed: int, epochs: int, data: tuple) -> dict:
     _, given, true, fit, held = data
     given_held, true_held = given[held].numpy(), true[held].numpy()
     num_classes = int(given.max()) + 1
+    pixels = {}   # the standardised images' pixel shares, made at the first epoch's scoring
 
     def score(model, images):
-        predicted = predictors(model, images, fit, held, given, num_classes)
+        if not pixels:
+            pixels.update(pixel_shares(images, fit, held, given, num_classes))
+        predicted = predictors(model, images, fit, held, given, num_classes, pixels)
         return {"agree_given": float(np.mean(predicted["softmax"] == given_held)),
                 **{name: {"acc_true": float(np.mean(p == true_held)),
                           "flag_f1": float(f1_score(given_held != true_held, p != given_held, zero_division=0))}

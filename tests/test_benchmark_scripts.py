@@ -309,7 +309,7 @@ def test_fold_knn_probe_votes_the_neighbours_given_labels_and_a_tiny_probe_repor
     probe = load("fold_knn_probe")
     fit = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.8, 0.2], [0.0, 1.0], [0.1, 0.9]])
     shares = probe.neighbour_shares(torch.tensor([[1.0, 0.05], [0.05, 1.0]]), fit, torch.tensor([0, 0, 1, 2, 2]),
-                                    k=3, num_classes=3)
+                                    ks=(3,), num_classes=3)[3]
     assert torch.allclose(shares, torch.tensor([[2 / 3, 1 / 3, 0.0], [0.0, 1 / 3, 2 / 3]]))
     source = ROOT.parent / "shared" / "data" / "fashion-mnist"
     run = probe.probe("symmetric40", 0, 2, load("fold_loss_probe").fold_data("symmetric40", 0, source, subset=600))
