@@ -5,7 +5,8 @@ large blocks are freed, and the heap keeps what is freed under it), with MALLOC_
 fixed as noisymix's Ray processes get them, and (--preload LIB) with an allocator loaded through LD_PRELOAD, such as
 jemalloc, and (--trim-every K) with glibc's default and malloc_trim(0) every K batches. The settings alternate, so
 the machine's load falls on all alike; the report gives medians and the per-pair ratio of each setting's training
-rate to the default's.
+rate to the default's. Every setting's evaluation pass is trimmed every distributed.heap.TRIM_EVERY batches, as
+the package's passes without gradient are since stop 45 (heap_allocators.md and heap_threshold*.md ran before).
 
     python benchmarks/heap_threshold.py [--sizes 20000 80000] [--repeats 3] [--threshold-kb 128] [--work /work/scale]
         [--preload /usr/lib/x86_64-linux-gnu/libjemalloc.so.2] [--trim-every 20] [--out benchmarks/results/heap_threshold]
@@ -16,7 +17,6 @@ Needs scale.py's prepared folders (WORK/data-N-w2).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform
@@ -32,16 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CROP, WIDTH, BATCH, BUFFER = 64, 8, 128, 2000
 
 
-def trimmed(batches, every: int):
-    """The batches, with glibc's malloc_trim(0) called every `every` of them (0: never): freed heap pages go back
-    to the system (madvise) without fixing the thresholds that keep the heap fast."""
-    trim = ctypes.CDLL("libc.so.6").malloc_trim if every else None
-    for count, batch in enumerate(batches, 1):
-        if trim is not None and count % every == 0:
-            trim(0)
-        yield batch
-
-
 def worker_loop(data_dir: str, trim_every: int = 0) -> dict:
     """One epoch of rank 0's training stream and its evaluation pass, as distributed/worker.py runs them."""
     import numpy as np
@@ -50,6 +40,7 @@ def worker_loop(data_dir: str, trim_every: int = 0) -> dict:
     from noisymix.distributed import shards
     from noisymix.distributed.engine import (DataInfo, TrainSection, accuracy_counts, build_model, build_optimizer,
                                              image_stages, train_epoch, transforms)
+    from noisymix.distributed.heap import trimmed
     from noisymix.mixing.ce import PlainTargets
 
     torch.set_num_threads(1)

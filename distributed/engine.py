@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from noisymix.distributed.heap import trimmed
 from noisymix.distributed.images import JpegCrops
 from noisymix.distributed.models import MODEL_CHOICES, create_model
 from noisymix.distributed.shards import NpyImages
@@ -288,9 +289,10 @@ def _check_finite(loss_sum: torch.Tensor, first: int, last: int) -> None:
 @torch.no_grad()
 def eval_outputs(model: nn.Module, batches: Iterable[Batch], transform: InputTransform, device: torch.device,
                  amp: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor]]:
-    """(ids, labels, float32 penultimate features, float32 logits) per batch, in eval mode, un-augmented."""
+    """(ids, labels, float32 penultimate features, float32 logits) per batch, in eval mode, un-augmented; the freed
+    heap goes back to the system every few batches (distributed.heap: else such a pass grows with its length)."""
     model.eval()
-    for ids, images, labels in batches:
+    for ids, images, labels in trimmed(batches):
         with autocast(device, amp):
             features = model.features(transform(images, device))
             logits = model.head(features)
