@@ -22,8 +22,9 @@ def heap_trimmer() -> Optional[Callable[[int], int]]:
     return getattr(ctypes.CDLL(None), "malloc_trim", None)
 
 
-def trimmed(batches: Iterable[T], every: int = TRIM_EVERY) -> Iterator[T]:
-    """The batches, with the free heap handed back after every `every` of them (0: never)."""
+def trimmed(batches: Iterable[T], every: Optional[int] = None) -> Iterator[T]:
+    """The batches, with the free heap handed back after every `every` of them (None: TRIM_EVERY; 0: never)."""
+    every = TRIM_EVERY if every is None else every
     trim = heap_trimmer() if every else None
     for count, batch in enumerate(batches, 1):
         yield batch

@@ -422,3 +422,22 @@ def test_heap_threshold_pairs_each_setting_with_the_default_and_tables_their_med
                           "repeats": 2, "rows": [row]})
     assert "| 20,000 | fixed at 128 KB | 1,025 | 900 | 695 | 705 | 0.97x |" in text
     assert "| 20,000 | LD_PRELOAD=/lib/libjemalloc.so.2 | 1,150 | 900 | 605 | 615 | 1.10x |" in text
+
+
+def test_heldout_memory_predicts_a_folds_held_out_ids_and_tables_each_setting(digits_dir, monkeypatch):
+    from noisymix.distributed import heap
+    from noisymix.selection.crossval import stratified_folds
+
+    bench = load("heldout_memory")
+    monkeypatch.setattr(heap, "TRIM_EVERY", heap.TRIM_EVERY)   # the child sets it for its process
+    run = bench.heldout_pass(str(digits_dir), 3)
+    given = shards.load_labels(str(digits_dir), shards.load_manifest(digits_dir))
+    assert run["every"] == 3 and heap.TRIM_EVERY == 3
+    assert run["samples"] == len(stratified_folds(given, 5, 0)[0][1]) and run["wall_s"] > 0
+    runs = [dict(run, every=0, wall_s=2.0), dict(run, every=20, wall_s=2.2, hwm_above_base_mb=5.0),
+            dict(run, every=0, wall_s=4.0), dict(run, every=20, wall_s=4.0, hwm_above_base_mb=7.0)]
+    rows = bench.summarise(runs)
+    assert rows[1]["every"] == 20 and rows[1]["wall_ratios"] == pytest.approx([1.1, 1.0])
+    assert rows[1]["hwm_above_base_mb"] == 6.0 and rows[0]["wall_ratios"] == [1.0, 1.0]
+    text = bench.markdown({"command": "c", "machine": "m", "data": "d", "repeats": 2, "runs": runs, "rows": rows})
+    assert "| 20 batches | 6 (5, 7) |" in text and "| never |" in text
