@@ -12,7 +12,7 @@ import functools
 import json
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,11 +151,11 @@ class FoldCache:
     def _path(self, index: int) -> Path:
         return self.directory / f"fold{index}.npz"
 
-    def load(self, index: int) -> FoldOutput | None:
-        path = self._path(index)
-        if not path.is_file():
-            return None
-        with np.load(path, allow_pickle=False) as data:
+    def has(self, index: int) -> bool:
+        return self._path(index).is_file()
+
+    def load(self, index: int) -> FoldOutput:
+        with np.load(self._path(index), allow_pickle=False) as data:
             return FoldOutput(data["held_ids"], data["probs"], json.loads(str(data["info"])))
 
     def round(self, index: int) -> FoldCache:
@@ -176,32 +176,46 @@ class FoldCache:
 
 
 def ray_map(fn: Callable, items: Sequence, *, cpus: float = 1.0, gpus: float = 0.0, retries: int = 2,
-            cache: FoldCache | None = None) -> list:
-    """fn over items as parallel Ray tasks (fn put in the object store once); results in order. Items the cache
-    holds are not run again, and each result is cached as it arrives. A task that dies is retried `retries`
-    times by Ray; after that the error names the item and the other tasks are cancelled (so are they on an
-    interrupt)."""
-    results = {k: cache.load(k) for k in range(len(items))} if cache is not None else {}
+            cache: FoldCache | None = None) -> Iterator:
+    """fn over items as parallel Ray tasks (fn put in the object store once), results yielded in order. A result
+    that finishes early stays in the object store (which spills to disk) until its turn, so the driver holds one
+    at a time. Items the cache holds are not run again, and each result is cached as it arrives. A task that dies
+    is retried `retries` times by Ray; after that the error names the item and the other tasks are cancelled (so
+    are they on an interrupt, or when the caller stops reading)."""
+    cached = {k for k in range(len(items)) if cache is not None and cache.has(k)}
     fn_ref = ray.put(fn)
     # DEFAULT: a fold task reserves its own CPUs, also when started from inside a Ray Tune trial (whose
     # placement group would otherwise capture it).
     task = _run.options(num_cpus=cpus, num_gpus=gpus, max_retries=retries, retry_exceptions=False,
                         scheduling_strategy="DEFAULT")
-    pending = {task.remote(fn_ref, items[k]): k for k in range(len(items)) if results.get(k) is None}
+    refs = {k: task.remote(fn_ref, items[k]) for k in range(len(items)) if k not in cached}
+    pending = {ref: k for k, ref in refs.items()}
+
+    def result(k: int):
+        try:
+            return ray.get(refs[k])
+        except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError) as exc:
+            raise RuntimeError(f"fold {k} of {len(items)} failed after {retries} retries: {exc}") from exc
+
     try:
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            k = pending.pop(ready[0])
-            try:
-                results[k] = ray.get(ready[0])
-            except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError) as exc:
-                raise RuntimeError(f"fold {k} of {len(items)} failed after {retries} retries: {exc}") from exc
-            if cache is not None:
-                cache.save(k, results[k])
+        for k in range(len(items)):
+            if k in cached:
+                yield cache.load(k)
+                continue
+            while refs[k] in pending:    # meanwhile, name a failure as soon as any task has one, and cache
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                done = pending.pop(ready[0])
+                finished = result(done)
+                if cache is not None:
+                    cache.save(done, finished)
+                del finished
+            finished = result(k)
+            del refs[k]
+            yield finished
+            del finished
     finally:
         for ref in pending:
             ray.cancel(ref, force=True)
-    return [results[k] for k in range(len(items))]
 
 
 @dataclass
@@ -248,6 +262,7 @@ def select(cv: CrossValConfig, train: TrainSection, seed: int, data_dir: str, ma
         # flags still judge the given labels.
         round_cache = None if cache is None else cache.round(later)
         round_trainer = next_round(trainer, cv, probs, given, seed)
+        del probs    # one N x C table at a time: this round's replaces the last
         probs, fold_of, runs = out_of_fold_probabilities(given, cv.folds, seed, round_trainer,
                                                          map=functools.partial(runner, cache=round_cache))
         fold_runs += [{**run, "round": later + 1} for run in runs]

@@ -14,6 +14,8 @@ from scipy.spatial.distance import cdist
 
 from noisymix.selection.crossval import SelectionError
 
+ROW_BLOCK = 65_536
+
 
 def _check(probs: np.ndarray, given: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     probs, given = np.asarray(probs), np.asarray(given)
@@ -38,14 +40,20 @@ def per_class_thresholds(probs: np.ndarray, given: np.ndarray) -> np.ndarray:
 def confident_joint(probs: np.ndarray, given: np.ndarray, thresholds: np.ndarray,
                     counted: np.ndarray | None = None) -> np.ndarray:
     """C[i, j] = how many samples labelled i have P[x, j] >= t_j, each counted once, in its most probable such
-    class j (CL eq. 1); a sample above no threshold, or outside the boolean mask `counted`, is counted nowhere."""
+    class j (CL eq. 1); a sample above no threshold, or outside the boolean mask `counted`, is counted nowhere.
+    P is read ROW_BLOCK rows at a time, so the comparison's temporaries stay ROW_BLOCK x C, not N x C beside P."""
     probs, given = _check(probs, given)
-    above = probs >= thresholds[None, :]
-    confident = above.any(axis=1) if counted is None else above.any(axis=1) & counted
-    true_guess = np.where(above, probs, -np.inf).argmax(axis=1)
     num_classes = probs.shape[1]
-    cells = given[confident] * num_classes + true_guess[confident]
-    return np.bincount(cells, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    cells = np.zeros(num_classes * num_classes, dtype=np.int64)
+    for start in range(0, len(given), ROW_BLOCK):
+        block, labels = probs[start:start + ROW_BLOCK], given[start:start + ROW_BLOCK]
+        above = block >= thresholds[None, :]
+        confident = above.any(axis=1)
+        if counted is not None:
+            confident &= counted[start:start + ROW_BLOCK]
+        true_guess = np.where(above, block, -np.inf).argmax(axis=1)
+        cells += np.bincount(labels[confident] * num_classes + true_guess[confident], minlength=num_classes ** 2)
+    return cells.reshape(num_classes, num_classes)
 
 
 def calibrated_joint(joint: np.ndarray, given_counts: np.ndarray) -> np.ndarray:

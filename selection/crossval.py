@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,7 +55,7 @@ def check_out_of_fold(arrays: dict[str, np.ndarray], given: np.ndarray, num_clas
     if not np.array_equal(file_given, given):
         raise SelectionError(f"{source} was made for other given labels ({int(np.sum(file_given != given))} of "
                              f"{len(given)} differ): another dataset, noise draw or seed")
-    probs = probs.astype(np.float32)
+    probs = np.asarray(probs, np.float32)
     if not np.isfinite(probs).all() or (probs < 0).any() or not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
         raise SelectionError(f"{source}: every row of probs must be a probability vector (finite, >= 0, sum 1)")
     fold_of = arrays.get("fold", np.full(len(given), -1))
@@ -87,15 +87,22 @@ def out_of_fold_probabilities(labels: np.ndarray, k: int, seed: int, fit_predict
     """A1 over any classifier: (out-of-fold P for every id, fold of each id, each fold's info in fold order).
 
     `fit_predict(fold)` trains on the fold's train positions and predicts its held-out ones; `map` runs it
-    over the K folds (the built-in map in a loop, or one Ray task per fold) and returns outputs in order.
+    over the K folds (the built-in map in a loop, or one Ray task per fold) and yields outputs in order. Each
+    output is copied into P as it comes and then let go, so P is the one N x C array held (not P and K parts).
     """
     folds = [Fold(f, train, held) for f, (train, held) in enumerate(stratified_folds(labels, k, seed))]
-    outputs = list(map(fit_predict, folds))
-    probs = assemble_out_of_fold(len(labels), ((o.held_ids, o.probs) for o in outputs))
+    infos = []
+
+    def placed(outputs: Iterable[FoldOutput]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for output in outputs:
+            infos.append(output.info)
+            yield output.held_ids, output.probs
+
+    probs = assemble_out_of_fold(len(labels), placed(map(fit_predict, folds)))
     fold_of = np.empty(len(labels), dtype=np.int64)
     for fold in folds:
         fold_of[fold.held] = fold.index
-    return probs, fold_of, [o.info for o in outputs]
+    return probs, fold_of, infos
 
 
 def given_label_probability(probs: np.ndarray, given: np.ndarray) -> np.ndarray:

@@ -98,5 +98,5 @@ def build_mixing_table(probs: np.ndarray, given: np.ndarray, tau_low: float = 0.
     for c in fallback:
         pools[c] = np.flatnonzero(predicted == c)
     counted = {"kept": ~uncertain, "all": None}
-    return MixingTable(np.asarray(given), uncertain, predicted, confidence, probs.astype(np.float32), pools, fallback,
+    return MixingTable(np.asarray(given), uncertain, predicted, confidence, np.asarray(probs, np.float32), pools, fallback,
                        rule, noise_transition(probs, given, counted[noise_matrix]) if noise_matrix else None)

@@ -3,6 +3,7 @@ tiny inputs, so a refactor cannot break them silently."""
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from conftest import make_config
 from noisymix.distributed import shards
 from noisymix.distributed.artifacts import RunDir, read_out_of_fold
 from noisymix.distributed.engine import InputTransform
+from noisymix.selection.crossval import Fold
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py"))
@@ -422,6 +424,23 @@ def test_heap_threshold_pairs_each_setting_with_the_default_and_tables_their_med
                           "repeats": 2, "rows": [row]})
     assert "| 20,000 | fixed at 128 KB | 1,025 | 900 | 695 | 705 | 0.97x |" in text
     assert "| 20,000 | LD_PRELOAD=/lib/libjemalloc.so.2 | 1,150 | 900 | 605 | 615 | 1.10x |" in text
+
+
+def test_selection_memory_measures_the_driver_over_real_fold_tasks(ray_session, monkeypatch):
+    memory = load("selection_memory")
+    # the fold tasks cannot import the script: its RandomFold travels by value
+    monkeypatch.setitem(sys.modules, memory.__name__, memory)
+    ray_session.cloudpickle.register_pickle_by_value(memory)
+    try:
+        row = memory.measure(3000, 20, "confident")
+    finally:
+        ray_session.cloudpickle.unregister_pickle_by_value(memory)
+    assert row["table_mb"] == pytest.approx(3000 * 20 * 4 / 2**20) and 0 < row["flagged"] < 3000
+    assert row["folds_total_mb"] >= row["folds_anon_mb"] and row["folds_s"] > 0
+    output = memory.RandomFold(20)(Fold(0, np.arange(5), np.arange(5, 9)))
+    assert np.array_equal(output.held_ids, [5, 6, 7, 8]) and np.allclose(output.probs.sum(axis=1), 1.0)
+    text = memory.markdown({"machine": "m", "commands": ["c"], "rows": [{**row, "commit": "abc"}]})
+    assert "| abc | 3,000 | 20 | confident | 0 |" in text and text.endswith("    c\n")
 
 
 def test_heldout_memory_predicts_a_folds_held_out_ids_and_tables_each_setting(digits_dir, monkeypatch):

@@ -36,6 +36,16 @@ def test_thresholds_joint_and_calibration_by_hand():
     assert calibrated == pytest.approx(np.array([[8 / 3, 4 / 3, 0], [1, 2, 0], [0, 0, 2]]))
 
 
+
+def test_the_joint_is_the_same_read_in_row_blocks(monkeypatch):
+    from noisymix.selection import confident_learning
+
+    t, clean_only = per_class_thresholds(P, Y), np.arange(len(Y)) % 3 != 0
+    whole = [confident_joint(P, Y, t), confident_joint(P, Y, t, clean_only)]
+    monkeypatch.setattr(confident_learning, "ROW_BLOCK", 2)   # 9 rows: blocks of 2, the last of 1
+    assert [confident_joint(P, Y, t).tolist(), confident_joint(P, Y, t, clean_only).tolist()] == [w.tolist() for w in whole]
+    assert whole[1].sum() < whole[0].sum()
+
 def test_prune_by_noise_rate_flags_the_largest_margins_only():
     flagged = confident_learning_flags(P, Y)
     # one of label 0 is estimated to be a 1 (round(4/3) = 1): row 2, margin 0.5, not row 8 (0.05)

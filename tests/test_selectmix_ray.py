@@ -4,15 +4,17 @@ import csv
 import dataclasses
 import functools
 import json
+import sys
+import time
 
 import numpy as np
 import pytest
 
 from noisymix.distributed import shards
-from noisymix.distributed.folds import FoldTrainer, next_round, ray_map
+from noisymix.distributed.folds import FoldCache, FoldTrainer, next_round, ray_map
 from noisymix.launch.cli import main
 from noisymix.launch.config import build_config
-from noisymix.selection.crossval import SelectionError, out_of_fold_probabilities
+from noisymix.selection.crossval import FoldOutput, SelectionError, out_of_fold_probabilities
 from noisymix.selection.flag_rules import flag_given_labels
 from noisymix.selection.mismatch import build_mixing_table
 
@@ -140,6 +142,40 @@ def test_a_failing_fold_task_is_named(ray_session, digits_dir, digits_train):
     broken = dataclasses.replace(fit, train=dataclasses.replace(fit.train, model="no_such_model"))
     with pytest.raises(RuntimeError, match=r"fold \d of 3 failed"):
         out_of_fold_probabilities(given, 3, 0, broken, map=functools.partial(ray_map, retries=1))
+
+
+
+def slow_first(seconds: float, item: int) -> FoldOutput:
+    """A fold output for `item`, the first one finishing last."""
+    time.sleep(seconds if item == 0 else 0.0)
+    return FoldOutput(np.array([item]), np.full((1, 2), 0.5, np.float32), {"item": item})
+
+
+def broken(item: int) -> FoldOutput:
+    raise ValueError(f"item {item} cannot be fitted")
+
+
+@pytest.fixture
+def tasks_from_this_module(ray_session):
+    """Ray tasks may run this module's functions: the workers cannot import a test module, so they travel by value."""
+    ray_session.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield
+    ray_session.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+def test_ray_map_yields_in_order_caches_as_results_arrive_and_resumes_from_the_cache(tasks_from_this_module,
+                                                                                      tmp_path):
+    cache = FoldCache(tmp_path / "folds")
+    results = ray_map(functools.partial(slow_first, 3.0), [0, 1, 2], cache=cache)
+    first = next(results)
+    assert first.info == {"item": 0}
+    assert all(cache.has(k) for k in range(3)), "the later items were cached while the first was awaited"
+    assert [r.info["item"] for r in results] == [1, 2]
+    # a resumed stage runs nothing the cache holds: a task here would fail
+    assert [r.info["item"] for r in ray_map(broken, [0, 1, 2], cache=cache)] == [0, 1, 2]
+    cache.clear()
+    with pytest.raises(RuntimeError, match=r"(?s)fold \d of 3 failed after 0 retries: .*cannot be fitted"):
+        list(ray_map(broken, [0, 1, 2], retries=0, cache=cache))
 
 
 def test_selectmix_end_to_end_on_two_workers(selectmix_whole, digits_dir):

@@ -1,0 +1,188 @@
+"""The driver's memory over SelectMix's selection stage at many classes: K fold tasks (Ray tasks through
+distributed.folds.ray_map) return their held-out probabilities, the driver assembles the N x C out-of-fold table
+and builds the mixing table with a flag rule. The folds are not trained: each returns a softmax of random logits
+for its held-out ids, so only what the driver holds is measured, at sizes (WebVision's 1000 classes) that a
+trained fold stage cannot reach on this machine.
+
+Each (N, C, rule) runs in a fresh driver process with a local Ray of its own; a thread samples the driver's
+/proc/self/status every 5 ms. Reported, above the driver's resident memory just before the folds start: the peak
+of its anonymous memory (its own heap: the table and every copy of it) and of anonymous plus shared memory (parts
+of the object store it maps while reading a fold's result), in each phase, and as multiples of the table's bytes
+(4 N C). The package's commit is recorded, so runs before and after a change can sit in one report (--append).
+
+    python benchmarks/selection_memory.py [--samples 240000] [--classes 1000] [--rules mismatch confident]
+        [--append] [--out benchmarks/results/selection_memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLDS = 5
+FIELDS = ("RssAnon", "RssShmem")
+
+
+def resident_mb() -> dict[str, float]:
+    """RssAnon and RssShmem of this process, in MB."""
+    out = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            key, _, rest = line.partition(":")
+            if key in FIELDS:
+                out[key] = int(rest.split()[0]) / 1024
+    return out
+
+
+class PeakSampler(threading.Thread):
+    """This process's peak anonymous and anonymous + shared memory since the last `phase()` call."""
+
+    def __init__(self, every_s: float = 0.005):
+        super().__init__(daemon=True)
+        self.every_s, self.stopped = every_s, threading.Event()
+        self.peak_anon = self.peak_total = 0.0
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            self.record()
+            time.sleep(self.every_s)
+
+    def record(self) -> None:
+        now = resident_mb()
+        self.peak_anon = max(self.peak_anon, now["RssAnon"])
+        self.peak_total = max(self.peak_total, now["RssAnon"] + now["RssShmem"])
+
+    def phase(self) -> tuple[float, float]:
+        """(peak anonymous MB, peak anonymous + shared MB) since the previous call; the peaks restart from now."""
+        self.record()
+        peaks = self.peak_anon, self.peak_total
+        now = resident_mb()
+        self.peak_anon, self.peak_total = now["RssAnon"], now["RssAnon"] + now["RssShmem"]
+        return peaks
+
+
+class RandomFold:
+    """A fold's fit_predict without training: a softmax of random logits (seeded by the fold) for its held-out ids."""
+
+    def __init__(self, num_classes: int, seed: int = 0):
+        self.num_classes, self.seed = num_classes, seed
+
+    def __call__(self, fold):
+        from noisymix.selection.crossval import FoldOutput
+
+        rng = np.random.default_rng([self.seed, fold.index])
+        logits = rng.standard_normal((len(fold.held), self.num_classes), dtype=np.float32) * 3
+        logits -= logits.max(axis=1, keepdims=True)
+        probs = np.exp(logits)
+        probs /= probs.sum(axis=1, keepdims=True)
+        return FoldOutput(fold.held, probs, {"fold": fold.index})
+
+
+def measure(samples: int, classes: int, rule: str, seed: int = 0) -> dict:
+    """The driver's peaks (MB above its start) over the fold stage and the table build, in this process (Ray
+    must already be running)."""
+    from noisymix.distributed.folds import ray_map
+    from noisymix.selection.crossval import out_of_fold_probabilities
+    from noisymix.selection.mismatch import build_mixing_table
+
+    given = np.random.default_rng(seed).integers(0, classes, samples)
+    sampler = PeakSampler()
+    start = resident_mb()
+    base_anon, base_total = start["RssAnon"], start["RssAnon"] + start["RssShmem"]
+    sampler.start()
+    started = time.perf_counter()
+    probs, _, _ = out_of_fold_probabilities(given, FOLDS, seed, RandomFold(classes, seed), map=ray_map)
+    folds_anon, folds_total = sampler.phase()
+    folds_s = time.perf_counter() - started
+    started = time.perf_counter()
+    table = build_mixing_table(probs, given, flag_rule=rule, seed=seed)
+    del probs
+    build_anon, build_total = sampler.phase()
+    build_s = time.perf_counter() - started
+    sampler.stopped.set()
+    table_mb = samples * classes * 4 / 2**20
+    return {"samples": samples, "classes": classes, "rule": rule, "table_mb": table_mb,
+            "flagged": int(table.uncertain.sum()), "folds_s": folds_s, "build_s": build_s,
+            "folds_anon_mb": folds_anon - base_anon, "folds_total_mb": folds_total - base_total,
+            "build_anon_mb": build_anon - base_anon, "build_total_mb": build_total - base_total}
+
+
+def child(samples: int, classes: int, rule: str) -> dict:
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        return measure(samples, classes, rule)
+    finally:
+        ray.shutdown()
+
+
+def package_commit() -> str:
+    """The commit of the package this run imported (with `+` where its tree had uncommitted changes)."""
+    import noisymix.selection
+
+    tree = Path(noisymix.selection.__path__[0]).parent
+    commit = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--", "selection", "distributed"],
+                           capture_output=True, text=True).stdout.strip()
+    return commit + ("+" if dirty else "")
+
+
+def markdown(results: dict) -> str:
+    lines = ["# The driver's memory over the selection stage", "",
+             f"Machine: {results['machine']}. {FOLDS} fold tasks returning random softmax rows (no training); MB "
+             "above the driver's resident memory before the folds; x = multiples of the N x C float32 table.", "",
+             "| package commit | N | C | rule | table MB | folds: anon MB (x) | folds: anon + shared MB | "
+             "table build: anon MB (x) | build: anon + shared MB | folds s | build s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        lines.append(f"| {r['commit']} | {r['samples']:,} | {r['classes']:,} | {r['rule']} | {r['table_mb']:,.0f} | "
+                     f"{r['folds_anon_mb']:,.0f} ({r['folds_anon_mb'] / r['table_mb']:.2f}x) | "
+                     f"{r['folds_total_mb']:,.0f} | {r['build_anon_mb']:,.0f} "
+                     f"({r['build_anon_mb'] / r['table_mb']:.2f}x) | {r['build_total_mb']:,.0f} | "
+                     f"{r['folds_s']:.1f} | {r['build_s']:.1f} |")
+    lines += ["", "Commands:", ""] + [f"    {command}" for command in results["commands"]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--child"]:
+        samples, classes, rule = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+        print(json.dumps({**child(samples, classes, rule), "commit": package_commit()}))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=240_000)
+    parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--rules", nargs="+", default=["mismatch", "confident"])
+    parser.add_argument("--append", action="store_true", help="add the rows to the report's JSON if it exists")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "selection_memory")
+    args = parser.parse_args()
+    path = args.out.with_suffix(".json")
+    results = json.loads(path.read_text()) if args.append and path.exists() else {"rows": [], "commands": []}
+    results["machine"] = f"{platform.machine()}, {os.cpu_count()} cores"
+    results["commands"].append(shlex.join(["python", "benchmarks/selection_memory.py", *sys.argv[1:]]))
+    for rule in args.rules:
+        out = subprocess.run([sys.executable, __file__, "--child", str(args.samples), str(args.classes), rule],
+                             check=True, capture_output=True, text=True).stdout
+        results["rows"].append(json.loads(out.strip().splitlines()[-1]))
+        print(json.dumps(results["rows"][-1]), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(results))
+    print(f"wrote {args.out}.md and .json")
+
+
+if __name__ == "__main__":
+    main()
