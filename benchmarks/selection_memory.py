@@ -1,8 +1,9 @@
 """The driver's memory over SelectMix's selection stage at many classes: K fold tasks (Ray tasks through
 distributed.folds.ray_map) return their held-out probabilities, the driver assembles the N x C out-of-fold table
-and builds the mixing table with a flag rule. The folds are not trained: each returns a softmax of random logits
-for its held-out ids, so only what the driver holds is measured, at sizes (WebVision's 1000 classes) that a
-trained fold stage cannot reach on this machine.
+and builds the mixing table with a flag rule; each part is written to a fold cache (in a temporary directory) as
+it arrives, as a run's are. The folds are not trained: each returns a softmax of random logits for its held-out
+ids, so only what the driver holds is measured, at sizes (WebVision's 1000 classes) that a trained fold stage
+cannot reach on this machine.
 
 Each (N, C, rule) runs in a fresh driver process with a local Ray of its own; a thread samples the driver's
 /proc/self/status every 5 ms. Reported, above the driver's resident memory just before the folds start: the peak
@@ -17,12 +18,14 @@ of the object store it maps while reading a fold's result), in each phase, and a
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
 import shlex
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -92,7 +95,7 @@ class RandomFold:
 def measure(samples: int, classes: int, rule: str, seed: int = 0) -> dict:
     """The driver's peaks (MB above its start) over the fold stage and the table build, in this process (Ray
     must already be running)."""
-    from noisymix.distributed.folds import ray_map
+    from noisymix.distributed.folds import FoldCache, ray_map
     from noisymix.selection.crossval import out_of_fold_probabilities
     from noisymix.selection.mismatch import build_mixing_table
 
@@ -102,7 +105,9 @@ def measure(samples: int, classes: int, rule: str, seed: int = 0) -> dict:
     base_anon, base_total = start["RssAnon"], start["RssAnon"] + start["RssShmem"]
     sampler.start()
     started = time.perf_counter()
-    probs, _, _ = out_of_fold_probabilities(given, FOLDS, seed, RandomFold(classes, seed), map=ray_map)
+    with tempfile.TemporaryDirectory() as cache:   # as a run's fold stage: each part written as it arrives
+        probs, _, _ = out_of_fold_probabilities(given, FOLDS, seed, RandomFold(classes, seed),
+                                                map=functools.partial(ray_map, cache=FoldCache(Path(cache))))
     folds_anon, folds_total = sampler.phase()
     folds_s = time.perf_counter() - started
     started = time.perf_counter()
@@ -132,7 +137,7 @@ def package_commit() -> str:
     """The commit of the package this run imported (with `+` where its tree had uncommitted changes)."""
     import noisymix.selection
 
-    tree = Path(noisymix.selection.__path__[0]).parent
+    tree = Path(noisymix.selection.__path__[0]).resolve().parent
     commit = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--", "selection", "distributed"],
