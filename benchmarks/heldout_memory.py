@@ -94,7 +94,7 @@ def markdown(results: dict) -> str:
              "| trim every | high-water above start MB (each run) | anonymous growth MB | wall s | CPU s | "
              "wall / untrimmed (each run) |", "|---|---|---|---|---|---|"]
     for r in results["rows"]:
-        every = "never" if r["every"] == 0 else f"{r['every']} batches"
+        every = "never" if r["every"] == 0 else f"{r['every']} batch{'es' * (r['every'] > 1)}"
         ratios = ", ".join(f"{x:.2f}" for x in r.get("wall_ratios", []))
         each = ", ".join(f"{x:,.0f}" for x in r["hwm_above_base_each_mb"])
         lines.append(f"| {every} | {r['hwm_above_base_mb']:,.0f} ({each}) | {r['anon_growth_mb']:,.0f} | "

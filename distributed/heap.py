@@ -1,9 +1,10 @@
 """Freed heap memory handed back to the system between batches (glibc's malloc_trim), for passes without gradient.
 
 A pass without gradient frees each layer's output as soon as the next has read it, between the decoder's buffers:
-glibc keeps the holes, and a process's resident memory climbed by about 14 KB per sample of the pass up to about a
-gigabyte above its start (a held-out fold of 57,600 JPEGs: benchmarks/results/findings.md). Trimming every
-TRIM_EVERY batches kept that pass within about 150 MB of its start at the same speed; every batch cost 1.2x the wall.
+glibc keeps the holes, and a fold's held-out pass of 57,600 JPEGs peaked 389-419 MB above its start (about 7 KB per
+sample; a fold task predicts N/K samples, so this grew with N). Trimmed every TRIM_EVERY batches it peaked 139-152
+MB above, at 0.91-0.96x the untrimmed wall time; trimmed every batch, 97-112 MB at 1.12x
+(benchmarks/results/heldout_memory.md).
 """
 
 from __future__ import annotations
