@@ -177,11 +177,11 @@ class FoldCache:
 
 def ray_map(fn: Callable, items: Sequence, *, cpus: float = 1.0, gpus: float = 0.0, retries: int = 2,
             cache: FoldCache | None = None) -> Iterator:
-    """fn over items as parallel Ray tasks (fn put in the object store once), results yielded in order. A result
-    that finishes early stays in the object store (which spills to disk) until its turn, so the driver holds one
-    at a time. Items the cache holds are not run again, and each result is cached as it arrives. A task that dies
-    is retried `retries` times by Ray; after that the error names the item and the other tasks are cancelled (so
-    are they on an interrupt, or when the caller stops reading)."""
+    """fn over items as parallel Ray tasks (fn put in the object store once), results yielded in order. Each result
+    is cached as it arrives; until its turn the driver keeps only its reference, so no view pins it in the object
+    store (Ray may evict or spill it) and the caller holds one at a time. Items the cache holds are not run again.
+    A task that dies is retried `retries` times by Ray; after that the error names the item and the other tasks
+    are cancelled (so are they on an interrupt, or when the caller stops reading)."""
     cached = {k for k in range(len(items)) if cache is not None and cache.has(k)}
     fn_ref = ray.put(fn)
     # DEFAULT: a fold task reserves its own CPUs, also when started from inside a Ray Tune trial (whose
