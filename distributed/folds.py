@@ -182,13 +182,12 @@ def ray_map(fn: Callable, items: Sequence, *, cpus: float = 1.0, gpus: float = 0
     store (Ray may evict or spill it) and the caller holds one at a time. Items the cache holds are not run again.
     A task that dies is retried `retries` times by Ray; after that the error names the item and the other tasks
     are cancelled (so are they on an interrupt, or when the caller stops reading)."""
-    cached = {k for k in range(len(items)) if cache is not None and cache.has(k)}
     fn_ref = ray.put(fn)
     # DEFAULT: a fold task reserves its own CPUs, also when started from inside a Ray Tune trial (whose
     # placement group would otherwise capture it).
     task = _run.options(num_cpus=cpus, num_gpus=gpus, max_retries=retries, retry_exceptions=False,
                         scheduling_strategy="DEFAULT")
-    refs = {k: task.remote(fn_ref, items[k]) for k in range(len(items)) if k not in cached}
+    refs = {k: task.remote(fn_ref, items[k]) for k in range(len(items)) if cache is None or not cache.has(k)}
     pending = {ref: k for k, ref in refs.items()}
 
     def result(k: int):
@@ -199,7 +198,7 @@ def ray_map(fn: Callable, items: Sequence, *, cpus: float = 1.0, gpus: float = 0
 
     try:
         for k in range(len(items)):
-            if k in cached:
+            if k not in refs:    # the cache held it when the map began
                 yield cache.load(k)
                 continue
             while refs[k] in pending:    # meanwhile, name a failure as soon as any task has one, and cache
