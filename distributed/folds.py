@@ -180,8 +180,12 @@ def ray_map(fn: Callable, items: Sequence, *, cpus: float = 1.0, gpus: float = 0
     """fn over items as parallel Ray tasks (fn put in the object store once), results yielded in order. Each result
     is cached as it arrives; until its turn the driver keeps only its reference, so no view pins it in the object
     store (Ray may evict or spill it) and the caller holds one at a time. Items the cache holds are not run again.
-    A task that dies is retried `retries` times by Ray; after that the error names the item and the other tasks
-    are cancelled (so are they on an interrupt, or when the caller stops reading)."""
+    A task that dies is retried `retries` times by Ray; after that the error names the item.
+
+    Tasks still running when the map ends early (a failure, an interrupt, the caller stops reading) are not
+    cancelled: they end with the job that owns them (Ray kills a driver's tasks as it exits, a Tune trial's as its
+    actor ends). A cancel that meets a task Ray is retrying aborts the driver (a Ray core check, 2.60: "Tried to
+    complete task that was not pending"; CI hit it on Ctrl-C after a killed fold), which a resumable stop must not do."""
     fn_ref = ray.put(fn)
     # DEFAULT: a fold task reserves its own CPUs, also when started from inside a Ray Tune trial (whose
     # placement group would otherwise capture it).
@@ -196,25 +200,21 @@ def ray_map(fn: Callable, items: Sequence, *, cpus: float = 1.0, gpus: float = 0
         except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError) as exc:
             raise RuntimeError(f"fold {k} of {len(items)} failed after {retries} retries: {exc}") from exc
 
-    try:
-        for k in range(len(items)):
-            if k not in refs:    # the cache held it when the map began
-                yield cache.load(k)
-                continue
-            while refs[k] in pending:    # meanwhile, name a failure as soon as any task has one, and cache
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                done = pending.pop(ready[0])
-                finished = result(done)
-                if cache is not None:
-                    cache.save(done, finished)
-                del finished
-            finished = result(k)
-            del refs[k]
-            yield finished
+    for k in range(len(items)):
+        if k not in refs:    # the cache held it when the map began
+            yield cache.load(k)
+            continue
+        while refs[k] in pending:    # meanwhile, name a failure as soon as any task has one, and cache
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            done = pending.pop(ready[0])
+            finished = result(done)
+            if cache is not None:
+                cache.save(done, finished)
             del finished
-    finally:
-        for ref in pending:
-            ray.cancel(ref, force=True)
+        finished = result(k)
+        del refs[k]
+        yield finished
+        del finished
 
 
 @dataclass
