@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -136,6 +137,9 @@ class RelabelledTargets(BatchRule):
         return self.rule.batch(ids, inputs, torch.from_numpy(self.labels[ids.numpy()]), rng)
 
 
+TABLE_FILE = "out_of_fold.assembling.npy"
+
+
 @ray.remote
 def _run(fn, item):
     return fn(item)
@@ -164,6 +168,25 @@ class FoldCache:
 
     def clear(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
+
+    def table(self, shape: tuple[int, int]) -> np.ndarray:
+        """The round's N x C out-of-fold table: a zeroed float32 .npy mapped into memory, so its pages belong to
+        the page cache (written back, dropped under pressure), not to the driver's heap; at WebVision's 2.4M x 1000
+        that is 9.6 GB the driver need not hold. Its disk space is reserved up front, so a full disk fails here as
+        an OSError naming the file, not later as a SIGBUS on a write through the map. The file is scratch, never
+        read back (a resumed run refills it from the fold parts); clear() removes it with the parts, and its space
+        returns once the table is let go (Selection.without_probs)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / TABLE_FILE
+        probs = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+        try:
+            with open(path, "r+b") as fh:
+                os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
+        except OSError as exc:
+            path.unlink(missing_ok=True)
+            raise OSError(exc.errno, f"no room for the {np.prod(shape) * 4 / 2**30:.2f} GiB out-of-fold table: "
+                          f"{exc.strerror}", str(path)) from exc
+        return np.asarray(probs)   # a plain ndarray over the map (whose base keeps it open): no memmap subclass
 
     def save(self, index: int, output: FoldOutput) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -228,6 +251,11 @@ class Selection:
     seconds: float
     table_ref: ray.ObjectRef
 
+    def without_probs(self) -> Selection:
+        """This selection less its N x C probabilities: what the driver keeps through training (the workers read
+        their copy in the object store, oof.npz holds the table; at WebVision's size it is 9.6 GB)."""
+        return dataclasses.replace(self, table=dataclasses.replace(self.table, probs=None))
+
 
 def select(cv: CrossValConfig, train: TrainSection, seed: int, data_dir: str, manifest: dict,
            previous: Selection | None = None, init_state: dict | None = None,
@@ -255,7 +283,8 @@ def select(cv: CrossValConfig, train: TrainSection, seed: int, data_dir: str, ma
         fold_runs = []
     else:
         probs, fold_of, fold_runs = out_of_fold_probabilities(given, cv.folds, seed, trainer,
-                                                              map=functools.partial(runner, cache=cache))
+                                                              map=functools.partial(runner, cache=cache),
+                                                              allocate=None if cache is None else cache.table)
     for later in range(1, cv.fold_rounds):
         # The same folds, trained on the labels the previous round corrected or on its unflagged samples only;
         # flags still judge the given labels.
@@ -263,7 +292,8 @@ def select(cv: CrossValConfig, train: TrainSection, seed: int, data_dir: str, ma
         round_trainer = next_round(trainer, cv, probs, given, seed)
         del probs    # one N x C table at a time: this round's replaces the last
         probs, fold_of, runs = out_of_fold_probabilities(given, cv.folds, seed, round_trainer,
-                                                         map=functools.partial(runner, cache=round_cache))
+                                                         map=functools.partial(runner, cache=round_cache),
+                                                         allocate=None if round_cache is None else round_cache.table)
         fold_runs += [{**run, "round": later + 1} for run in runs]
     table = build_mixing_table(probs, given, cv.tau_low, cv.tau_high, cv.flag_rule, seed, noise_matrix)
     return Selection(table, fold_of, fold_runs, time.perf_counter() - started,

@@ -111,6 +111,7 @@ class SelectionRounds:
             self.latest = restore_selection(run.out_of_fold(), self.cv, config.run.seed,
                                             config.method.workers_read_probs(), config.method.noise_matrix_over())
             recorder.believe(config.method.label_report(table=self.latest.table), self.rounds[-1]["epoch"])
+            self.latest = self.latest.without_probs()
 
     def done_at(self, epoch: int) -> bool:
         return any(r["epoch"] == epoch for r in self.rounds)
@@ -149,10 +150,10 @@ class SelectionRounds:
                 **({"note": note} if note else {})}
         info.update(self.recorder.believe(self.config.method.label_report(table=table), epoch))
         self.rounds.append(info)
-        self.latest = selection
+        self.latest = selection.without_probs()
         self.run.write_status("running", f"selection at epoch {epoch} done", rounds=self.rounds)
         cache.clear()   # oof.npz holds what the folds gave
-        return selection
+        return self.latest
 
 
 def write_selection(run: RunDir, selection: Selection) -> None:

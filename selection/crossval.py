@@ -28,12 +28,16 @@ def stratified_folds(labels: np.ndarray, k: int, seed: int) -> list[tuple[np.nda
     return list(splitter.split(np.zeros(len(labels)), labels))
 
 
-def assemble_out_of_fold(num_samples: int, fold_outputs: Iterable[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """P[i] for every id from the fold that held i out; an id missing or predicted twice is an error."""
+def assemble_out_of_fold(num_samples: int, fold_outputs: Iterable[tuple[np.ndarray, np.ndarray]],
+                         allocate: Callable[[tuple[int, int]], np.ndarray] | None = None) -> np.ndarray:
+    """P[i] for every id from the fold that held i out; an id missing or predicted twice is an error.
+    `allocate(shape)` gives the zeroed float32 N x C array to fill (np.zeros where None; a caller may hand a
+    file-backed memmap, whose pages the kernel writes back and drops instead of the process's heap holding them)."""
     probs, seen = None, np.zeros(num_samples, dtype=np.int64)
     for held_ids, held_probs in fold_outputs:
         if probs is None:
-            probs = np.zeros((num_samples, held_probs.shape[1]), dtype=np.float32)
+            shape = (num_samples, held_probs.shape[1])
+            probs = np.zeros(shape, dtype=np.float32) if allocate is None else allocate(shape)
         probs[held_ids] = held_probs
         np.add.at(seen, held_ids, 1)
     if probs is None or (seen != 1).any():
@@ -83,12 +87,14 @@ class FoldOutput:
 
 
 def out_of_fold_probabilities(labels: np.ndarray, k: int, seed: int, fit_predict: Callable[[Fold], FoldOutput],
-                              map: Callable = map) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+                              map: Callable = map, allocate: Callable[[tuple[int, int]], np.ndarray] | None = None,
+                              ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """A1 over any classifier: (out-of-fold P for every id, fold of each id, each fold's info in fold order).
 
     `fit_predict(fold)` trains on the fold's train positions and predicts its held-out ones; `map` runs it
     over the K folds (the built-in map in a loop, or one Ray task per fold) and yields outputs in order. Each
-    output is copied into P as it comes and then let go, so P is the one N x C array held (not P and K parts).
+    output is copied into P as it comes and then let go, so P is the one N x C array held (not P and K parts);
+    `allocate` makes P (assemble_out_of_fold).
     """
     folds = [Fold(f, train, held) for f, (train, held) in enumerate(stratified_folds(labels, k, seed))]
     infos = []
@@ -98,7 +104,7 @@ def out_of_fold_probabilities(labels: np.ndarray, k: int, seed: int, fit_predict
             infos.append(output.info)
             yield output.held_ids, output.probs
 
-    probs = assemble_out_of_fold(len(labels), placed(map(fit_predict, folds)))
+    probs = assemble_out_of_fold(len(labels), placed(map(fit_predict, folds)), allocate)
     fold_of = np.empty(len(labels), dtype=np.int64)
     for fold in folds:
         fold_of[fold.held] = fold.index

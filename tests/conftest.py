@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -54,6 +55,18 @@ def kill_one_worker_after_second_epoch(run_dir, done, pattern="metrics.jsonl"):
                 os.kill(actors[0]["pid"], signal.SIGKILL)
                 return
         time.sleep(0.05)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs: a full disk, for the paths that must fail on one in a clear line."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode:
+        pytest.skip(f"a full disk is simulated with a small tmpfs, which needs root: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 @pytest.fixture(scope="session")

@@ -432,15 +432,17 @@ def test_selection_memory_measures_the_driver_over_real_fold_tasks(ray_session, 
     monkeypatch.setitem(sys.modules, memory.__name__, memory)
     ray_session.cloudpickle.register_pickle_by_value(memory)
     try:
-        row = memory.measure(3000, 20, "confident")
+        row = memory.measure(3000, 20, "confident", "file")
+        on_heap = memory.measure(3000, 20, "confident", "memory")
     finally:
         ray_session.cloudpickle.unregister_pickle_by_value(memory)
     assert row["table_mb"] == pytest.approx(3000 * 20 * 4 / 2**20) and 0 < row["flagged"] < 3000
-    assert row["folds_total_mb"] >= row["folds_anon_mb"] and row["folds_s"] > 0
+    assert row["flagged"] == on_heap["flagged"], "the same folds flag the same labels wherever the table lives"
+    assert row["folds_total_mb"] >= row["folds_anon_mb"] and row["folds_s"] > 0 and "build_file_mb" in row
     output = memory.RandomFold(20)(Fold(0, np.arange(5), np.arange(5, 9)))
     assert np.array_equal(output.held_ids, [5, 6, 7, 8]) and np.allclose(output.probs.sum(axis=1), 1.0)
     text = memory.markdown({"machine": "m", "commands": ["c"], "rows": [{**row, "commit": "abc"}]})
-    assert "| abc | 3,000 | 20 | confident | 0 |" in text and text.endswith("    c\n")
+    assert "| abc | 3,000 | 20 | confident | file | 0 |" in text and text.endswith("    c\n")
 
 
 def test_heldout_memory_predicts_a_folds_held_out_ids_and_tables_each_setting(digits_dir, monkeypatch):

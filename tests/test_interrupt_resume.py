@@ -8,7 +8,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 import yaml
 
 from noisymix.distributed.artifacts import RunDir
@@ -161,21 +160,10 @@ def test_an_interrupted_bench_resumes_its_cell_to_the_numbers_of_an_uninterrupte
     assert epochs(cell_run) == epochs(ce_whole), "the resumed cell equals an uninterrupted run"
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 1 MiB tmpfs: it fills up while Ray Train copies a checkpoint into the run directory (a write of the
-    run's own files that fails is named by write_atomic: tests/test_failures.py)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode:
-        pytest.skip(f"a full disk is simulated with a small tmpfs, which needs root: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=True)
-
-
 def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes_once_there_is_room(ce_whole, digits_dir, tmp_path,
                                                                                 small_disk):
+    """The 1 MiB disk fills up while Ray Train copies a checkpoint into the run directory (a write of the run's
+    own files that fails is named by write_atomic: tests/test_failures.py)."""
     cut = small_disk / "run"
     process = noisymix("train", f"data_dir={digits_dir}", *CE_RUN, f"run_dir={cut}", cwd=tmp_path)
     out, _ = process.communicate(timeout=600)
