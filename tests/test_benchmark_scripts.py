@@ -462,3 +462,35 @@ def test_heldout_memory_predicts_a_folds_held_out_ids_and_tables_each_setting(di
     assert rows[1]["hwm_above_base_mb"] == 6.0 and rows[0]["wall_ratios"] == [1.0, 1.0]
     text = bench.markdown({"command": "c", "machine": "m", "data": "d", "repeats": 2, "runs": runs, "rows": rows})
     assert "| 20 batches | 6 (5, 7) |" in text and "| never |" in text
+
+
+def test_scale_extrapolation_fits_both_models_to_every_size_and_names_the_one_the_sizes_follow():
+    bench = load("scale_extrapolation")
+
+    def run(n, method, roles):
+        return {"n": n, "method": method,
+                "roles": {role: [{"Hwm": v} for v in values] for role, values in roles.items()}}
+
+    sizes = [20_000, 80_000, 320_000]
+    runs = [run(n, "selectmix", {"fold task": [500 + n / 1000, 500 + n / 1000 + 10],   # linear: 1 MB per 1k
+                                 "driver": [400 + 8 * np.log2(n / 20_000)],          # log N: 8 MB a doubling
+                                 "raylet": [30]}) for n in sizes]
+    runs.append(run(20_000, "mixnn", {"driver": [500]}))   # one size: nothing to fit
+    rows = {(r["method"], r["role"]): r for r in bench.extrapolate(bench.role_peaks(runs))}
+    assert set(rows) == {("selectmix", "fold task"), ("selectmix", "driver")}, "roles kept, one-size fits left out"
+    fold = rows["selectmix", "fold task"]["models"]
+    assert fold["linear"]["residual_mb"] < 1e-6 < fold["log_n"]["residual_mb"]
+    assert fold["linear"]["targets"]["clothing1m"]["mean"] == pytest.approx(500 + 1000 + 5)
+    assert fold["linear"]["targets"]["webvision"]["max"] == pytest.approx(500 + 2400 + 10)
+    driver = rows["selectmix", "driver"]["models"]
+    assert driver["log_n"]["residual_mb"] < 1e-6 < driver["linear"]["residual_mb"]
+    assert driver["log_n"]["targets"]["clothing1m"]["mean"] == pytest.approx(400 + 8 * np.log2(50))
+    prepare = bench.prepare_hours({"rows": [{"n": 10, "prepare": [{"images_per_s_per_core": 900}]},
+                                            {"n": 80, "prepare": [{"images_per_s_per_core": 100},
+                                                                  {"images_per_s_per_core": 300}]}]})
+    assert prepare["images_per_s_per_core"] == 200 and prepare["measured_n"] == 80
+    assert prepare["hours"]["clothing1m"] == pytest.approx(1_000_000 / (200 * 16) / 3600)
+    text = bench.markdown({"rows": list(rows.values()), "prepare": prepare, "command": "c", "inputs": ["a.json"],
+                           "out_of_fold_table_mb": bench.out_of_fold_table_mb()})
+    assert "| selectmix | fold task | 20k -> 525 (2), 80k -> 585 (2), 320k -> 825 (2) | log N |" in text
+    assert "+1,049 B per sample" in text and "+8 MB per doubling" in text and "webvision 9,155 MB" in text
