@@ -12,9 +12,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.spatial.distance import cdist
 
-from noisymix.selection.crossval import SelectionError
-
-ROW_BLOCK = 65_536
+from noisymix.selection.crossval import ROW_BLOCK, SelectionError
 
 
 def _check(probs: np.ndarray, given: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

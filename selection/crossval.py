@@ -8,6 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 
 
+ROW_BLOCK = 65_536   # rows of an N x C table a scan reads at a time: its temporaries stay ROW_BLOCK x C
+
+
 class SelectionError(ValueError):
     """Selection settings or predictions that cannot give a mixing table (K, tau, coverage)."""
 
@@ -60,12 +63,21 @@ def check_out_of_fold(arrays: dict[str, np.ndarray], given: np.ndarray, num_clas
         raise SelectionError(f"{source} was made for other given labels ({int(np.sum(file_given != given))} of "
                              f"{len(given)} differ): another dataset, noise draw or seed")
     probs = np.asarray(probs, np.float32)
-    if not np.isfinite(probs).all() or (probs < 0).any() or not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
+    if not rows_are_distributions(probs):
         raise SelectionError(f"{source}: every row of probs must be a probability vector (finite, >= 0, sum 1)")
     fold_of = arrays.get("fold", np.full(len(given), -1))
     if fold_of.shape != given.shape:
         fold_of = np.full(len(given), -1)
     return probs, fold_of.astype(np.int64)
+
+
+def rows_are_distributions(probs: np.ndarray, atol: float = 1e-3) -> bool:
+    """Every row finite, >= 0 and summing to 1 (within atol), read ROW_BLOCK rows at a time."""
+    for start in range(0, len(probs), ROW_BLOCK):
+        block = probs[start:start + ROW_BLOCK]
+        if not (np.isfinite(block).all() and (block >= 0).all() and np.allclose(block.sum(axis=1), 1.0, atol=atol)):
+            return False
+    return True
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from noisymix.distributed.artifacts import read_out_of_fold
+from noisymix.selection import crossval
 from noisymix.selection.crossval import (FoldOutput, assemble_out_of_fold, check_out_of_fold,
                                          out_of_fold_probabilities, stratified_folds)
 from noisymix.selection.detection import detection_metrics, selection_report
@@ -150,3 +151,12 @@ def test_out_of_fold_file_that_does_not_fit_is_refused(tmp_path, arrays, message
         load_out_of_fold(path, np.array([0, 1, 2, 1]), 3)
     with pytest.raises(ValueError, match="cannot read"):
         load_out_of_fold(tmp_path / "absent.npz", np.array([0, 1, 2, 1]), 3)
+
+
+@pytest.mark.parametrize("bad", ["negative", "nan", "sum"])
+def test_a_bad_row_in_any_row_block_of_an_out_of_fold_table_is_found(monkeypatch, bad):
+    monkeypatch.setattr(crossval, "ROW_BLOCK", 2)   # 7 rows: blocks of 2, the last of 1
+    probs = np.full((7, 4), 0.25, dtype=np.float32)
+    assert crossval.rows_are_distributions(probs)
+    probs[6] = {"negative": [-0.25, 0.5, 0.5, 0.25], "nan": [np.nan, 0.25, 0.25, 0.25], "sum": [0.5, 0.5, 0.5, 0]}[bad]
+    assert not crossval.rows_are_distributions(probs), "the last block, of one row, is read too"
