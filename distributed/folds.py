@@ -140,9 +140,12 @@ class RelabelledTargets(BatchRule):
 TABLE_FILE = "out_of_fold.assembling.npy"
 
 
-@ray.remote
 def _run(fn, item):
     return fn(item)
+
+
+_task = ray.remote(_run)   # Ray names both `_run`: its processes are titled ray::_run
+_task_in_a_fresh_process = ray.remote(max_calls=1)(_run)   # max_calls cannot be set through .options()
 
 
 class FoldCache:
@@ -199,11 +202,13 @@ class FoldCache:
 
 
 def ray_map(fn: Callable, items: Sequence, *, cpus: float = 1.0, gpus: float = 0.0, retries: int = 2,
-            cache: FoldCache | None = None) -> Iterator:
+            cache: FoldCache | None = None, fresh_process: bool = False) -> Iterator:
     """fn over items as parallel Ray tasks (fn put in the object store once), results yielded in order. Each result
     is cached as it arrives; until its turn the driver keeps only its reference, so no view pins it in the object
     store (Ray may evict or spill it) and the caller holds one at a time. Items the cache holds are not run again.
-    A task that dies is retried `retries` times by Ray; after that the error names the item.
+    A task that dies is retried `retries` times by Ray; after that the error names the item. `fresh_process`: each
+    task in a worker process of its own, which exits after it (Ray's max_calls=1), so what one task leaves in the
+    process's heap never adds to the next's peak.
 
     Tasks still running when the map ends early (a failure, an interrupt, the caller stops reading) are not
     cancelled: they end with the job that owns them (Ray kills a driver's tasks as it exits, a Tune trial's as its
@@ -212,8 +217,8 @@ def ray_map(fn: Callable, items: Sequence, *, cpus: float = 1.0, gpus: float = 0
     fn_ref = ray.put(fn)
     # DEFAULT: a fold task reserves its own CPUs, also when started from inside a Ray Tune trial (whose
     # placement group would otherwise capture it).
-    task = _run.options(num_cpus=cpus, num_gpus=gpus, max_retries=retries, retry_exceptions=False,
-                        scheduling_strategy="DEFAULT")
+    task = (_task_in_a_fresh_process if fresh_process else _task).options(
+        num_cpus=cpus, num_gpus=gpus, max_retries=retries, retry_exceptions=False, scheduling_strategy="DEFAULT")
     refs = {k: task.remote(fn_ref, items[k]) for k in range(len(items)) if cache is None or not cache.has(k)}
     pending = {ref: k for k, ref in refs.items()}
 
@@ -276,7 +281,10 @@ def select(cv: CrossValConfig, train: TrainSection, seed: int, data_dir: str, ma
     started = time.perf_counter()
     given = shards.load_labels(data_dir, manifest) if previous is None else previous.table.given
     trainer = FoldTrainer(data_dir, manifest, train, cv, seed, init_state)
-    runner = functools.partial(ray_map, cpus=cv.fold_cpus, gpus=cv.fold_gpus, retries=cv.fold_retries)
+    # A fold in a process of its own: a reused one's second fold peaked ~100 MB above its first at 320k
+    # (findings.md), and a process start is seconds against a fold's minutes.
+    runner = functools.partial(ray_map, cpus=cv.fold_cpus, gpus=cv.fold_gpus, retries=cv.fold_retries,
+                               fresh_process=True)
     if previous is None and cv.oof_from:
         probs, fold_of = check_out_of_fold(read_out_of_fold(cv.oof_from), given, manifest["num_classes"],
                                            cv.oof_from)

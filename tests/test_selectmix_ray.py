@@ -4,6 +4,7 @@ import csv
 import dataclasses
 import functools
 import json
+import os
 import sys
 import time
 
@@ -176,6 +177,28 @@ def test_ray_map_yields_in_order_caches_as_results_arrive_and_resumes_from_the_c
     cache.clear()
     with pytest.raises(RuntimeError, match=r"(?s)fold \d of 3 failed after 0 retries: .*cannot be fitted"):
         list(ray_map(broken, [0, 1, 2], retries=0, cache=cache))
+
+
+def own_pid(item: int) -> int:
+    return os.getpid()
+
+
+def test_ray_map_runs_each_task_in_a_process_of_its_own_that_exits_after_it(tasks_from_this_module, ray_session):
+    every_cpu = ray_session.cluster_resources()["CPU"]   # one task at a time, so a process could be reused
+    pids = list(ray_map(own_pid, [0, 1, 2, 3], cpus=every_cpu, fresh_process=True))
+    assert len(set(pids)) == 4, "no process ran two tasks"
+    deadline = time.time() + 30
+    while any(alive(pid) for pid in pids):
+        assert time.time() < deadline, "a task's process outlived its task"
+        time.sleep(0.1)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_selectmix_end_to_end_on_two_workers(selectmix_whole, digits_dir):
