@@ -132,7 +132,8 @@ def markdown(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, nargs="+",
-                        default=[RESULTS / "rss_breakdown_trim.json", RESULTS / "rss_breakdown_mixnn_trim.json"])
+                        default=[RESULTS / "rss_breakdown_fresh_fold.json", RESULTS / "rss_breakdown_fresh_fold_80k.json",
+                                 RESULTS / "rss_breakdown_mixnn_trim.json"])
     parser.add_argument("--prepare", type=Path, default=RESULTS / "scale_prepare.json")
     parser.add_argument("--out", type=Path, default=RESULTS / "scale_extrapolation")
     args = parser.parse_args()
