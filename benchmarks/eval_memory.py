@@ -20,6 +20,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_support.reports import write_report  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 CROP, WIDTH, BATCH = 64, 8, 4 * 128
 
@@ -75,9 +78,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     results = {"command": shlex.join(["python", "benchmarks/eval_memory.py", *sys.argv[1:]]),
                "machine": f"{platform.machine()}, {os.cpu_count()} cores", "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(results))
+    write_report(args.out, results, markdown(results))
     print(f"wrote {args.out}.md and .json")
 
 

@@ -35,6 +35,9 @@ from noisymix.selection.crossval import given_label_probability
 from noisymix.selection.detection import detection_metrics
 from noisymix.selection.flag_rules import FLAG_RULE_HELP, FLAG_RULES, flag_given_labels
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_support.reports import write_report  # noqa: E402
+
 
 def required_clean_accuracy(noise_rate: float, recall: float, f1: float) -> float:
     """The fold accuracy on correctly labelled samples below which F1 < f1, at this noise rate and recall."""
@@ -125,11 +128,9 @@ def main() -> None:
                      f"{r['recall']:.3f} | {r['needed_acc_on_clean']:.3f} |")
     print("\n".join(lines))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps({"f1_target": args.f1, "runs": rows}, indent=1))
-        args.out.with_suffix(".md").write_text(
-            "# SelectMix fold quality against the F1 target\n\n" + "\n\n".join(__doc__.split("\n\n")[1:3]) + "\n\n"
-            + "\n".join(lines) + "\n")
+        write_report(args.out, {"f1_target": args.f1, "runs": rows},
+                     "# SelectMix fold quality against the F1 target\n\n" + "\n\n".join(__doc__.split("\n\n")[1:3])
+                     + "\n\n" + "\n".join(lines) + "\n")
 
 
 def write_rules(rows: list[dict], out: Path | None) -> None:

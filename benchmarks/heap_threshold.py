@@ -28,6 +28,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_support.reports import write_report  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 CROP, WIDTH, BATCH, BUFFER = 64, 8, 128, 2000
 
@@ -154,9 +157,7 @@ def main() -> None:
     results = {"command": shlex.join(["python", "benchmarks/heap_threshold.py", *sys.argv[1:]]),
                "machine": f"{platform.machine()}, {os.cpu_count()} cores", "threshold_kb": args.threshold_kb,
                "preload": args.preload, "trim_every": args.trim_every, "repeats": args.repeats, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(results))
+    write_report(args.out, results, markdown(results))
     print(markdown(results))
 
 

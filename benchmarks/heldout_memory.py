@@ -26,6 +26,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_support.reports import write_report  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 CROP, WIDTH, BATCH, FOLDS = 64, 8, 128, 5
 
@@ -122,9 +125,7 @@ def main() -> None:
     results = {"command": shlex.join(["python", "benchmarks/heldout_memory.py", *sys.argv[1:]]),
                "machine": f"{platform.machine()}, {os.cpu_count()} cores", "data": args.data,
                "repeats": args.repeats, "runs": runs, "rows": summarise(runs)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(results))
+    write_report(args.out, results, markdown(results))
     print(f"wrote {args.out}.md and .json")
 
 

@@ -23,6 +23,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_support.reports import write_report  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 CROPS, BUFFERS = (64, 224), (0, 2000)
 
@@ -92,9 +95,7 @@ def main() -> None:
                "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                "rows": measure(args.work, args.sizes)}
     old = json.loads(args.compare.read_text()) if args.compare else None
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(results, old))
+    write_report(args.out, results, markdown(results, old))
     print(f"wrote {args.out}.md and .json")
 
 

@@ -11,7 +11,6 @@ test labels are read for evaluation only, as the runs' own test accuracy is.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,6 +21,9 @@ from noisymix.distributed import shards
 from noisymix.distributed.artifacts import MODEL_BEST, RunDir, load_checkpoint
 from noisymix.distributed.engine import DataInfo, InputTransform, predict
 from noisymix.distributed.models import create_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_support.reports import write_report  # noqa: E402
 
 
 def per_class_accuracy(run: Path) -> dict:
@@ -65,9 +67,7 @@ def main() -> None:
     text = markdown(rows, f"python {' '.join(sys.argv)}")
     print(text)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps({"rows": rows}, indent=1))
-        args.out.with_suffix(".md").write_text(text)
+        write_report(args.out, {"rows": rows}, text)
 
 
 if __name__ == "__main__":

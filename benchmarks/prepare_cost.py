@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +20,9 @@ import numpy as np
 
 from noisymix.distributed.images import PixelSums, encode_jpeg, open_rgb, resize_shorter, stored_image
 from noisymix.launch.image_lists import STATS_EVERY
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_support.reports import write_report  # noqa: E402
 
 STORED_SIZE, QUALITY, PASSES = 256, 90, 5
 
@@ -74,8 +77,6 @@ def main() -> None:
     writer = ((STATS_EVERY - 1) * costs["stored_image_no_pixels"] + costs["stored_image"]
               + costs["pixel_stats_pil_histogram"]) / STATS_EVERY + costs["sha256"]
     result["writer_vs_decode_bound"] = costs["decode_resize"] / writer
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     lines = ["# Where prepare spends its time, per image", "", f"Command: `{result['command']}`; one core, "
              f"{result['images']} images re-encoded at {STORED_SIZE} px, quality {QUALITY}; medians of {PASSES} passes.",
              "", "| step | ms per image |", "|---|---|"]
@@ -87,7 +88,7 @@ def main() -> None:
               f"in {STATS_EVERY}, + sha256; "
               f"{result['stored_as_is']:.0%} of these JPEGs need no resize and keep their own bytes): "
               f"{result['writer_vs_decode_bound']:.2f}x the bare loop's rate, before any I/O."]
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_report(args.out, result, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -17,7 +17,6 @@ reaches every process of the run; the report names each process's allocator.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
@@ -28,6 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_support.reports import write_report  # noqa: E402
 from scale import END_TO_END_KEYS, END_TO_END_METHODS, list_keys  # noqa: E402  (scale.py's end_to_end run)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,9 +166,7 @@ def main() -> None:
                           f"--method {args.method}{heap}", "machine": platform.processor() or platform.machine(),
                "rows": rows}
     text = markdown(results)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    args.out.with_suffix(".md").write_text(text)
+    write_report(args.out, results, text)
     print(text)
 
 

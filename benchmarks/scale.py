@@ -44,6 +44,9 @@ from noisymix.distributed.artifacts import RunDir
 from noisymix.distributed.images import JpegCrops
 from noisymix.launch.synth import SynthSection, synthesize
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_support.reports import write_report  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 TEST_SHARE, CLASSES = 10, 14
 TARGETS = {"clothing1m": (1_000_000, 14), "webvision": (2_400_000, 1000)}
@@ -261,7 +264,9 @@ def markdown(results: dict) -> str:
     keys = list(results["extrapolated"][0]["memory_mb"])
     lines += ["", "## Extrapolated: peak RSS MB through log N - linear in N, from the smallest and largest N", "",
               "Two sizes fit both; rss_breakdown.py's four sizes (5k-320k) found the training workers' growth "
-              "slowing towards log N and the fold tasks' staying linear (findings.md, \"Memory and the allocator\").",
+              "slowing towards log N and the fold tasks' staying linear (findings.md, \"Memory and the allocator\"). "
+              "Superseded by scale_extrapolation.md: three sizes, after eval_batch_size, the trims and a process per "
+              "fold task.",
               "", "| dataset | N | prepare h on 16 cores | " + " | ".join(keys) + " |", "|---|---|---|" + "---|" * len(keys)]
     for e in results["extrapolated"]:
         memory = e["memory_mb"]
@@ -284,8 +289,7 @@ def main() -> None:
         for row in results["rows"]:   # JSON made the loader's process counts strings
             row["loader_images_per_s"] = {int(k): v for k, v in row["loader_images_per_s"].items()}
         results["extrapolated"] = extrapolate(results["rows"])
-        args.out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
-        args.out.with_suffix(".md").write_text(markdown(results))
+        write_report(args.out, results, markdown(results))
         return
     log = lambda line: print(line, flush=True)
     rows = [measure(n, args.work, log, args.prepare_only) for n in args.sizes]
@@ -295,9 +299,7 @@ def main() -> None:
     if not args.prepare_only:
         results["extrapolated"] = extrapolate(rows)
     text = prepare_markdown(results) if args.prepare_only else markdown(results)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
-    args.out.with_suffix(".md").write_text(text)
+    write_report(args.out, results, text)
     print(text)
 
 

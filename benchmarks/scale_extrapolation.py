@@ -23,6 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_support.reports import write_report  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 TARGETS = {"clothing1m": (1_000_000, 14), "webvision": (2_400_000, 1000)}
@@ -144,9 +147,7 @@ def main() -> None:
                "rows": extrapolate(role_peaks(runs)),
                "prepare": prepare_hours(json.loads(args.prepare.read_text())),
                "out_of_fold_table_mb": out_of_fold_table_mb()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(results))
+    write_report(args.out, results, markdown(results))
     print(f"wrote {args.out}.md and .json")
 
 

@@ -34,6 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_support.reports import write_report  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 FOLDS = 5
 FIELDS = ("RssAnon", "RssShmem", "RssFile")
@@ -198,9 +201,7 @@ def main() -> None:
                                   table], check=True, capture_output=True, text=True).stdout
             results["rows"].append(json.loads(out.strip().splitlines()[-1]))
             print(json.dumps(results["rows"][-1]), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(results))
+    write_report(args.out, results, markdown(results))
     print(f"wrote {args.out}.md and .json")
 
 

@@ -494,3 +494,13 @@ def test_scale_extrapolation_fits_both_models_to_every_size_and_names_the_one_th
                            "out_of_fold_table_mb": bench.out_of_fold_table_mb()})
     assert "| selectmix | fold task | 20k -> 525 (2), 80k -> 585 (2), 320k -> 825 (2) | log N |" in text
     assert "+1,049 B per sample" in text and "+8 MB per doubling" in text and "webvision 9,155 MB" in text
+
+
+def test_scale_extrapolation_writes_its_report_from_the_committed_runs(tmp_path, monkeypatch):
+    bench = load("scale_extrapolation")
+    out = tmp_path / "new" / "extrapolation"
+    monkeypatch.setattr(sys, "argv", ["scale_extrapolation.py", "--out", str(out)])
+    bench.main()
+    results = json.loads(out.with_suffix(".json").read_text())
+    assert {(r["method"], r["role"]) for r in results["rows"]} >= {("selectmix", "fold task"), ("mixnn", "index actor")}
+    assert out.with_suffix(".md").read_text() == bench.markdown(results)

@@ -1,0 +1,1 @@
+"""What the benchmark scripts share and that is not the library's: their report files."""
