@@ -100,10 +100,13 @@ class RandomFold:
 
 
 def measure(samples: int, classes: int, rule: str, table: str, seed: int = 0) -> dict:
-    """The driver's peaks (MB above its start) over the fold stage and the table build, in this process (Ray
-    must already be running)."""
+    """The driver's peaks (MB above its start) over the fold stage, the table build, and a read-back of the oof.npz
+    the run writes (as a resumed run's or `oof_from`'s, checked and built again), in this process (Ray must already
+    be running). With table="memory" the read-back is np.load's, onto the heap, as the driver's was before it mapped
+    the file."""
+    from noisymix.distributed.artifacts import read_out_of_fold, write_out_of_fold
     from noisymix.distributed.folds import FoldCache, ray_map
-    from noisymix.selection.crossval import out_of_fold_probabilities
+    from noisymix.selection.crossval import check_out_of_fold, out_of_fold_probabilities
     from noisymix.selection.mismatch import build_mixing_table
 
     given = np.random.default_rng(seed).integers(0, classes, samples)
@@ -113,7 +116,7 @@ def measure(samples: int, classes: int, rule: str, table: str, seed: int = 0) ->
     sampler.start()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as directory:   # as a run's fold stage: each part written as it arrives
-        cache = FoldCache(Path(directory))
+        cache = FoldCache(Path(directory) / "folds")
         probs, _, _ = out_of_fold_probabilities(given, FOLDS, seed, RandomFold(classes, seed),
                                                 map=functools.partial(ray_map, cache=cache),
                                                 allocate=cache.table if table == "file" else None)
@@ -124,10 +127,24 @@ def measure(samples: int, classes: int, rule: str, table: str, seed: int = 0) ->
         del probs
         build_anon, build_total, build_file = sampler.phase()
         build_s = time.perf_counter() - started
+        path = Path(directory) / "oof.npz"
+        write_out_of_fold(path, mixing.probs, given)
+        flagged = int(mixing.uncertain.sum())
+        del mixing
+        cache.clear()
+        sampler.phase()
+        started = time.perf_counter()
+        arrays = read_out_of_fold(path) if table == "file" else dict(np.load(path, allow_pickle=False))
+        probs, _ = check_out_of_fold(arrays, given, classes, str(path))
+        again = build_mixing_table(probs, given, flag_rule=rule, seed=seed)
+        del arrays, probs
+        read_anon, read_total, read_file = sampler.phase()
+        read_s = time.perf_counter() - started
     sampler.stopped.set()
     table_mb = samples * classes * 4 / 2**20
     return {"samples": samples, "classes": classes, "rule": rule, "table": table, "table_mb": table_mb,
-            "flagged": int(mixing.uncertain.sum()), "folds_s": folds_s, "build_s": build_s,
+            "flagged": flagged, "flagged_again": int(again.uncertain.sum()), "folds_s": folds_s, "build_s": build_s,
+            "read_s": read_s, "read_anon_mb": read_anon - base_anon, "read_file_mb": read_file - base_file,
             "folds_anon_mb": folds_anon - base_anon, "folds_total_mb": folds_total - base_total,
             "folds_file_mb": folds_file - base_file,
             "build_anon_mb": build_anon - base_anon, "build_total_mb": build_total - base_total,
@@ -162,8 +179,8 @@ def markdown(results: dict) -> str:
              "above the driver's resident memory before the folds; x = multiples of the N x C float32 table.", "",
              "| package commit | N | C | rule | table | table MB | folds: anon MB (x) | folds: anon + shared MB | "
              "folds: file-backed MB | table build: anon MB (x) | build: anon + shared MB | build: file-backed MB | "
-             "folds s | build s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "folds s | build s | read back: anon MB (x) | read back: file-backed MB | read back s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         file_mb = ((f"{r['folds_file_mb']:,.0f}", f"{r['build_file_mb']:,.0f}") if "folds_file_mb" in r
                    else ("not measured", "not measured"))
@@ -172,9 +189,17 @@ def markdown(results: dict) -> str:
                      f"{r['folds_anon_mb']:,.0f} ({r['folds_anon_mb'] / r['table_mb']:.2f}x) | "
                      f"{r['folds_total_mb']:,.0f} | {file_mb[0]} | {r['build_anon_mb']:,.0f} "
                      f"({r['build_anon_mb'] / r['table_mb']:.2f}x) | {r['build_total_mb']:,.0f} | {file_mb[1]} | "
-                     f"{r['folds_s']:.1f} | {r['build_s']:.1f} |")
+                     f"{r['folds_s']:.1f} | {r['build_s']:.1f} | {read_back(r)} |")
     lines += ["", "Commands:", ""] + [f"    {command}" for command in results["commands"]]
     return "\n".join(lines) + "\n"
+
+
+def read_back(r: dict) -> str:
+    """The read-back phase's cells: anonymous MB (x the table), file-backed MB, seconds; rows before it: not run."""
+    if "read_anon_mb" not in r:
+        return "not run | not run | not run"
+    return (f"{r['read_anon_mb']:,.0f} ({r['read_anon_mb'] / r['table_mb']:.2f}x) | {r['read_file_mb']:,.0f} | "
+            f"{r['read_s']:.1f}")
 
 
 def main() -> None:

@@ -438,6 +438,7 @@ def test_selection_memory_measures_the_driver_over_real_fold_tasks(ray_session, 
         ray_session.cloudpickle.unregister_pickle_by_value(memory)
     assert row["table_mb"] == pytest.approx(3000 * 20 * 4 / 2**20) and 0 < row["flagged"] < 3000
     assert row["flagged"] == on_heap["flagged"], "the same folds flag the same labels wherever the table lives"
+    assert row["flagged_again"] == row["flagged"] == on_heap["flagged_again"], "its oof.npz read back: the same flags"
     assert row["folds_total_mb"] >= row["folds_anon_mb"] and row["folds_s"] > 0 and "build_file_mb" in row
     output = memory.RandomFold(20)(Fold(0, np.arange(5), np.arange(5, 9)))
     assert np.array_equal(output.held_ids, [5, 6, 7, 8]) and np.allclose(output.probs.sum(axis=1), 1.0)
