@@ -85,10 +85,15 @@ def read_out_of_fold(path: str | Path) -> dict[str, np.ndarray]:
     return arrays
 
 
+ARRAY_ALIGN = 64          # numpy's own alignment of an .npy header's end
+PADDING_FIELD = 0xD935    # the zip extra-field id zipalign uses for padding
+
+
 def mapped_npz_member(path: str | Path, key: str) -> np.ndarray:
-    """Array `key` of an .npz as a read-only map of the file's bytes where the member is stored uncompressed, else
-    read as np.load would (a compressed member has no bytes to map, an empty one none worth it). An object array is
-    refused (no pickles)."""
+    """Array `key` of an .npz as a copy-on-write map of the file's bytes where the member is stored uncompressed at an
+    aligned offset (save_aligned_npz's files), else read as np.load would: a compressed member has no bytes to map,
+    an empty one none worth it, and numpy would copy a misaligned map whole to argmax it (np.savez's own files). An
+    object array is refused (no pickles)."""
     with zipfile.ZipFile(path) as archive:
         info = archive.getinfo(f"{key}.npy")
         with archive.open(info) as member:
@@ -99,16 +104,35 @@ def mapped_npz_member(path: str | Path, key: str) -> np.ndarray:
             header_bytes = member.tell()
         if dtype.hasobject:
             raise ValueError(f"{key} in {path} holds Python objects, which are never unpickled")
-        if info.compress_type != zipfile.ZIP_STORED or not shape or 0 in shape:
+        offset = None
+        if info.compress_type == zipfile.ZIP_STORED and shape and 0 not in shape:
+            with open(path, "rb") as fh:   # the data follows the local header, whose name and extra fields vary
+                fh.seek(info.header_offset)
+                name_length, extra_length = struct.unpack("<HH", fh.read(30)[26:30])
+            offset = info.header_offset + 30 + name_length + extra_length + header_bytes
+        if offset is None or offset % ARRAY_ALIGN:
             with archive.open(info) as member:
                 return np.lib.format.read_array(member, allow_pickle=False)
-    with open(path, "rb") as fh:   # the member's data follows its local header, whose name and extra fields vary
-        fh.seek(info.header_offset)
-        local = fh.read(30)
-    name_length, extra_length = struct.unpack("<HH", local[26:30])
-    offset = info.header_offset + 30 + name_length + extra_length + header_bytes
-    mapped = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran_order else "C")
-    return np.asarray(mapped)   # a plain read-only ndarray over the map, which its base keeps open
+    # copy-on-write, not read-only: numpy copies a read-only array whole before argmax and the like, as a
+    # misaligned one; a page written to stays this process's own, the file is never changed
+    mapped = np.memmap(path, dtype=dtype, mode="c", offset=offset, shape=shape, order="F" if fortran_order else "C")
+    return np.asarray(mapped)   # a plain ndarray over the map, which its base keeps open
+
+
+def save_aligned_npz(fh, **arrays: np.ndarray) -> None:
+    """An .npz np.load reads, written to the open file `fh`, with each member's data at a multiple of ARRAY_ALIGN
+    bytes into the file (a padding field in its local header, as Android's zipalign does), so that a map of it is
+    aligned: numpy copies a misaligned array whole before argmax and the like."""
+    with zipfile.ZipFile(fh, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for key, value in arrays.items():
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            # the local header: 30 bytes, the name, this padding field (4 + pad), then zipfile's zip64 field (20);
+            # the .npy header that follows is itself a multiple of ARRAY_ALIGN long
+            before = fh.tell() + 30 + len(info.filename.encode()) + 4 + 20
+            pad = -before % ARRAY_ALIGN
+            info.extra = struct.pack("<HH", PADDING_FIELD, pad) + bytes(pad)
+            with archive.open(info, mode="w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
 
 
 def write_out_of_fold(path: Path, probs: np.ndarray, given: np.ndarray, **arrays: np.ndarray) -> None:
@@ -118,7 +142,7 @@ def write_out_of_fold(path: Path, probs: np.ndarray, given: np.ndarray, **arrays
 
     def write(partial: Path) -> None:
         with open(partial, "wb") as fh:
-            np.savez(fh, probs=probs, given=given, **arrays)
+            save_aligned_npz(fh, probs=probs, given=given, **arrays)
 
     write_atomic(path, write)
 
