@@ -10,7 +10,6 @@ once complete), and read from the store; Ray Train writes its checkpoints there 
 from __future__ import annotations
 
 import csv
-import io
 import json
 import shutil
 import struct
@@ -68,15 +67,16 @@ def _to_cpu(value):
 
 
 def read_out_of_fold(path: str | Path) -> dict[str, np.ndarray]:
-    """The arrays of an oof.npz, a file or a URL (never unpickled); `probs` and `given` must be there. A file's
-    N x C `probs` is mapped from its bytes where it is stored uncompressed (np.savez's way), not read onto the heap:
-    9.6 GB at WebVision's size."""
+    """The arrays of an oof.npz, a file or a URL (never unpickled); `probs` and `given` must be there. The N x C
+    `probs` is mapped from the file's bytes where it is stored uncompressed, not read onto the heap (9.6 GB at
+    WebVision's size); a URL's file is mapped from its local copy (storage.cached_copy), one download per version."""
     try:
-        source = io.BytesIO(storage.read_bytes(path)) if storage.is_url(path) else path
-        with np.load(source, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files if key != "probs" or not isinstance(source, (str, Path))}
-        if "probs" not in arrays and isinstance(source, (str, Path)):
-            arrays["probs"] = mapped_npz_member(source, "probs")
+        local = storage.cached_copy(str(path), "tables") if storage.is_url(path) else path
+        with np.load(local, allow_pickle=False) as data:
+            members = data.files
+            arrays = {key: data[key] for key in members if key != "probs"}
+        if "probs" in members:
+            arrays["probs"] = mapped_npz_member(local, "probs")
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise SelectionError(f"cannot read out-of-fold predictions from {path}: {exc}") from exc
     missing = {"probs", "given"} - set(arrays)

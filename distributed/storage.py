@@ -12,7 +12,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -134,6 +136,33 @@ def upload(local: str | Path, location: str | Path) -> None:
     fs, path = resolve(location)
     pafs.copy_files(str(Path(local).resolve()), path, source_filesystem=pafs.LocalFileSystem(),
                     destination_filesystem=fs)
+
+
+def cached_copy(location: str, kind: str) -> Path:
+    """A local copy of the remote file `location` in local_cache(kind), for readers that map a file (an oof.npz's
+    N x C table) instead of reading it whole onto the heap. Downloaded once per version of the object (its size and
+    modification time name the copy: a rewrite of the same size within the store's clock tick is not told apart),
+    into a partial file of this process's own (trials on one node may fetch it at once), renamed into place whole;
+    an older version's copy is removed."""
+    found = info(location)
+    if found.type != pafs.FileType.File:
+        raise FileNotFoundError(f"no file at {location}")
+    stem = flat_name(location)
+    local = local_cache(kind) / f"{stem}.{found.size}-{found.mtime_ns or 0}"
+    if not local.is_file():
+        local.parent.mkdir(parents=True, exist_ok=True)
+        handle, partial = tempfile.mkstemp(dir=local.parent, prefix=f".{local.name}.")
+        os.close(handle)
+        try:
+            download(location, partial)
+            os.replace(partial, local)
+        finally:
+            Path(partial).unlink(missing_ok=True)
+        version = re.compile(re.escape(stem) + r"\.\d+-\d+")
+        for older in local.parent.iterdir():
+            if older != local and version.fullmatch(older.name):
+                older.unlink(missing_ok=True)
+    return local
 
 
 def download(location: str | Path, local: str | Path) -> None:

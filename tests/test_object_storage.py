@@ -10,6 +10,7 @@ import pytest
 from noisymix.distributed import shards, storage
 from noisymix.distributed.artifacts import RunDir
 from noisymix.launch.prepare import prepare
+from noisymix.selection.crossval import SelectionError
 from test_interrupt_resume import epochs, finish, interrupt_when, noisymix
 
 from conftest import make_config, s3_env, s3_port
@@ -203,3 +204,34 @@ def test_a_sweep_lives_in_the_store_folds_shared_and_outputs_there(ray_session, 
     other = yaml.safe_load(spec.read_text().replace("2.0", "3.0"))
     with pytest.raises(SweepSpecError, match=f"sweep_dir {sweep} holds a sweep of another spec"):
         open_sweep(parse_sweep(other), print)
+
+
+def test_an_oof_file_in_the_store_is_mapped_from_one_local_copy_per_version(s3_endpoint, tmp_path, monkeypatch):
+    """oof_from / clean_from as a URL: the N x C table is downloaded once to the local cache and mapped from there
+    (read whole it would sit on the heap twice, as bytes and as the array); a new version replaces the copy."""
+    from test_out_of_fold_file import probabilities
+
+    from noisymix.distributed.artifacts import read_out_of_fold, write_out_of_fold
+
+    monkeypatch.setenv("NOISYMIX_CACHE", str(tmp_path / "cache"))
+    url = "s3://nmx-runs/tables/oof.npz"
+    probs, given = probabilities(300, 6), np.arange(300) % 6
+    write_out_of_fold(tmp_path / "oof.npz", probs, given)
+    storage.upload(tmp_path / "oof.npz", url)
+    arrays = read_out_of_fold(url)
+    copies = list((tmp_path / "cache" / "tables").iterdir())
+    assert len(copies) == 1 and str(arrays["probs"].base.filename) == str(copies[0].resolve())
+    assert np.array_equal(arrays["probs"], probs) and np.array_equal(arrays["given"], given)
+    stamp = copies[0].stat().st_mtime_ns
+    assert np.array_equal(read_out_of_fold(url)["probs"], probs)
+    assert list((tmp_path / "cache" / "tables").iterdir()) == copies and copies[0].stat().st_mtime_ns == stamp
+
+    other = tmp_path / "cache" / "tables" / (copies[0].name.split(".npz.")[0] + ".npz.old.1-2")
+    other.write_bytes(b"another URL's copy")   # s3://nmx-runs/tables/oof.npz.old's, at some version
+    newer, newer_given = probabilities(400, 6, seed=1), np.arange(400) % 6
+    write_out_of_fold(tmp_path / "oof.npz", newer, newer_given)
+    storage.upload(tmp_path / "oof.npz", url)
+    assert np.array_equal(read_out_of_fold(url)["probs"], newer)
+    assert len(list((tmp_path / "cache" / "tables").iterdir())) == 2 and not copies[0].exists() and other.exists()
+    with pytest.raises(SelectionError, match="cannot read out-of-fold predictions from s3://nmx-runs/tables/absent"):
+        read_out_of_fold("s3://nmx-runs/tables/absent.npz")

@@ -78,3 +78,13 @@ def test_a_file_that_is_no_zip_is_named_in_one_error(tmp_path):
     path.write_bytes(b"not an archive")
     with pytest.raises(SelectionError, match="cannot read out-of-fold predictions from"):
         read_out_of_fold(path)
+
+
+@pytest.mark.parametrize("absent", ["probs", "given"])
+def test_a_file_without_probs_or_given_is_refused_by_name(tmp_path, absent):
+    path = tmp_path / "other.npz"
+    arrays = {"probs": probabilities(10, 3), "given": np.zeros(10, int)}
+    del arrays[absent]
+    np.savez(path, **arrays)
+    with pytest.raises(SelectionError, match=f"{path} lacks {absent}: not an oof.npz of a SelectMix run"):
+        read_out_of_fold(path)
