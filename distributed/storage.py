@@ -13,8 +13,8 @@ import functools
 import hashlib
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -103,18 +103,20 @@ def list_files(location: str | Path) -> list[str]:
 
 
 def write_atomic(path: Path, write) -> None:
-    """Call write(partial_path), then rename the partial file onto `path`. A failed write (a full disk) leaves
-    no partial file and names `path`."""
+    """Call write(partial_path), then rename the partial file onto `path`. The partial file's name is this call's
+    own, so writers of one path at once (trials on one node) never share it; a failed or interrupted write leaves
+    no partial file, and a failed one (a full disk) names `path`."""
     path = Path(path)
-    partial = path.with_name(f".{path.name}.partial")
+    partial = path.with_name(f".{path.name}.{secrets.token_hex(6)}.partial")
     try:
         write(partial)
+        os.replace(partial, path)
     except OSError as exc:
-        partial.unlink(missing_ok=True)
         if exc.filename is None:
             raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
-    os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def write_bytes(location: str | Path, data: bytes) -> None:
@@ -142,8 +144,7 @@ def cached_copy(location: str, kind: str) -> Path:
     """A local copy of the remote file `location` in local_cache(kind), for readers that map a file (an oof.npz's
     N x C table) instead of reading it whole onto the heap. Downloaded once per version of the object (its size and
     modification time name the copy: a rewrite of the same size within the store's clock tick is not told apart),
-    into a partial file of this process's own (trials on one node may fetch it at once), renamed into place whole;
-    an older version's copy is removed."""
+    renamed into place whole (write_atomic); an older version's copy is removed."""
     found = info(location)
     if found.type != pafs.FileType.File:
         raise FileNotFoundError(f"no file at {location}")
@@ -151,13 +152,7 @@ def cached_copy(location: str, kind: str) -> Path:
     local = local_cache(kind) / f"{stem}.{found.size}-{found.mtime_ns or 0}"
     if not local.is_file():
         local.parent.mkdir(parents=True, exist_ok=True)
-        handle, partial = tempfile.mkstemp(dir=local.parent, prefix=f".{local.name}.")
-        os.close(handle)
-        try:
-            download(location, partial)
-            os.replace(partial, local)
-        finally:
-            Path(partial).unlink(missing_ok=True)
+        write_atomic(local, lambda partial: download(location, partial))
         version = re.compile(re.escape(stem) + r"\.\d+-\d+")
         for older in local.parent.iterdir():
             if older != local and version.fullmatch(older.name):
