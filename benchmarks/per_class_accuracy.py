@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_support.reports import write_report  # noqa: E402
 
 
-def per_class_accuracy(run: Path) -> dict:
-    """The run's method, headline and the best model's accuracy on each true class of the test split."""
+def test_predictions(run: Path) -> tuple[dict, np.ndarray, np.ndarray]:
+    """The run's config values, the test split's true labels and the best model's probabilities on it."""
     config = RunDir(run).config_values()
     manifest = shards.load_manifest(config["data_dir"])
     data = DataInfo.from_manifest(manifest)
@@ -37,8 +37,15 @@ def per_class_accuracy(run: Path) -> dict:
     model.load_state_dict(load_checkpoint(run / MODEL_BEST)["model"])
     stream = shards.sample_stream(shards.shard_urls(config["data_dir"], manifest, "test"), batch_size=512)
     _, labels, probs = predict(model, stream, InputTransform(data.mean, data.std), torch.device("cpu"))
+    return config, labels, probs
+
+
+def per_class_accuracy(run: Path) -> dict:
+    """The run's method, headline and the best model's accuracy on each true class of the test split."""
+    config, labels, probs = test_predictions(run)
+    num_classes = probs.shape[1]
     predicted = probs.argmax(axis=1)
-    per_class = [float(np.mean(predicted[labels == c] == c)) for c in range(data.num_classes)]
+    per_class = [float(np.mean(predicted[labels == c] == c)) for c in range(num_classes)]
     return {"run": str(run), "method": config["method"], "test_acc": float(np.mean(predicted == labels)),
             "headline": (RunDir(run).summary() or {}).get("test_acc"), "per_class": per_class}
 

@@ -505,3 +505,37 @@ def test_scale_extrapolation_writes_its_report_from_the_committed_runs(tmp_path,
     results = json.loads(out.with_suffix(".json").read_text())
     assert {(r["method"], r["role"]) for r in results["rows"]} >= {("selectmix", "fold task"), ("mixnn", "index actor")}
     assert out.with_suffix(".md").read_text() == bench.markdown(results)
+
+
+def test_prior_shift_probe_moves_the_posterior_from_the_trained_prior_to_the_target(digits_dir, tmp_path):
+    probe = load("prior_shift_probe")
+    from noisymix.distributed.models import create_model
+
+    probs = np.array([[0.5, 0.5, 0.0], [0.7, 0.3, 0.0]])
+    trained, uniform = np.array([0.8, 0.2, 0.0]), np.full(3, 1 / 3)
+    # row 0: 0.5 / 0.8 < 0.5 / 0.2; row 1: 0.7 / 0.8 = 0.875 < 0.3 / 0.2 = 1.5
+    assert probe.adjusted_predictions(probs, trained, uniform).tolist() == [1, 1]
+    assert probe.adjusted_predictions(probs, trained, trained).tolist() == [0, 0], "no shift: the plain argmax"
+    assert probe.adjusted_predictions(probs, trained, np.array([0.0, 0.5, 0.5])).tolist() == [1, 1], "prior 0: never"
+    assert probe.adjusted_predictions(np.array([[0.3, 0.1, 0.6]]), trained, np.array([0.5, 0.5, 0.0])).tolist() == [1]
+    assert probe.adjusted_predictions(np.array([[0.2, 0.1, 0.7]]), trained, uniform).tolist() == [2], "k_c = 0: unmoved"
+    given, flagged = np.array([0, 0, 1, 2]), np.array([False, True, False, False])
+    assert probe.trained_labels({"method": "crossmix"}, given, flagged)[0].tolist() == [0, 1, 2]
+    assert probe.trained_labels({"method": "crossmix", "guess": "mean"}, given, flagged)[1] == "given"
+    assert probe.trained_labels({"method": "mixup"}, given, flagged)[0].tolist() == [0, 0, 1, 2]
+
+    manifest = shards.load_manifest(digits_dir)
+    run = RunDir(tmp_path)
+    run.write_config({"data_dir": str(digits_dir), "method": "crossmix", "guess": "none", "model": "auto",
+                      "width": 0})
+    height, _, channels = manifest["image_shape"]
+    torch.manual_seed(0)
+    torch.save({"model": create_model("auto", channels, 10, height).state_dict()}, tmp_path / "model_best.pt")
+    given = shards.load_labels(str(digits_dir), manifest)
+    flagged = np.arange(len(given)) % 3 == 0
+    kept_prior = probe.class_prior(given[~flagged], 10)
+    row = probe.probe(tmp_path, given, flagged, kept_prior, np.full(10, 0.1))
+    assert row["trained_on"] == "kept" and row["trained_prior"] == pytest.approx(kept_prior, abs=1e-4)
+    assert row["table prior"] == row["as trained"], "the table's prior equal to the trained one moves nothing"
+    assert row["as trained"]["acc"] == pytest.approx(load("per_class_accuracy").per_class_accuracy(tmp_path)["test_acc"])
+    assert "| true prior |" in probe.markdown([row], kept_prior, "cmd")
