@@ -40,14 +40,18 @@ def test_predictions(run: Path) -> tuple[dict, np.ndarray, np.ndarray]:
     return config, labels, probs
 
 
+def class_accuracies(predicted: np.ndarray, labels: np.ndarray, num_classes: int) -> list[float]:
+    """The share of each true class's samples predicted as that class."""
+    return [float(np.mean(predicted[labels == c] == c)) for c in range(num_classes)]
+
+
 def per_class_accuracy(run: Path) -> dict:
     """The run's method, headline and the best model's accuracy on each true class of the test split."""
     config, labels, probs = test_predictions(run)
-    num_classes = probs.shape[1]
     predicted = probs.argmax(axis=1)
-    per_class = [float(np.mean(predicted[labels == c] == c)) for c in range(num_classes)]
     return {"run": str(run), "method": config["method"], "test_acc": float(np.mean(predicted == labels)),
-            "headline": (RunDir(run).summary() or {}).get("test_acc"), "per_class": per_class}
+            "headline": (RunDir(run).summary() or {}).get("test_acc"),
+            "per_class": class_accuracies(predicted, labels, probs.shape[1])}
 
 
 def markdown(rows: list[dict], command: str) -> str:

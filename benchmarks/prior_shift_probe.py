@@ -31,7 +31,7 @@ from noisymix.distributed.artifacts import MODEL_BEST, RunDir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_support.reports import write_report  # noqa: E402
-from per_class_accuracy import test_predictions  # noqa: E402
+from per_class_accuracy import class_accuracies, test_predictions  # noqa: E402
 
 
 def class_prior(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -42,15 +42,16 @@ def class_prior(labels: np.ndarray, num_classes: int) -> np.ndarray:
 def adjusted_predictions(probs: np.ndarray, trained_prior: np.ndarray, target_prior: np.ndarray) -> np.ndarray:
     """argmax_c log p_c + log(pi_c / k_c): the model's posterior moved from the prior it trained on to pi.
     A class the run never trained on (k_c = 0) is left where it is; one of prior 0 is never predicted."""
-    shift = np.full(len(target_prior), -np.inf)
-    target = target_prior > 0
-    shift[target] = np.log(target_prior[target]) - np.log(np.where(trained_prior > 0, trained_prior, 1.0)[target])
-    shift[target & (trained_prior == 0)] = 0.0
+    unshifted = np.where(trained_prior > 0, trained_prior, target_prior)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shift = np.where(target_prior > 0, np.log(target_prior) - np.log(unshifted), -np.inf)
     return np.argmax(np.log(np.clip(probs, 1e-12, None)) + shift, axis=1)
 
 
 def trained_labels(config: dict, given: np.ndarray, flagged: np.ndarray) -> tuple[np.ndarray, str]:
-    """The given labels the run's loss read: CrossMix's unflagged ones where it dropped its flags, else all."""
+    """The given labels the run's loss read: CrossMix's unflagged ones where it dropped its flags, else all. Read
+    from the config alone: a CrossMix run whose `auto` correction kept every label (its log: "auto: on") or that kept
+    some flags (`keep_close_pairs`) trained on more labels than this counts."""
     if config["method"] == "crossmix" and config.get("guess", "none") == "none":
         return given[~flagged], "kept"
     return given, "given"
@@ -67,7 +68,7 @@ def probe(run: Path, given: np.ndarray, flagged: np.ndarray, table_prior: np.nda
                             ("table prior", adjusted_predictions(probs, k, table_prior)),
                             ("true prior", adjusted_predictions(probs, k, true_prior))):
         row[name] = {"acc": float(np.mean(predicted == labels)),
-                     "per_class": [float(np.mean(predicted[labels == c] == c)) for c in range(num_classes)]}
+                     "per_class": class_accuracies(predicted, labels, num_classes)}
     return row
 
 
@@ -98,6 +99,7 @@ def main() -> None:
     with np.load(args.table) as table:
         given, flagged, predicted = table["given"], table["uncertain"].astype(bool), table["predicted"]
     num_classes = int(max(given.max(), predicted.max())) + 1
+    table_prior = class_prior(predicted, num_classes)
     rows = []
     for run in args.runs:
         if not (run / MODEL_BEST).is_file():
@@ -107,8 +109,8 @@ def main() -> None:
         if not np.array_equal(shards.load_labels(data_dir, manifest), given):
             raise SystemExit(f"{run} trained on other given labels than {args.table}'s")
         true_prior = class_prior(shards.load_labels(data_dir, manifest, label_key=shards.TRUE_LABEL), num_classes)
-        rows.append(probe(run, given, flagged, class_prior(predicted, num_classes), true_prior))
-    text = markdown(rows, class_prior(predicted, num_classes), f"python {' '.join(sys.argv)}")
+        rows.append(probe(run, given, flagged, table_prior, true_prior))
+    text = markdown(rows, table_prior, f"python {' '.join(sys.argv)}")
     print(text)
     if args.out:
         write_report(args.out, {"rows": rows, "table": str(args.table)}, text)

@@ -110,17 +110,22 @@ def test_fold_accuracy_scores_a_run_with_the_library_metrics(digits_dir, tmp_pat
     assert 0 < rules["mismatch"]["noise_matrix_max_error"] < 0.2
 
 
-def test_per_class_accuracy_scores_a_runs_best_model_on_each_test_class(digits_dir, tmp_path):
-    per_class = load("per_class_accuracy")
+def finished_run(run_dir: Path, data_dir: Path, **config) -> dict:
+    """A run directory holding a config and an untrained model_best.pt of the auto model for `data_dir`'s images;
+    returns the data's manifest."""
     from noisymix.distributed.models import create_model
 
-    manifest = shards.load_manifest(digits_dir)
-    run = RunDir(tmp_path)
-    run.write_config({"data_dir": str(digits_dir), "method": "ce", "model": "auto", "width": 0})
+    manifest = shards.load_manifest(data_dir)
+    RunDir(run_dir).write_config({"data_dir": str(data_dir), "model": "auto", "width": 0, **config})
     height, _, channels = manifest["image_shape"]
     torch.manual_seed(0)
-    model = create_model("auto", channels, 10, height)
-    torch.save({"model": model.state_dict()}, tmp_path / "model_best.pt")
+    torch.save({"model": create_model("auto", channels, 10, height).state_dict()}, run_dir / "model_best.pt")
+    return manifest
+
+
+def test_per_class_accuracy_scores_a_runs_best_model_on_each_test_class(digits_dir, tmp_path):
+    per_class = load("per_class_accuracy")
+    manifest = finished_run(tmp_path, digits_dir, method="ce")
     row = per_class.per_class_accuracy(tmp_path)
     labels = shards.load_labels(str(digits_dir), manifest, split="test")
     counts = np.bincount(labels, minlength=10)
@@ -509,8 +514,6 @@ def test_scale_extrapolation_writes_its_report_from_the_committed_runs(tmp_path,
 
 def test_prior_shift_probe_moves_the_posterior_from_the_trained_prior_to_the_target(digits_dir, tmp_path):
     probe = load("prior_shift_probe")
-    from noisymix.distributed.models import create_model
-
     probs = np.array([[0.5, 0.5, 0.0], [0.7, 0.3, 0.0]])
     trained, uniform = np.array([0.8, 0.2, 0.0]), np.full(3, 1 / 3)
     # row 0: 0.5 / 0.8 < 0.5 / 0.2; row 1: 0.7 / 0.8 = 0.875 < 0.3 / 0.2 = 1.5
@@ -524,13 +527,7 @@ def test_prior_shift_probe_moves_the_posterior_from_the_trained_prior_to_the_tar
     assert probe.trained_labels({"method": "crossmix", "guess": "mean"}, given, flagged)[1] == "given"
     assert probe.trained_labels({"method": "mixup"}, given, flagged)[0].tolist() == [0, 0, 1, 2]
 
-    manifest = shards.load_manifest(digits_dir)
-    run = RunDir(tmp_path)
-    run.write_config({"data_dir": str(digits_dir), "method": "crossmix", "guess": "none", "model": "auto",
-                      "width": 0})
-    height, _, channels = manifest["image_shape"]
-    torch.manual_seed(0)
-    torch.save({"model": create_model("auto", channels, 10, height).state_dict()}, tmp_path / "model_best.pt")
+    manifest = finished_run(tmp_path, digits_dir, method="crossmix", guess="none")
     given = shards.load_labels(str(digits_dir), manifest)
     flagged = np.arange(len(given)) % 3 == 0
     kept_prior = probe.class_prior(given[~flagged], 10)
